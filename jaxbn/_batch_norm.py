@@ -1,0 +1,301 @@
+"""Batch normalization as a pure function over NamedTuple pytrees.
+
+Training mode normalizes with the statistics of the (global) batch and returns
+updated running statistics; inference mode normalizes with the running
+statistics. The training-mode backward pass is the closed form of Ioffe &
+Szegedy (2015), written as a `jax.custom_vjp` so that it saves only `x` and
+per-feature vectors and needs one cross-replica reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import _stats
+from jaxbn import _validation
+
+
+class BatchNormParams(NamedTuple):
+  """Trainable affine parameters.
+
+  Attributes:
+    scale: gamma, shape `feature_shape`, initialized to ones.
+    bias: beta, shape `feature_shape`, initialized to zeros.
+  """
+  scale: jax.Array
+  bias: jax.Array
+
+
+class BatchNormState(NamedTuple):
+  """Running statistics used in inference mode (never trained by gradients).
+
+  Attributes:
+    mean: running mean, float32, shape `feature_shape`, initialized to zeros.
+    var: running variance, float32, shape `feature_shape`, initialized to ones.
+    count: int32 scalar, the number of training-mode updates folded in.
+  """
+  mean: jax.Array
+  var: jax.Array
+  count: jax.Array
+
+
+def init(num_features: int | tuple[int, ...], *,
+         dtype=jnp.float32) -> tuple[BatchNormParams, BatchNormState]:
+  """Creates batch-norm parameters and running statistics.
+
+  Args:
+    num_features: size of the feature axis (int) or the shape of the feature
+      axes (tuple), e.g. `C` for NHWC activations normalized per channel.
+    dtype: dtype of `scale` and `bias`. The state is always float32.
+
+  Returns:
+    `(params, state)`: `BatchNormParams(scale=ones, bias=zeros)` and
+    `BatchNormState(mean=zeros, var=ones, count=0)`.
+
+  Raises:
+    ValueError: `num_features` is not a positive int or tuple of them.
+  """
+  shape = (num_features,) if isinstance(num_features, (int, np.integer)) else num_features
+  try:
+    shape = tuple(int(d) for d in shape)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"num_features must be a positive int or a tuple of them, got {num_features!r}."
+    ) from None
+  if isinstance(num_features, bool) or not shape or any(d <= 0 for d in shape):
+    raise ValueError(
+        f"num_features must be a positive int or a tuple of them, got {num_features!r}.")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.")
+  params = BatchNormParams(scale=jnp.ones(shape, dtype), bias=jnp.zeros(shape, dtype))
+  state = BatchNormState(mean=jnp.zeros(shape, jnp.float32),
+                         var=jnp.ones(shape, jnp.float32),
+                         count=jnp.zeros((), jnp.int32))
+  return params, state
+
+
+class _Layout(NamedTuple):
+  """Static description of one training-mode call (hashable, for custom_vjp)."""
+  feature_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  epsilon: float
+  axis_name: tuple | None
+  axis_index_groups: tuple | None
+  static_count: int | None  # global element count per feature, when no mask
+
+
+def _to_input_rank(value: jax.Array, x: jax.Array, layout: _Layout) -> jax.Array:
+  return value.reshape(_stats.feature_broadcast_shape(x.shape, layout.feature_axes))
+
+
+def _batch_statistics(x, shift, mask, layout: _Layout, compute_dtype) -> _stats.Moments:
+  sums = _stats.cross_replica_sum(
+      _stats.shifted_sums(x, layout.reduction_axes, shift, mask, compute_dtype),
+      layout.axis_name, layout.axis_index_groups)
+  if mask is None:
+    count = jnp.full(shift.shape, layout.static_count, compute_dtype)
+    return _stats.moments_from_sums(count, sums[0], sums[1], shift)
+  return _stats.moments_from_sums(sums[0], sums[1], sums[2], shift)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _normalize_with_batch_stats(x, scale, bias, shift, mask, layout):
+  """Returns `(y, batch_moments)`; the moments are only used under stop_gradient."""
+  outputs, _ = _normalize_fwd(x, scale, bias, shift, mask, layout)
+  return outputs
+
+
+def _normalize_fwd(x, scale, bias, shift, mask, layout: _Layout):
+  compute_dtype = shift.dtype
+  stats = _batch_statistics(x, shift, mask, layout, compute_dtype)
+  inv_std = lax.rsqrt(stats.var + layout.epsilon)
+  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+  y = (x.astype(compute_dtype) - _to_input_rank(stats.mean, x, layout)) * _to_input_rank(
+      multiplier, x, layout)
+  if bias is not None:
+    y = y + _to_input_rank(bias.astype(compute_dtype), x, layout)
+  residuals = (x, scale, bias, mask, stats.mean, inv_std, stats.count)
+  return (y.astype(x.dtype), stats), residuals
+
+
+def _normalize_bwd(layout: _Layout, residuals, cotangents):
+  # The moments output is consumed under stop_gradient only (see batch_norm), so
+  # its cotangent is zero and ignored here.
+  x, scale, bias, mask, mean, inv_std, count = residuals
+  dy, _ = cotangents
+  compute_dtype = mean.dtype
+  grad_out = dy.astype(compute_dtype)
+  x_hat = (x.astype(compute_dtype) - _to_input_rank(mean, x, layout)) * _to_input_rank(
+      inv_std, x, layout)
+  # dbeta = sum(dy), dgamma = sum(dy * x_hat): one stacked collective for both.
+  local = jnp.stack([jnp.sum(grad_out, layout.reduction_axes),
+                     jnp.sum(grad_out * x_hat, layout.reduction_axes)])
+  total = _stats.cross_replica_sum(local, layout.axis_name, layout.axis_index_groups)
+  sum_dy, sum_dy_xhat = total[0], total[1]
+  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+  # dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma); only valid
+  # (masked-in) elements feed the statistics, so only they get the correction.
+  correction = (_to_input_rank(sum_dy / count, x, layout)
+                + x_hat * _to_input_rank(sum_dy_xhat / count, x, layout))
+  if mask is not None:
+    correction = jnp.where(mask, correction, 0)
+  dx = _to_input_rank(multiplier, x, layout) * (grad_out - correction)
+  dscale = dbias = None
+  if scale is not None:
+    dscale = _stats.replicated_sum(local[1], sum_dy_xhat, scale, layout.axis_name,
+                                   layout.axis_index_groups).astype(scale.dtype)
+  if bias is not None:
+    dbias = _stats.replicated_sum(local[0], sum_dy, bias, layout.axis_name,
+                                  layout.axis_index_groups).astype(bias.dtype)
+  return dx.astype(x.dtype), dscale, dbias, None, None
+
+
+_normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _shift_estimate(state: BatchNormState, momentum: float | None) -> jax.Array:
+  """A replicated value near the batch mean, from the running mean (no traffic).
+
+  The EMA starts at zero, so it is debiased like Adam's moments: after one step
+  `mean / (1 - momentum**count)` already equals the previous batch mean.
+  """
+  mean = state.mean.astype(jnp.float32)
+  if momentum is None or momentum == 0.0:
+    return mean
+  started = state.count > 0
+  debias = 1.0 - jnp.power(jnp.float32(momentum), state.count.astype(jnp.float32))
+  return jnp.where(started, mean / jnp.where(started, debias, 1.0), mean)
+
+
+def batch_norm(params: BatchNormParams | None, state: BatchNormState,
+               x: jax.typing.ArrayLike, *, training: bool, axis=-1,
+               momentum: float | None = 0.99, epsilon: float = 1e-5,
+               axis_name=None, axis_index_groups=None, mask=None,
+               unbiased_running_var: bool = False
+               ) -> tuple[jax.Array, BatchNormState]:
+  """Batch normalization: `y = scale * (x - mean) / sqrt(var + epsilon) + bias`.
+
+  Statistics are per feature: every axis of `x` except `axis` is reduced, so
+  NHWC convolution activations with `axis=-1` get one mean and variance per
+  channel over batch x height x width.
+
+  Args:
+    params: `BatchNormParams(scale, bias)` of shape `feature_shape`, or None
+      for no affine transform.
+    state: `BatchNormState(mean, var, count)` of running statistics.
+    x: floating-point input, e.g. `(N, H, W, C)` or `(N, C)`.
+    training: True normalizes with the batch mean and biased variance and
+      returns updated running statistics; False normalizes with `state` and
+      returns it unchanged. Must be a Python bool.
+    axis: feature axis or axes (int or tuple; negative allowed). NCHW is 1.
+    momentum: weight of the old running value: `new = momentum * old +
+      (1 - momentum) * batch` (flax's convention; PyTorch's 0.1 is 0.9 here).
+      None: cumulative average over all training steps (PyTorch's None).
+    epsilon: added to the variance before the square root; > 0.
+    axis_name: mapped axis name or tuple of names (vmap / shard_map) over
+      which statistics are pooled with one count-weighted psum.
+    axis_index_groups: optional equal-size partition of the replicas of
+      `axis_name`; each group pools its own statistics.
+    mask: optional boolean array broadcastable to `x`; only True elements count
+      toward the statistics, every element is normalized.
+    unbiased_running_var: store `n / (n - 1)` times the batch variance in the
+      running variance (PyTorch; the BN paper's inference estimate).
+
+  Returns:
+    `(y, new_state)`: `y` of `x`'s shape and dtype; `new_state` float32.
+
+  Raises:
+    TypeError: non-float `x`, non-bool `mask` or `training`.
+    ValueError: bad `axis`, `epsilon`, `momentum`, `axis_index_groups`, mask
+      shape, params/state shapes, or only one value per feature in training.
+    NameError: `axis_name` is not bound by an enclosing vmap / shard_map.
+  """
+  x = jnp.asarray(x)
+  _validation.check_floating(x)
+  training = _validation.check_training(training)
+  epsilon = _validation.check_epsilon(epsilon)
+  momentum = _validation.check_momentum(momentum)
+  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  if params is not None:
+    _validation.check_feature_shape(params, feature_shape, tree_name="params",
+                                    field_names=("scale", "bias"), x_shape=x.shape,
+                                    feature_axes=feature_axes)
+  _validation.check_feature_shape(state, feature_shape, tree_name="state",
+                                  field_names=("mean", "var"), x_shape=x.shape,
+                                  feature_axes=feature_axes)
+  names = _validation.normalize_axis_name(axis_name)
+  groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
+  if mask is not None:
+    mask = _validation.broadcast_mask(mask, x.shape)
+  compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  scale = None if params is None else params.scale
+  bias = None if params is None else params.bias
+
+  if not training:
+    return _normalize_with_running_stats(x, scale, bias, state, feature_axes,
+                                         epsilon, compute_dtype), state
+
+  static_count = None
+  if mask is None:
+    local_count = int(np.prod([x.shape[a] for a in reduction_axes]))
+    static_count = local_count * _stats.replica_count(names, groups)
+    if static_count < 2:
+      raise ValueError(
+          "training=True needs more than one value per feature over the whole "
+          f"batch to compute a variance; x of shape {x.shape} with feature axes "
+          f"{feature_axes} has {static_count}. Use a larger batch or training=False.")
+  layout = _Layout(feature_axes, reduction_axes, epsilon, names, groups, static_count)
+  shift = _shift_estimate(state, momentum)
+  if names is None:
+    # First step on a fresh state: any data value is a good enough shift.
+    shift = jnp.where(state.count > 0, shift,
+                      _stats.first_element(x, reduction_axes).astype(jnp.float32))
+  shift = lax.stop_gradient(shift.astype(compute_dtype))
+  y, stats = _normalize_with_batch_stats(x, scale, bias, shift, mask, layout)
+  stats = jax.tree.map(lax.stop_gradient, stats)
+  return y, _update_state(state, stats, momentum, unbiased_running_var)
+
+
+def _normalize_with_running_stats(x, scale, bias, state, feature_axes, epsilon,
+                                  compute_dtype):
+  inv_std = lax.rsqrt(state.var.astype(compute_dtype) + epsilon)
+  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+  offset = -state.mean.astype(compute_dtype) * multiplier
+  if bias is not None:
+    offset = offset + bias.astype(compute_dtype)
+  shape = _stats.feature_broadcast_shape(x.shape, feature_axes)
+  y = x.astype(compute_dtype) * multiplier.reshape(shape) + offset.reshape(shape)
+  return y.astype(x.dtype)
+
+
+def _update_state(state: BatchNormState, stats: _stats.Moments,
+                  momentum: float | None, unbiased_running_var: bool) -> BatchNormState:
+  batch_var = stats.var
+  if unbiased_running_var:
+    batch_var = batch_var * jnp.where(stats.count > 1,
+                                      stats.count / jnp.maximum(stats.count - 1, 1), 1)
+  old_mean = state.mean.astype(jnp.float32)
+  old_var = state.var.astype(jnp.float32)
+  batch_mean = stats.mean.astype(jnp.float32)
+  batch_var = batch_var.astype(jnp.float32)
+  if momentum is None:
+    weight = 1.0 / (state.count.astype(jnp.float32) + 1.0)
+    new_mean = old_mean + weight * (batch_mean - old_mean)
+    new_var = old_var + weight * (batch_var - old_var)
+  else:
+    new_mean = momentum * old_mean + (1.0 - momentum) * batch_mean
+    new_var = momentum * old_var + (1.0 - momentum) * batch_var
+  # A feature with no valid element, or non-finite input, keeps its old value:
+  # NaN never reaches the running statistics.
+  keep = (stats.count > 0) & jnp.isfinite(new_mean) & jnp.isfinite(new_var)
+  return BatchNormState(mean=jnp.where(keep, new_mean, old_mean),
+                        var=jnp.where(keep, new_var, old_var),
+                        count=state.count + 1)
