@@ -4,6 +4,20 @@ from jaxbn._batch_norm import BatchNormParams as BatchNormParams
 from jaxbn._batch_norm import BatchNormState as BatchNormState
 from jaxbn._batch_norm import batch_norm as batch_norm
 from jaxbn._batch_norm import init as init
+from jaxbn._scaling import MinMaxStats as MinMaxStats
+from jaxbn._scaling import StandardizeStats as StandardizeStats
+from jaxbn._scaling import fit_min_max as fit_min_max
+from jaxbn._scaling import fit_standardize as fit_standardize
+from jaxbn._scaling import init_min_max as init_min_max
+from jaxbn._scaling import init_standardize as init_standardize
+from jaxbn._scaling import merge_min_max as merge_min_max
+from jaxbn._scaling import merge_standardize as merge_standardize
+from jaxbn._scaling import min_max_scale as min_max_scale
+from jaxbn._scaling import min_max_unscale as min_max_unscale
+from jaxbn._scaling import standardize as standardize
+from jaxbn._scaling import unstandardize as unstandardize
+from jaxbn._scaling import update_min_max as update_min_max
+from jaxbn._scaling import update_standardize as update_standardize
 from jaxbn._stats import Moments as Moments
 from jaxbn._stats import merge_moments as merge_moments
 from jaxbn._stats import moments as moments
@@ -11,6 +25,20 @@ from jaxbn._stats import moments as moments
 __version__ = "0.1.0"
 
 __all__ = [
+    "MinMaxStats",
+    "StandardizeStats",
+    "fit_min_max",
+    "fit_standardize",
+    "init_min_max",
+    "init_standardize",
+    "merge_min_max",
+    "merge_standardize",
+    "min_max_scale",
+    "min_max_unscale",
+    "standardize",
+    "unstandardize",
+    "update_min_max",
+    "update_standardize",
     "BatchNormParams",
     "BatchNormState",
     "Moments",
