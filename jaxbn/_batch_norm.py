@@ -255,9 +255,12 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
   layout = _Layout(feature_axes, reduction_axes, epsilon, names, groups, static_count)
   shift = _shift_estimate(state, momentum)
   if names is None:
-    # First step on a fresh state: any data value is a good enough shift.
-    shift = jnp.where(state.count > 0, shift,
-                      _stats.first_element(x, reduction_axes).astype(jnp.float32))
+    # Before the first update there is no estimate of the mean: take one more
+    # pass over x, only on that step (lax.cond runs one branch). With axis_name
+    # this would cost a second collective, so there the first step shifts by the
+    # state's mean as is (see the README's "Numerics" section).
+    shift = lax.cond(state.count > 0, lambda: shift,
+                     lambda: _stats.data_shift(x, reduction_axes, mask))
   shift = lax.stop_gradient(shift.astype(compute_dtype))
   y, stats = _normalize_with_batch_stats(x, scale, bias, shift, mask, layout)
   stats = jax.tree.map(lax.stop_gradient, stats)

@@ -160,9 +160,9 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
     mask: optional boolean array broadcastable to `x`; only True elements count.
     shift: optional feature-shaped value near the mean that improves accuracy
       of the one-pass variance (it does not change the result mathematically).
-      Default: the first element of each feature (exact enough whenever the
-      data are not dominated by outliers). Under `axis_name` the default is 0,
-      since a per-replica value cannot be used in one psum.
+      Default: the local mean (one extra pass over `x`). Under `axis_name` the
+      default is 0, since per-replica shifts cannot be combined in one psum;
+      pass a replicated estimate (e.g. a running mean) when |mean| >> std.
     axis_name: mapped axis name(s) to pool over (vmap / shard_map).
     axis_index_groups: optional equal-size partition of replicas.
 
@@ -181,7 +181,7 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
     mask = _validation.broadcast_mask(mask, x.shape)
   compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
   if shift is None:
-    shift = (first_element(x, reduction_axes) if names is None
+    shift = (data_shift(x, reduction_axes, mask) if names is None
              else jnp.zeros(feature_shape, compute_dtype))
   shift = lax.stop_gradient(jnp.asarray(shift, compute_dtype).reshape(feature_shape))
   sums = cross_replica_sum(shifted_sums(x, reduction_axes, shift, mask, compute_dtype),
@@ -194,10 +194,19 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
   return moments_from_sums(sums[0], sums[1], sums[2], shift)
 
 
-def first_element(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
-  """The element at index 0 of every reduced axis: a cheap value near the data."""
-  index = tuple(0 if a in reduction_axes else slice(None) for a in range(x.ndim))
-  return x[index]
+def data_shift(x: jax.Array, reduction_axes: tuple[int, ...],
+               mask: jax.Array | None = None) -> jax.Array:
+  """A per-feature value near the data's mean (one extra pass over `x`).
+
+  Used as the shift of the one-pass variance when nothing better (a running
+  mean) is known. It is local: under `axis_name` each replica would get its own
+  value, which a single psum of shifted sums cannot combine.
+  """
+  if mask is None:
+    return jnp.mean(x, reduction_axes, dtype=jnp.float32)
+  weight = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
+  total = jnp.sum(weight * x.astype(jnp.float32), reduction_axes)
+  return total / jnp.maximum(jnp.sum(weight, reduction_axes), 1)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

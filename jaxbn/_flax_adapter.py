@@ -1,0 +1,83 @@
+"""The computation shared by the flax.linen and flax.nnx BatchNorm adapters.
+
+The adapters keep flax's variables exactly (`scale`, `bias`, `mean`, `var`; no
+step counter) so checkpoints are interchangeable, and delegate the arithmetic
+to `jaxbn.batch_norm`. jaxbn uses `state.count` only to choose the shift that
+keeps its one-pass variance accurate; without a stored counter the adapters
+pass `count=0`, which makes `jaxbn.batch_norm` shift by the first element of
+each feature in the batch. That is accurate from the very first step and
+independent of how far the running mean has converged. Under `axis_name` a
+per-replica element cannot be the shared shift, so the running mean is used:
+from a fresh state (mean 0) the first steps are a one-pass variance whose
+float32 relative error is about 1e-7 * (mean / std)**2 of the activations,
+negligible unless |mean| is hundreds of stds, and shrinking as the running
+mean converges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from jaxbn import _batch_norm
+from jaxbn import _stats
+
+
+def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+               mean: jax.Array, var: jax.Array, *, use_running_average: bool,
+               initializing: bool, feature_axes: tuple[int, ...],
+               momentum: float, epsilon: float, axis_name: Any,
+               axis_index_groups: Any, mask: Any, out_dtype: Any
+               ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """Flax BatchNorm semantics on top of `jaxbn.batch_norm`.
+
+  Args:
+    x: input; widened to `out_dtype` first if that is wider (as flax computes).
+    scale, bias: feature-shaped parameters, or None when unused.
+    mean, var: the stored running statistics, feature-shaped.
+    use_running_average: normalize with `mean`/`var` (inference).
+    initializing: flax's `is_initializing()`: normalize with batch statistics
+      of this replica only and leave the running statistics alone.
+    feature_axes: canonical feature axes of `x`.
+    momentum, epsilon, axis_name, axis_index_groups: as flax's BatchNorm.
+    mask: optional array broadcastable to `x`, truthy where an element counts.
+    out_dtype: dtype of the result.
+
+  Returns:
+    `(y, new_mean, new_var)`; the new statistics (stop_gradient, in the dtypes
+    of `mean` and `var`) are None when the stored ones must not change.
+  """
+  x = jnp.asarray(x)
+  if jnp.promote_types(x.dtype, out_dtype) != x.dtype:
+    x = x.astype(out_dtype)
+  params = None
+  if scale is not None or bias is not None:
+    like = scale if scale is not None else bias
+    params = _batch_norm.BatchNormParams(
+        scale=jnp.ones_like(like) if scale is None else scale,
+        bias=jnp.zeros_like(like) if bias is None else bias)
+  if mask is not None:
+    mask = jnp.asarray(mask, jnp.bool_)  # flax accepts 0/1 masks too
+  # count=0: see the module docstring.
+  state = _batch_norm.BatchNormState(mean=mean, var=var, count=jnp.zeros((), jnp.int32))
+
+  if use_running_average or initializing:
+    if not use_running_average:
+      # Like flax: batch statistics without axis_name (init usually runs
+      # outside the mapped context, flax#1250) and any batch size, even 1.
+      batch = _stats.moments(x, axis=feature_axes, mask=mask)
+      state = state._replace(mean=batch.mean, var=batch.var)
+    y, _ = _batch_norm.batch_norm(params, state, x, training=False, axis=feature_axes,
+                                  epsilon=epsilon)
+    return y.astype(out_dtype), None, None
+
+  y, new_state = _batch_norm.batch_norm(
+      params, state, x, training=True, axis=feature_axes, momentum=momentum,
+      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+      mask=mask)
+  new_mean = lax.stop_gradient(new_state.mean).astype(jnp.result_type(mean))
+  new_var = lax.stop_gradient(new_state.var).astype(jnp.result_type(var))
+  return y.astype(out_dtype), new_mean, new_var
