@@ -219,3 +219,12 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
   var = (a.var * a.count + b.var * b.count) / safe + delta * delta * (
       a.count * b.count) / (safe * safe)
   return Moments(count=count, mean=mean, var=var)
+
+
+def first_element(x: jax.Array, reduction_axes: tuple[int, ...]) -> jax.Array:
+  """The element at index 0 of every reduced axis (no extra pass over `x`).
+
+  Not usable on an axis sharded with `AxisType.Explicit`; prefer `data_shift`.
+  """
+  index = tuple(0 if a in reduction_axes else slice(None) for a in range(x.ndim))
+  return x[index]
