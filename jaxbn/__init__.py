@@ -4,6 +4,8 @@ from jaxbn._batch_norm import BatchNormParams as BatchNormParams
 from jaxbn._batch_norm import BatchNormState as BatchNormState
 from jaxbn._batch_norm import batch_norm as batch_norm
 from jaxbn._batch_norm import init as init
+from jaxbn._folding import fold_into_conv as fold_into_conv
+from jaxbn._folding import fold_into_dense as fold_into_dense
 from jaxbn._scaling import MinMaxStats as MinMaxStats
 from jaxbn._scaling import StandardizeStats as StandardizeStats
 from jaxbn._scaling import fit_min_max as fit_min_max
@@ -21,8 +23,20 @@ from jaxbn._scaling import update_standardize as update_standardize
 from jaxbn._stats import Moments as Moments
 from jaxbn._stats import merge_moments as merge_moments
 from jaxbn._stats import moments as moments
+from jaxbn._torch_interop import from_torch as from_torch
+from jaxbn._torch_interop import to_torch as to_torch
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # The flax adapters import flax; load them on first use so `import jaxbn`
+  # stays light. `from jaxbn import linen` works either way.
+  if name in ("linen", "nnx"):
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module(f"jaxbn.{name}")
+  raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
 
 __all__ = [
     "MinMaxStats",
@@ -46,4 +60,10 @@ __all__ = [
     "init",
     "merge_moments",
     "moments",
+    "fold_into_conv",
+    "fold_into_dense",
+    "from_torch",
+    "to_torch",
+    "linen",
+    "nnx",
 ]

@@ -50,6 +50,11 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     `(y, new_mean, new_var)`; the new statistics (stop_gradient, in the dtypes
     of `mean` and `var`) are None when the stored ones must not change.
   """
+  if momentum is None:
+    raise TypeError(
+        "momentum must be a float in [0, 1); flax's BatchNorm variables hold no "
+        "step count, so the cumulative average (momentum=None) needs "
+        "jaxbn.batch_norm with a BatchNormState.")
   x = jnp.asarray(x)
   if jnp.promote_types(x.dtype, out_dtype) != x.dtype:
     x = x.astype(out_dtype)
