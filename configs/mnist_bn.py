@@ -1,0 +1,75 @@
+"""Default config: the seed's CNN with batch normalization on MNIST.
+
+Run: `python train.py --config=configs/mnist_bn.py --workdir=runs/mnist_bn`.
+Every field can be overridden from the command line: `--config.batch_size=256`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The base config; the other configs import it and change what differs."""
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  # 'mnist', 'fashion_mnist' or another tfds image classification dataset
+  # with 28x28 or 32x32 images.
+  config.dataset = "mnist"
+  # Folder with the dataset's original archives; '' = data/<dataset> in the repo.
+  config.manual_dir = ""
+  # Where tfds prepares datasets (a cache); '' = data/tfds in the repo.
+  config.data_dir = ""
+  # tfds split strings, as in the seed: 50k train, 10k validation, 10k test.
+  config.train_split = "train[:50000]"
+  config.validation_split = "train[50000:]"
+  config.test_split = "test"
+  # Use only the first N training examples; 0 = all.
+  config.num_train_examples = 0
+  # Evaluate on only the first N validation and test examples; 0 = all.
+  config.num_eval_examples = 0
+
+  # Model.
+  # 'cnn' (the seed's Keras CNN) or 'mlp' (the BN paper's 3x100 sigmoid MLP).
+  config.model = "cnn"
+  config.use_bn = True
+  # Keep the conv/dense bias in front of each BN (the seed's Keras model does;
+  # BN's beta makes it redundant).
+  config.bias_before_bn = True
+  # Keras' BatchNormalization defaults, as in the seed.
+  config.bn_momentum = 0.99
+  config.bn_epsilon = 1e-3
+  # bfloat16 activations and matmuls; params, optimizer and BN state float32.
+  config.half_precision = False
+
+  # Optimization.
+  config.batch_size = 128  # global, over all devices and processes
+  config.eval_batch_size = 1000  # global
+  config.num_epochs = 3
+  config.optimizer = "adam"  # 'sgd', 'momentum' or 'adam'
+  config.learning_rate = 0.003  # peak value of the schedule
+  config.momentum = 0.9  # for optimizer='momentum'
+  config.weight_decay = 0.0  # decoupled (AdamW-style for adam)
+  # 'constant', 'cosine' (linear warmup, cosine decay to 0) or 'onecycle'.
+  config.lr_schedule = "onecycle"
+  config.warmup_epochs = 0.3  # warmup of 'cosine'; rise phase of 'onecycle'
+  config.seed = 0  # parameter init and data order
+
+  # Parallelism.
+  # 'gspmd': jax.jit over a ('data',) mesh, batch sharded, state replicated.
+  # 'shard_map': the step inside jax.shard_map, BN over axis_name='data'.
+  config.parallelism = "gspmd"
+  config.num_devices = 0  # use the first N devices (single process); 0 = all
+  # BN statistics over groups of this many devices (shard_map); 0 = all.
+  config.bn_group_size = 0
+
+  # Checkpoints, logging, reliability.
+  config.checkpoint_every_steps = 200  # also saved at the end of every epoch
+  config.max_checkpoints_to_keep = 2
+  config.log_every_steps = 20
+  # Steps with a non-finite loss or gradient are skipped; this many in a row
+  # stop the run.
+  config.max_consecutive_nonfinite = 20
+  # Testing hook: 0-based global steps whose batch is replaced with NaN.
+  config.inject_nan_at_steps = ()
+
+  return config

@@ -1,0 +1,74 @@
+"""Trains a jaxbn model on MNIST: `python train.py [--config=...] [--workdir=...]`.
+
+Examples:
+  python train.py                                   # configs/mnist_bn.py, ./runs/mnist_bn
+  python train.py --config=configs/mnist_nobn.py --workdir=runs/nobn
+  python train.py --config.parallelism=shard_map --config.num_epochs=1
+  # Two processes (e.g. two hosts), JAX's multi-process runtime:
+  python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=0
+  python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=1
+
+All the work happens in `training.train_lib.train_and_evaluate`.
+"""
+
+import os
+import pathlib
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# TensorFlow (only used by tfds to prepare data) must leave accelerators to JAX.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_REPO = pathlib.Path(__file__).resolve().parent
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(_REPO / "configs" / "mnist_bn.py"),
+    "Training config file (a Python file with get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Directory for checkpoints, metrics.jsonl and curves.png; rerunning with the "
+    "same workdir resumes. Default: runs/<config name> under the current directory.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0, to start JAX's multi-process runtime.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (0-based).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None,
+    "Call jax.distributed.initialize() and let it detect the cluster (SLURM, "
+    "TPU pods, ...). Default: only when --coordinator_address is given or "
+    "SLURM_JOB_ID / a TPU pod environment is present.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100,
+    "With several processes: exit with an error when a peer has been silent this long.")
+
+
+def _initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  explicit = _COORDINATOR.value is not None
+  detected = "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ
+  if not (_DISTRIBUTED.value or (_DISTRIBUTED.value is None and (explicit or detected))):
+    return
+  # Collectives between CPU processes (the setting only affects CPU devices).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  _initialize_distributed()
+  from training import train_lib  # pylint: disable=g-import-not-at-top
+  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
+  train_lib.train_and_evaluate(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

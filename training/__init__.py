@@ -1,0 +1,1 @@
+"""Data-parallel MNIST training with jaxbn (the library behind train.py)."""

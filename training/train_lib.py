@@ -1,0 +1,618 @@
+"""Data-parallel training and evaluation: `train_and_evaluate(config, workdir)`.
+
+The step runs on a 1-D mesh `('data',)` over all devices of all processes:
+
+* `parallelism='gspmd'`: `jax.jit` with the batch sharded and the train state
+  replicated; batch-norm statistics are global because the compiler turns the
+  batch reductions into all-reduces.
+* `parallelism='shard_map'`: the step inside `jax.shard_map`; batch norm pools
+  statistics with `axis_name='data'` (optionally over groups of
+  `bn_group_size` devices) and gradients are averaged with `lax.pmean`.
+
+A step whose loss, gradient or new parameters are not finite is skipped as a
+whole (parameters, optimizer state and BN statistics unchanged) and counted.
+Checkpoints (orbax, atomic) hold the train state and the data position, so a
+killed run resumes where it stopped and ends with the same metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from training import input_pipeline
+from training import models
+
+AXIS = "data"
+OPTIMIZERS = ("sgd", "momentum", "adam")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+PARALLELISMS = ("gspmd", "shard_map")
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+
+
+class EpochSums(NamedTuple):
+  """Training metrics of the current epoch, accumulated on device.
+
+  Skipped (non-finite) steps add only to `nonfinite_steps`.
+  """
+  loss: jax.Array  # float32: sum of the batch-mean losses of finite steps
+  correct: jax.Array  # int32: correct predictions in finite steps
+  examples: jax.Array  # int32: examples in finite steps
+  steps: jax.Array  # int32: finite steps
+  nonfinite_steps: jax.Array  # int32: skipped steps
+
+
+def zero_epoch_sums() -> EpochSums:
+  # Distinct arrays: donation rejects one buffer passed as two arguments.
+  return EpochSums(jnp.zeros((), jnp.float32),
+                   *(jnp.zeros((), jnp.int32) for _ in range(4)))
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes; replicated over the mesh and checkpointed.
+
+  Attributes:
+    step: int32, number of batches consumed (skipped ones included), i.e. the
+      global data position.
+    params: model parameters (float32).
+    opt_state: optax state.
+    bn_state: BN running statistics (`jaxbn.BatchNormState` per layer).
+    consecutive_nonfinite: int32, skipped steps in a row up to now.
+    epoch_sums: this epoch's training metrics so far.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  bn_state: Any
+  consecutive_nonfinite: jax.Array
+  epoch_sums: EpochSums
+
+
+class EvalSums(NamedTuple):
+  loss: jax.Array  # float32: sum of per-example losses
+  correct: jax.Array  # int32
+  examples: jax.Array  # int32
+
+
+# --- setup --------------------------------------------------------------------
+
+def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-D `('data',)` mesh; each process's devices are adjacent.
+
+  Args:
+    num_devices: use the first `num_devices` devices (single process only);
+      0 = all devices of all processes.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  if num_devices:
+    if not 0 < num_devices <= len(devices):
+      raise ValueError(f"num_devices must be in [0, {len(devices)}] (0 = all), "
+                       f"got {num_devices}.")
+    if num_devices != len(devices) and jax.process_count() > 1:
+      raise ValueError("num_devices must be 0 (all devices) with several processes.")
+    devices = devices[:num_devices]
+  return jax.make_mesh((len(devices),), (AXIS,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fails at start, with a message naming the field, on a config that cannot run.
+
+  Args:
+    config: the run's config.
+    num_devices: devices in the mesh.
+
+  Raises:
+    ValueError: the first problem found.
+  """
+  def check(ok, message):
+    if not ok:
+      raise ValueError(f"Bad config: {message}")
+
+  check(config.model in models.MODELS,
+        f"unknown model {config.model!r}; expected one of {sorted(models.MODELS)}.")
+  check(config.optimizer in OPTIMIZERS,
+        f"unknown optimizer {config.optimizer!r}; expected one of {list(OPTIMIZERS)}.")
+  check(config.lr_schedule in LR_SCHEDULES,
+        f"unknown lr_schedule {config.lr_schedule!r}; expected one of "
+        f"{list(LR_SCHEDULES)}.")
+  check(config.parallelism in PARALLELISMS,
+        f"unknown parallelism {config.parallelism!r}; expected one of "
+        f"{list(PARALLELISMS)}.")
+  check(isinstance(config.dataset, str) and config.dataset,
+        f"dataset must be a tfds dataset name, got {config.dataset!r}.")
+  check(config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}.")
+  check(config.learning_rate > 0,
+        f"learning_rate must be > 0, got {config.learning_rate}.")
+  check(config.seed >= 0, f"seed must be >= 0, got {config.seed}.")
+  check(config.num_train_examples >= 0 and config.num_eval_examples >= 0,
+        "num_train_examples and num_eval_examples must be >= 0 (0 = all).")
+  for field in ("batch_size", "eval_batch_size"):
+    size = config[field]
+    check(size > 0 and size % num_devices == 0,
+          f"{field}={size} must be a positive multiple of the number of devices "
+          f"({num_devices}) so that every device gets the same number of examples.")
+  group = config.bn_group_size
+  check(group >= 0 and (group == 0 or num_devices % group == 0),
+        f"bn_group_size={group} must be 0 (all devices) or divide the number of "
+        f"devices ({num_devices}).")
+  if group not in (0, num_devices):
+    check(config.parallelism == "shard_map",
+          "bn_group_size needs parallelism='shard_map' (under 'gspmd' the compiler "
+          "computes BN statistics over the whole batch).")
+  check(config.checkpoint_every_steps >= 0 and config.log_every_steps >= 1,
+        "checkpoint_every_steps must be >= 0 and log_every_steps >= 1.")
+  check(config.max_consecutive_nonfinite >= 1,
+        f"max_consecutive_nonfinite must be >= 1, got {config.max_consecutive_nonfinite}.")
+
+
+def create_model(config: ml_collections.ConfigDict,
+                 info: input_pipeline.DatasetInfo) -> models.Model:
+  return models.create_model(
+      config.model, input_shape=info.image_shape, num_classes=info.num_classes,
+      use_bn=config.use_bn, bias_before_bn=config.bias_before_bn,
+      bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+
+
+def create_learning_rate_schedule(config: ml_collections.ConfigDict,
+                                  steps_per_epoch: int) -> optax.Schedule:
+  total_steps = max(config.num_epochs * steps_per_epoch, 1)
+  warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+  if config.lr_schedule == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  if config.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup_steps, total_steps)
+  return optax.cosine_onecycle_schedule(
+      total_steps, config.learning_rate,
+      pct_start=max(warmup_steps, 1) / total_steps)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int) -> optax.GradientTransformation:
+  schedule = create_learning_rate_schedule(config, steps_per_epoch)
+  if config.optimizer == "adam":
+    if config.weight_decay:
+      return optax.adamw(schedule, weight_decay=config.weight_decay)
+    return optax.adam(schedule)
+  momentum = config.momentum if config.optimizer == "momentum" else None
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=momentum))
+
+
+def create_train_state(model: models.Model, tx: optax.GradientTransformation,
+                       key: jax.Array) -> TrainState:
+  params, bn_state = model.init(key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), bn_state=bn_state,
+                    consecutive_nonfinite=jnp.zeros((), jnp.int32),
+                    epoch_sums=zero_epoch_sums())
+
+
+# --- steps --------------------------------------------------------------------
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def train_step(state: TrainState, batch: input_pipeline.Batch, *,
+               model: models.Model, tx: optax.GradientTransformation,
+               compute_dtype=jnp.float32, axis_name: str | None = None,
+               bn_axis_index_groups=None) -> TrainState:
+  """One optimization step on a batch (global under jit, local under shard_map).
+
+  Args:
+    state: the current train state.
+    batch: images `(batch, H, W, C)` float32, labels `(batch,)` int32.
+    model: the model.
+    tx: the optimizer.
+    compute_dtype: activation dtype (bfloat16 for half precision).
+    axis_name: the mapped batch axis under shard_map, else None.
+    bn_axis_index_groups: groups of devices that pool BN statistics.
+
+  Returns:
+    The new state; on a non-finite loss, gradient or update it keeps the old
+    params, optimizer state and BN statistics and counts the step as skipped.
+  """
+  def loss_fn(params):
+    logits, new_bn_state = model.apply(
+        params, state.bn_state, batch.images, True, bn_axis_name=axis_name,
+        bn_axis_index_groups=bn_axis_index_groups, compute_dtype=compute_dtype)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch.labels))
+    return loss, (logits, new_bn_state)
+
+  (loss, (logits, new_bn_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  correct = jnp.sum(jnp.argmax(logits, -1) == batch.labels, dtype=jnp.int32)
+  examples = batch.labels.shape[0]
+  if axis_name is not None:
+    # Equal per-device batches: the mean of local means is the global mean.
+    grads, loss = lax.pmean((grads, loss), axis_name)
+    correct = lax.psum(correct, axis_name)
+    examples *= lax.axis_size(axis_name)
+    if bn_axis_index_groups is not None:
+      # Groups computed different statistics; keep one replicated running
+      # average (the flax examples' cross-replica mean of batch_stats).
+      new_bn_state = jax.tree.map(
+          lambda s: lax.pmean(s, axis_name) if jnp.issubdtype(s.dtype, jnp.inexact)
+          else s, new_bn_state)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  finite = _all_finite((loss, grads, new_params))
+
+  def keep_if_finite(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  sums = state.epoch_sums
+  as_int = finite.astype(jnp.int32)
+  new_sums = EpochSums(
+      loss=sums.loss + jnp.where(finite, loss, 0.0).astype(jnp.float32),
+      correct=sums.correct + as_int * correct,
+      examples=sums.examples + as_int * examples,
+      steps=sums.steps + as_int,
+      nonfinite_steps=sums.nonfinite_steps + (1 - as_int))
+  return TrainState(
+      step=state.step + 1,
+      params=keep_if_finite(new_params, state.params),
+      opt_state=keep_if_finite(new_opt_state, state.opt_state),
+      bn_state=keep_if_finite(new_bn_state, state.bn_state),
+      consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
+      epoch_sums=new_sums)
+
+
+def eval_step(params, bn_state, batch: input_pipeline.Batch, *, model: models.Model,
+              compute_dtype=jnp.float32) -> EvalSums:
+  """Sums of loss and correct predictions over the valid (mask) examples."""
+  logits, _ = model.apply(params, bn_state, batch.images, False,
+                          compute_dtype=compute_dtype)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+  correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
+  return EvalSums(loss=jnp.sum(jnp.where(batch.mask, losses, 0.0)),
+                  correct=jnp.sum(correct, dtype=jnp.int32),
+                  examples=jnp.sum(batch.mask, dtype=jnp.int32))
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    model: models.Model, tx: optax.GradientTransformation):
+  """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`."""
+  compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(AXIS))
+  if config.parallelism == "gspmd":
+    step = functools.partial(train_step, model=model, tx=tx,
+                             compute_dtype=compute_dtype)
+    return jax.jit(step, in_shardings=(replicated, batch_sharding),
+                   out_shardings=replicated, donate_argnums=0)
+  num_devices = mesh.devices.size
+  group_size = config.bn_group_size or num_devices
+  groups = None
+  if group_size != num_devices:
+    groups = [list(range(start, start + group_size))
+              for start in range(0, num_devices, group_size)]
+  step = functools.partial(train_step, model=model, tx=tx, compute_dtype=compute_dtype,
+                           axis_name=AXIS, bn_axis_index_groups=groups)
+  # check_vma=False: the pmap-style contract (per-device gradients, averaged
+  # explicitly with pmean), which is what axis_index_groups supports.
+  sharded_step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                               out_specs=P(), check_vma=False)
+  return jax.jit(sharded_step, in_shardings=(replicated, batch_sharding),
+                 out_shardings=replicated, donate_argnums=0)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   model: models.Model):
+  compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  replicated = NamedSharding(mesh, P())
+  step = functools.partial(eval_step, model=model, compute_dtype=compute_dtype)
+  return jax.jit(step, in_shardings=(replicated, replicated, NamedSharding(mesh, P(AXIS))),
+                 out_shardings=replicated)
+
+
+def evaluate(eval_fn, state: TrainState, split: input_pipeline.Split, *,
+             global_batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Loss and accuracy of the running-statistics model over a whole split."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  rows = input_pipeline.process_rows(sharding, global_batch_size)
+  sums = [eval_fn(state.params, state.bn_state,
+                  input_pipeline.to_global(batch, sharding, global_batch_size))
+          for batch in input_pipeline.eval_batches(
+              split, global_batch_size=global_batch_size, rows=rows)]
+  sums = jax.device_get(sums)
+  examples = sum(int(s.examples) for s in sums)
+  loss = math.fsum(float(s.loss) for s in sums)
+  correct = sum(int(s.correct) for s in sums)
+  return {"loss": loss / max(examples, 1), "accuracy": correct / max(examples, 1)}
+
+
+# --- checkpoints and outputs ----------------------------------------------------
+
+def create_checkpoint_manager(workdir: pathlib.Path,
+                              config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """Orbax manager of `workdir/checkpoints`, synchronous and multi-host aware.
+
+  Orbax writes each checkpoint into a temporary directory and renames it when
+  complete, so a run killed mid-save leaves nothing that is ever restored.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.max_checkpoints_to_keep, create=True,
+      # The train state is donated to the next step: saving must finish first.
+      enable_async_checkpointing=False, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                               item_names=("state", "progress"))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
+                    progress: dict) -> None:
+  """Saves the state and the JSON `progress` (data position, history)."""
+  manager.save(int(progress["step"]), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainState
+                       ) -> tuple[TrainState, dict] | None:
+  """The latest complete checkpoint as `(state, progress)`, or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+  return restored.state, restored.progress
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_metrics(workdir: pathlib.Path, history: list[dict]) -> None:
+  """Rewrites `metrics.jsonl` (one JSON object per epoch) from the history."""
+  _atomic_write_text(workdir / METRICS_FILE,
+                     "".join(json.dumps(record) + "\n" for record in history))
+
+
+def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
+  """Loss and accuracy per epoch (train / validation / test) as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  epochs = [record["epoch"] for record in history]
+  figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, metric in zip(axes, ("loss", "accuracy")):
+    for split in ("train", "val", "test"):
+      ax.plot(epochs, [record[f"{split}_{metric}"] for record in history], "o-",
+              label=split)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+  figure.tight_layout()
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp", suffix=".png")
+  os.close(fd)
+  figure.savefig(tmp, dpi=100)
+  plt.close(figure)
+  os.replace(tmp, path)
+
+
+def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
+  """What must not change between a checkpoint and a resumed run."""
+  return {"dataset": config.dataset, "model": config.model, "seed": config.seed,
+          "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
+          "num_train_examples": config.num_train_examples, "use_bn": config.use_bn,
+          "bias_before_bn": config.bias_before_bn}
+
+
+# --- the loop -------------------------------------------------------------------
+
+class _Progress:
+  """A tqdm bar on a terminal (process 0), nothing otherwise."""
+
+  def __init__(self, enabled: bool):
+    self._enabled = enabled and sys.stderr.isatty()
+    self._bar = None
+
+  def start_epoch(self, epoch: int, num_epochs: int, total: int, initial: int):
+    if self._enabled:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, initial=initial, unit="step", leave=False,
+                       desc=f"epoch {epoch + 1}/{num_epochs}", dynamic_ncols=True)
+
+  def update(self, steps: int, loss: float, examples_per_sec: float):
+    if self._bar is not None:
+      self._bar.update(steps)
+      self._bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{examples_per_sec:,.0f}")
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict:
+  """Trains and evaluates per `config`, checkpointing into `workdir`.
+
+  Resumes from the latest checkpoint in `workdir`. Process 0 prints a
+  parameter table and one line per epoch and writes `metrics.jsonl` and
+  `curves.png`.
+
+  Returns:
+    The last epoch's metrics (the last line of `metrics.jsonl`).
+
+  Raises:
+    ValueError: a bad config, or a checkpoint from an incompatible run.
+    FloatingPointError: `max_consecutive_nonfinite` steps in a row were skipped.
+  """
+  workdir = pathlib.Path(workdir).expanduser().resolve()
+  is_main = jax.process_index() == 0
+  mesh = create_mesh(config.num_devices)
+  num_devices = mesh.devices.size
+  validate_config(config, num_devices)
+  log = print if is_main else (lambda *args, **kwargs: None)
+
+  splits, info = input_pipeline.load_dataset(
+      config.dataset, [config.train_split, config.validation_split, config.test_split],
+      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
+  train_split = input_pipeline.take(splits[config.train_split], config.num_train_examples)
+  val_split = input_pipeline.take(splits[config.validation_split], config.num_eval_examples)
+  test_split = input_pipeline.take(splits[config.test_split], config.num_eval_examples)
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_split.labels),
+                                                   config.batch_size)
+  if steps_per_epoch == 0:
+    raise ValueError(f"Bad config: batch_size={config.batch_size} is larger than the "
+                     f"{len(train_split.labels)} training examples.")
+
+  model = create_model(config, info)
+  tx = create_optimizer(config, steps_per_epoch)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(AXIS))
+  init_fn = jax.jit(functools.partial(create_train_state, model, tx),
+                    out_shardings=replicated)
+  key = jax.random.key(config.seed)
+
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  manager = create_checkpoint_manager(workdir, config)
+  signature = _run_signature(config, steps_per_epoch)
+  abstract_state = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+      jax.eval_shape(init_fn, key))
+  restored = restore_checkpoint(manager, abstract_state)
+  if restored is None:
+    state, history = init_fn(key), []
+  else:
+    state, progress = restored
+    if progress["signature"] != signature:
+      raise ValueError(
+          f"workdir {workdir} holds a checkpoint of a different run "
+          f"({progress['signature']}) than this config ({signature}); use a new "
+          "--workdir or the same settings.")
+    history = progress["history"]
+    log(f"Resuming from step {progress['step']} (epoch {progress['epoch'] + 1}, "
+        f"batch {progress['batch_in_epoch']}) in {workdir}.")
+
+  log(models.format_parameter_table(models.parameter_table(model)))
+  log(f"{config.dataset}: {len(train_split.labels)} train / {len(val_split.labels)} "
+      f"val / {len(test_split.labels)} test examples; {jax.process_count()} process(es), "
+      f"{num_devices} device(s), parallelism={config.parallelism}, global batch "
+      f"{config.batch_size}, {steps_per_epoch} steps per epoch.")
+
+  rows = input_pipeline.process_rows(batch_sharding, config.batch_size)
+  example_batch = next(input_pipeline.train_batches(
+      train_split, global_batch_size=config.batch_size, seed=config.seed, epoch=0,
+      rows=rows))
+  # Compiling ahead keeps compilation out of the measured examples/s.
+  step_fn = make_train_step(config, mesh, model, tx).lower(
+      state, input_pipeline.to_global(example_batch, batch_sharding,
+                                      config.batch_size)).compile()
+  eval_fn = make_eval_step(config, mesh, model)
+  nan_steps = set(int(s) for s in config.inject_nan_at_steps)
+  progress_bar = _Progress(is_main)
+
+  def progress_record(step):
+    return {"step": step, "epoch": step // steps_per_epoch,
+            "batch_in_epoch": step % steps_per_epoch, "signature": signature,
+            "history": history}
+
+  def check_nonfinite(state):
+    consecutive = int(jax.device_get(state.consecutive_nonfinite))
+    if consecutive >= config.max_consecutive_nonfinite:
+      raise FloatingPointError(
+          f"Stopping: {consecutive} training steps in a row (up to step "
+          f"{int(jax.device_get(state.step))}) had a non-finite loss or gradient and "
+          f"were skipped (max_consecutive_nonfinite={config.max_consecutive_nonfinite}). "
+          "Lower the learning rate, or turn off half_precision.")
+
+  step = int(jax.device_get(state.step))
+  if is_main and history:
+    write_metrics(workdir, history)
+  try:
+    for epoch in range(step // steps_per_epoch, config.num_epochs):
+      first_batch = step % steps_per_epoch
+      progress_bar.start_epoch(epoch, config.num_epochs, steps_per_epoch, first_batch)
+      start_time, last_logged = time.perf_counter(), step
+      for batch in input_pipeline.train_batches(
+          train_split, global_batch_size=config.batch_size, seed=config.seed,
+          epoch=epoch, rows=rows, start_step=first_batch):
+        if step in nan_steps:
+          batch = batch._replace(images=np.full_like(batch.images, np.nan))
+        state = step_fn(state, input_pipeline.to_global(batch, batch_sharding,
+                                                        config.batch_size))
+        step += 1
+        end_of_epoch = step % steps_per_epoch == 0
+        if step % config.log_every_steps == 0 or end_of_epoch:
+          check_nonfinite(state)
+          sums = jax.device_get(state.epoch_sums)
+          elapsed = time.perf_counter() - start_time
+          progress_bar.update(step - last_logged, float(sums.loss) / max(int(sums.steps), 1),
+                              (step - epoch * steps_per_epoch - first_batch)
+                              * config.batch_size / max(elapsed, 1e-9))
+          last_logged = step
+        if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+            and not end_of_epoch):
+          save_started = time.perf_counter()
+          save_checkpoint(manager, state, progress_record(step))
+          start_time += time.perf_counter() - save_started  # not training time
+      jax.block_until_ready(state)
+      train_time = time.perf_counter() - start_time
+      progress_bar.close()
+
+      sums = jax.device_get(state.epoch_sums)
+      val = evaluate(eval_fn, state, val_split, global_batch_size=config.eval_batch_size,
+                     mesh=mesh)
+      test = evaluate(eval_fn, state, test_split,
+                      global_batch_size=config.eval_batch_size, mesh=mesh)
+      record = {
+          "epoch": epoch + 1, "step": step,
+          "train_loss": float(sums.loss) / max(int(sums.steps), 1),
+          "train_accuracy": int(sums.correct) / max(int(sums.examples), 1),
+          "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+          "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+          "examples_per_sec": ((steps_per_epoch - first_batch) * config.batch_size
+                               / max(train_time, 1e-9)),
+          "nonfinite_steps": int(sums.nonfinite_steps),
+      }
+      history.append(record)
+      state = state._replace(epoch_sums=jax.device_put(zero_epoch_sums(), replicated))
+      save_checkpoint(manager, state, progress_record(step))
+      if is_main:
+        write_metrics(workdir, history)
+        plot_curves(workdir / PLOT_FILE, history)
+      log(f"epoch {epoch + 1}/{config.num_epochs} step {step}: "
+          f"train_loss {record['train_loss']:.4f} train_acc {record['train_accuracy']:.4f} "
+          f"val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f} "
+          f"test_loss {record['test_loss']:.4f} test_acc {record['test_accuracy']:.4f} "
+          f"{record['examples_per_sec']:,.0f} examples/s"
+          + (f" ({record['nonfinite_steps']} non-finite steps skipped)"
+             if record["nonfinite_steps"] else ""), flush=True)
+  finally:
+    progress_bar.close()
+    manager.wait_until_finished()
+    manager.close()
+  if is_main and history:
+    plot_curves(workdir / PLOT_FILE, history)
+  return dict(history[-1]) if history else {}
