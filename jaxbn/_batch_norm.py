@@ -45,6 +45,18 @@ class BatchNormState(NamedTuple):
   count: jax.Array
 
 
+class _BatchStatisticsProbe(BatchNormState):
+  """A state whose training-mode update records the batch statistics.
+
+  `jaxbn.recompute_stats` threads these through a model in place of its
+  `BatchNormState`s: every jaxbn layer that receives one returns the mean and
+  variance of its current batch (what momentum=0 would store, including the
+  `unbiased_running_var` correction) instead of a running average, and
+  `count + 1`. Being a distinct pytree type, it also retraces a jitted model.
+  """
+  __slots__ = ()
+
+
 def init(num_features: int | tuple[int, ...], *,
          dtype=jnp.float32) -> tuple[BatchNormParams, BatchNormState]:
   """Creates batch-norm parameters and running statistics.
@@ -173,6 +185,26 @@ def _shift_estimate(state: BatchNormState, momentum: float | None) -> jax.Array:
   return jnp.where(started, mean / jnp.where(started, debias, 1.0), mean)
 
 
+def _training_shift(state: BatchNormState, x: jax.Array, momentum: float | None,
+                    reduction_axes: tuple[int, ...], mask, names: tuple | None,
+                    compute_dtype) -> jax.Array:
+  """The replicated per-feature shift of a training step's one-pass moments."""
+  shift = _shift_estimate(state, momentum)
+  if names is None:
+    # Before the first update there is no estimate of the mean: take one more
+    # pass over x, only on that step (lax.cond runs one branch). With axis_name
+    # this would cost a second collective, so there the first step shifts by the
+    # state's mean as is (see the README's "Numerics" section).
+    data_axes = tuple(_stats._varying_axes(x) - _stats._varying_axes(shift))
+    if data_axes:
+      # Per-device statistics under shard_map(check_vma=True): both branches
+      # must vary over the same mesh axes.
+      shift = lax.pcast(shift, data_axes, to="varying")
+    shift = lax.cond(state.count > 0, lambda: shift,
+                     lambda: _stats.data_shift(x, reduction_axes, mask))
+  return lax.stop_gradient(shift.astype(compute_dtype))
+
+
 def batch_norm(params: BatchNormParams | None, state: BatchNormState,
                x: jax.typing.ArrayLike, *, training: bool, axis=-1,
                momentum: float | None = 0.99, epsilon: float = 1e-5,
@@ -253,15 +285,7 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
           f"batch to compute a variance; x of shape {x.shape} with feature axes "
           f"{feature_axes} has {static_count}. Use a larger batch or training=False.")
   layout = _Layout(feature_axes, reduction_axes, epsilon, names, groups, static_count)
-  shift = _shift_estimate(state, momentum)
-  if names is None:
-    # Before the first update there is no estimate of the mean: take one more
-    # pass over x, only on that step (lax.cond runs one branch). With axis_name
-    # this would cost a second collective, so there the first step shifts by the
-    # state's mean as is (see the README's "Numerics" section).
-    shift = lax.cond(state.count > 0, lambda: shift,
-                     lambda: _stats.data_shift(x, reduction_axes, mask))
-  shift = lax.stop_gradient(shift.astype(compute_dtype))
+  shift = _training_shift(state, x, momentum, reduction_axes, mask, names, compute_dtype)
   y, stats = _normalize_with_batch_stats(x, scale, bias, shift, mask, layout)
   stats = jax.tree.map(lax.stop_gradient, stats)
   return y, _update_state(state, stats, momentum, unbiased_running_var)
@@ -289,6 +313,8 @@ def _update_state(state: BatchNormState, stats: _stats.Moments,
   old_var = state.var.astype(jnp.float32)
   batch_mean = stats.mean.astype(jnp.float32)
   batch_var = batch_var.astype(jnp.float32)
+  if isinstance(state, _BatchStatisticsProbe):
+    return _BatchStatisticsProbe(mean=batch_mean, var=batch_var, count=state.count + 1)
   if momentum is None:
     weight = 1.0 / (state.count.astype(jnp.float32) + 1.0)
     new_mean = old_mean + weight * (batch_mean - old_mean)

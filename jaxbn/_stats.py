@@ -102,15 +102,15 @@ def replicated_sum(local: jax.Array, reduced: jax.Array, like: jax.Array,
     axis_name: tuple of mapped axis names or None.
     axis_index_groups: the grouping used for `reduced`.
   """
-  if axis_name is None:
-    return local
-  need = [n for n in axis_name
-          if n in _varying_axes(local) and n not in _varying_axes(like)]
+  # Every mesh axis the data varies over and the parameter does not, also axes
+  # not in axis_name (per-device statistics, or a second mesh axis).
+  need = _varying_axes(local) - _varying_axes(like)
   if not need:
     return local
-  if len(need) == len(axis_name) and axis_index_groups is None:
+  if (axis_name is not None and need == frozenset(axis_name)
+      and axis_index_groups is None):
     return reduced
-  return lax.psum(local, tuple(need))
+  return lax.psum(local, tuple(sorted(need)))
 
 
 def feature_broadcast_shape(x_shape, feature_axes) -> tuple[int, ...]:
