@@ -74,15 +74,12 @@ def init(num_features: int | tuple[int, ...], *,
     ValueError: `num_features` is not a positive int or tuple of them.
   """
   shape = (num_features,) if isinstance(num_features, (int, np.integer)) else num_features
-  try:
-    shape = tuple(int(d) for d in shape)
-  except (TypeError, ValueError):
-    raise ValueError(
-        f"num_features must be a positive int or a tuple of them, got {num_features!r}."
-    ) from None
-  if isinstance(num_features, bool) or not shape or any(d <= 0 for d in shape):
+  if (isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list))
+      or not shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer))
+                          or d <= 0 for d in shape)):
     raise ValueError(
         f"num_features must be a positive int or a tuple of them, got {num_features!r}.")
+  shape = tuple(int(d) for d in shape)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.")
   params = BatchNormParams(scale=jnp.ones(shape, dtype), bias=jnp.zeros(shape, dtype))
