@@ -6,6 +6,9 @@ from jaxbn._batch_norm import batch_norm as batch_norm
 from jaxbn._batch_norm import init as init
 from jaxbn._folding import fold_into_conv as fold_into_conv
 from jaxbn._folding import fold_into_dense as fold_into_dense
+from jaxbn._ghost import ghost_batch_norm as ghost_batch_norm
+from jaxbn._precise import recompute_stats as recompute_stats
+from jaxbn._renorm import batch_renorm as batch_renorm
 from jaxbn._scaling import MinMaxStats as MinMaxStats
 from jaxbn._scaling import StandardizeStats as StandardizeStats
 from jaxbn._scaling import fit_min_max as fit_min_max
@@ -23,6 +26,7 @@ from jaxbn._scaling import update_standardize as update_standardize
 from jaxbn._stats import Moments as Moments
 from jaxbn._stats import merge_moments as merge_moments
 from jaxbn._stats import moments as moments
+from jaxbn._sync import sync_stats as sync_stats
 from jaxbn._torch_interop import from_torch as from_torch
 from jaxbn._torch_interop import to_torch as to_torch
 
@@ -60,6 +64,10 @@ __all__ = [
     "init",
     "merge_moments",
     "moments",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "recompute_stats",
+    "sync_stats",
     "fold_into_conv",
     "fold_into_dense",
     "from_torch",
