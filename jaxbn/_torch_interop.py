@@ -32,15 +32,19 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 
 def _to_numpy(value: Any, key: str) -> np.ndarray:
-  """A NumPy copy of a torch tensor (any device, bfloat16 too) or array-like."""
+  """A NumPy copy of a torch tensor (any device, bfloat16 too) or array-like.
+
+  A copy, not a view: JAX may alias host memory on CPU, and torch updates its
+  running statistics in place, which would silently change the jaxbn state.
+  """
   if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
       # NumPy has no bfloat16 of its own; ml_dtypes' (used by JAX) holds it exactly.
-      return np.asarray(value.float().numpy()).astype(jnp.bfloat16)
+      return value.float().numpy().astype(jnp.bfloat16)
     value = value.numpy()
   try:
-    return np.asarray(value)
+    return np.array(value)
   except (TypeError, ValueError) as error:
     raise TypeError(
         f"state_dict[{key!r}] must be a torch tensor or an array, got "
