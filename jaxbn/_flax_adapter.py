@@ -2,16 +2,14 @@
 
 The adapters keep flax's variables exactly (`scale`, `bias`, `mean`, `var`; no
 step counter) so checkpoints are interchangeable, and delegate the arithmetic
-to `jaxbn.batch_norm`. jaxbn uses `state.count` only to choose the shift that
-keeps its one-pass variance accurate; without a stored counter the adapters
-pass `count=0`, which makes `jaxbn.batch_norm` shift by the first element of
-each feature in the batch. That is accurate from the very first step and
-independent of how far the running mean has converged. Under `axis_name` a
-per-replica element cannot be the shared shift, so the running mean is used:
-from a fresh state (mean 0) the first steps are a one-pass variance whose
-float32 relative error is about 1e-7 * (mean / std)**2 of the activations,
-negligible unless |mean| is hundreds of stds, and shrinking as the running
-mean converges.
+to `jaxbn.batch_norm`, whose `state.count` only chooses the shift of the
+one-pass variance. With no stored counter the adapters pass `count=0`, the
+"no estimate of the mean yet" case: without `axis_name` the shift then comes
+from the batch itself (one extra read of `x` per step), which keeps the
+variance exact at any mean/std ratio on every step, whereas the stored running
+mean, undebiased, can be far from the data for hundreds of steps. Under
+`axis_name` a per-replica value cannot be the shared shift without a second
+collective, so the stored running mean is used as it is.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ and its checkpoints keep working after swapping the import::
   norm = jaxbn_linen.BatchNorm(use_running_average=not train, momentum=0.9)
 
 What changes is the arithmetic, which is `jaxbn.batch_norm`'s: accurate
-shifted one-pass statistics (as `use_fast_variance=False`, at the cost of
-`use_fast_variance=True`), count-weighted statistics under `axis_name` with
-`mask`, one cross-replica reduction in the forward pass and one in the
-closed-form backward pass, running statistics that never take NaN, and a
-clear error for a training-mode batch with one value per feature.
+statistics whatever `use_fast_variance` says, count-weighted statistics under
+`axis_name` with `mask`, one cross-replica reduction in the forward pass and
+one in the closed-form backward pass, running statistics that never take NaN,
+and a clear error for a training-mode batch with one value per feature. See
+`jaxbn._flax_adapter` for how the variance shift is chosen without a step
+counter.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class BatchNorm(nn.Module):
     axis_index_groups: optional equal-size groups of replica indices of
       `axis_name`; each group is normalized with its own statistics.
     use_fast_variance: accepted for compatibility, no effect: jaxbn's variance
-      is always the accurate one at the cost of flax's fast one.
+      is always the accurate one.
     force_float32_reductions: True (default) keeps `batch_stats` in float32;
       False stores them in `param_dtype`, as flax does. jaxbn reduces in at
       least float32 either way.

@@ -182,6 +182,29 @@ def test_linen_shard_map_pools_count_weighted_masked_statistics(mesh8):
   np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
 
 
+def test_linen_jit_over_batch_sharded_input_equals_unsharded(mesh8):
+  x = _data((16, 3), seed=7)
+  bn = jaxbn_linen.BatchNorm(use_running_average=False, momentum=MOMENTUM)
+  variables = bn.init(jax.random.key(0), x)
+  apply = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))
+  expected = apply(variables, x)
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh8, jax.P("data")))
+  with jax.set_mesh(mesh8):
+    actual = apply(variables, sharded)
+  _assert_trees_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_linen_is_accurate_from_the_first_step_at_mean_3000():
+  """Large mean, small std: flax's default fast variance fails here; jaxbn must not."""
+  x = _data((256, 4), seed=6, mean=3000.0, std=1.0)
+  bn = jaxbn_linen.BatchNorm(use_running_average=False)
+  variables = bn.init(jax.random.key(0), x)
+  for step in range(2):  # fresh state, then a running mean far from the data's
+    y, updates = bn.apply(variables, x + step, mutable=["batch_stats"])
+    np.testing.assert_allclose(jnp.std(y, axis=0), 1.0, atol=1e-3)
+    variables = {**variables, **updates}
+
+
 def test_linen_init_behaviour_matches_flax():
   x = _data((1, 3))
   for use_running_average in (False, True):
