@@ -245,9 +245,49 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
       shape, params/state shapes, or only one value per feature in training.
     NameError: `axis_name` is not bound by an enclosing vmap / shard_map.
   """
+  training = _validation.check_training(training)
+  call = parse_call(params, state, x, axis=axis, momentum=momentum, epsilon=epsilon,
+                    axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
+  if not training:
+    return _normalize_with_running_stats(call, state), state
+  layout = call.layout(training_count(call))
+  shift = _training_shift(state, call.x, call.momentum, call.reduction_axes, call.mask,
+                          call.axis_name, call.compute_dtype)
+  y, stats = _normalize_with_batch_stats(call.x, call.scale, call.bias, shift, call.mask,
+                                         layout)
+  stats = jax.tree.map(lax.stop_gradient, stats)
+  return y, _update_state(state, stats, call.momentum, unbiased_running_var)
+
+
+class ParsedCall(NamedTuple):
+  """The checked, canonical arguments of one batch-norm call (trace-time values)."""
+  x: jax.Array
+  scale: jax.Array | None
+  bias: jax.Array | None
+  mask: jax.Array | None
+  feature_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  feature_shape: tuple[int, ...]
+  axis_name: tuple | None
+  axis_index_groups: tuple | None
+  epsilon: float
+  momentum: float | None
+  compute_dtype: jnp.dtype
+
+  def layout(self, static_count: int | None) -> _Layout:
+    return _Layout(self.feature_axes, self.reduction_axes, self.epsilon, self.axis_name,
+                   self.axis_index_groups, static_count)
+
+
+def parse_call(params, state, x, *, axis, momentum, epsilon, axis_name,
+               axis_index_groups, mask) -> ParsedCall:
+  """Checks the arguments shared by every batch-norm variant (at trace time).
+
+  Raises:
+    TypeError / ValueError: as documented in `batch_norm`, naming the argument.
+  """
   x = jnp.asarray(x)
   _validation.check_floating(x)
-  training = _validation.check_training(training)
   epsilon = _validation.check_epsilon(epsilon)
   momentum = _validation.check_momentum(momentum)
   feature_axes = _validation.canonicalize_axes(axis, x.ndim)
@@ -264,40 +304,44 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
   groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
   if mask is not None:
     mask = _validation.broadcast_mask(mask, x.shape)
-  compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  scale = None if params is None else params.scale
-  bias = None if params is None else params.bias
-
-  if not training:
-    return _normalize_with_running_stats(x, scale, bias, state, feature_axes,
-                                         epsilon, compute_dtype), state
-
-  static_count = None
-  if mask is None:
-    local_count = int(np.prod([x.shape[a] for a in reduction_axes]))
-    static_count = local_count * _stats.replica_count(names, groups)
-    if static_count < 2:
-      raise ValueError(
-          "training=True needs more than one value per feature over the whole "
-          f"batch to compute a variance; x of shape {x.shape} with feature axes "
-          f"{feature_axes} has {static_count}. Use a larger batch or training=False.")
-  layout = _Layout(feature_axes, reduction_axes, epsilon, names, groups, static_count)
-  shift = _training_shift(state, x, momentum, reduction_axes, mask, names, compute_dtype)
-  y, stats = _normalize_with_batch_stats(x, scale, bias, shift, mask, layout)
-  stats = jax.tree.map(lax.stop_gradient, stats)
-  return y, _update_state(state, stats, momentum, unbiased_running_var)
+  return ParsedCall(
+      x=x, scale=None if params is None else params.scale,
+      bias=None if params is None else params.bias, mask=mask,
+      feature_axes=feature_axes, reduction_axes=reduction_axes,
+      feature_shape=feature_shape, axis_name=names, axis_index_groups=groups,
+      epsilon=epsilon, momentum=momentum,
+      compute_dtype=jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _normalize_with_running_stats(x, scale, bias, state, feature_axes, epsilon,
-                                  compute_dtype):
-  inv_std = lax.rsqrt(state.var.astype(compute_dtype) + epsilon)
-  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+def training_count(call: ParsedCall) -> int | None:
+  """Global element count per feature without a mask (None with one).
+
+  Raises:
+    ValueError: one value per feature over the whole batch (no variance).
+  """
+  if call.mask is not None:
+    return None
+  x = call.x
+  local_count = int(np.prod([x.shape[a] for a in call.reduction_axes]))
+  count = local_count * _stats.replica_count(call.axis_name, call.axis_index_groups)
+  if count < 2:
+    raise ValueError(
+        "training=True needs more than one value per feature over the whole "
+        f"batch to compute a variance; x of shape {x.shape} with feature axes "
+        f"{call.feature_axes} has {count}. Use a larger batch or training=False.")
+  return count
+
+
+def _normalize_with_running_stats(call: ParsedCall, state: BatchNormState) -> jax.Array:
+  compute_dtype = call.compute_dtype
+  inv_std = lax.rsqrt(state.var.astype(compute_dtype) + call.epsilon)
+  multiplier = inv_std if call.scale is None else inv_std * call.scale.astype(compute_dtype)
   offset = -state.mean.astype(compute_dtype) * multiplier
-  if bias is not None:
-    offset = offset + bias.astype(compute_dtype)
-  shape = _stats.feature_broadcast_shape(x.shape, feature_axes)
-  y = x.astype(compute_dtype) * multiplier.reshape(shape) + offset.reshape(shape)
-  return y.astype(x.dtype)
+  if call.bias is not None:
+    offset = offset + call.bias.astype(compute_dtype)
+  shape = _stats.feature_broadcast_shape(call.x.shape, call.feature_axes)
+  y = call.x.astype(compute_dtype) * multiplier.reshape(shape) + offset.reshape(shape)
+  return y.astype(call.x.dtype)
 
 
 def _update_state(state: BatchNormState, stats: _stats.Moments,
