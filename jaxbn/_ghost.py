@@ -145,8 +145,13 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
                                if a not in ghost_feature_axes)
   ghost_stat_shape = tuple(ghost_shape[a] for a in ghost_feature_axes)
   ghost_position = ghost_feature_axes.index(ghost_axis)
-  per_ghost = lambda v: jnp.broadcast_to(jnp.expand_dims(v, ghost_position),
-                                         ghost_stat_shape)
+  x_ghost = x.reshape(ghost_shape)
+
+  def per_ghost(value):
+    return _explicit_sharding_like(
+        jnp.broadcast_to(jnp.expand_dims(value, ghost_position), ghost_stat_shape),
+        x_ghost, ghost_feature_axes)
+
   static_count = None
   if mask is None:
     static_count = int(np.prod([ghost_shape[a] for a in ghost_reduction_axes]))
@@ -157,7 +162,6 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
           f"{x.shape} and feature axes {feature_axes} gives {static_count}.")
   layout = _batch_norm._Layout(ghost_feature_axes, ghost_reduction_axes, epsilon,
                                None, None, static_count)
-  x_ghost = x.reshape(ghost_shape)
   mask_ghost = None if mask is None else _ghost_mask(mask, x.ndim, batch_axis,
                                                      num_ghosts, virtual_batch_size)
   # Each ghost batch is shifted by the running mean, or on the first step by its
@@ -174,6 +178,28 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
   new_state = _batch_norm._update_state(state, batch_stats, momentum,
                                         unbiased_running_var)
   return y_ghost.reshape(x.shape), new_state
+
+
+def _explicit_sharding_like(value: jax.Array, x: jax.Array,
+                            value_axes: tuple[int, ...]) -> jax.Array:
+  """`value` (over `value_axes` of `x`) sharded like `x` along them.
+
+  Only under `AxisType.Explicit` sharding, where the ghost axis of `x` carries
+  its sharding in the type and `lax.cond` needs both branches' types equal.
+  """
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  spec = tuple(getattr(sharding, "spec", ())) + (None,) * x.ndim
+  entries = tuple(spec[a] for a in value_axes)
+  explicit = {name for name, kind in zip(getattr(mesh, "axis_names", ()),
+                                         getattr(mesh, "axis_types", ()))
+              if kind == jax.sharding.AxisType.Explicit}
+  named = {n for e in entries if e is not None
+           for n in (e if isinstance(e, tuple) else (e,))}
+  if not named or not named <= explicit:
+    return value
+  return jax.sharding.reshard(
+      value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries)))
 
 
 def _ghost_mask(mask: jax.Array, ndim: int, batch_axis: int, num_ghosts: int,
@@ -197,7 +223,8 @@ def _pool_ghost_statistics(ghost_stats: _stats.Moments, ghost_position: int,
   def total(stacked):
     return _stats.cross_replica_sum(jnp.sum(stacked, axis=1 + ghost_position),
                                     names, groups)
-  count = jnp.broadcast_to(ghost_stats.count, ghost_stats.mean.shape)
+  # zeros_like: the counts take the means' sharding (stack needs equal ones).
+  count = jnp.zeros_like(ghost_stats.mean) + ghost_stats.count
   count_total, sum_total = total(jnp.stack([count, count * ghost_stats.mean]))
   safe_count = jnp.maximum(count_total, 1)
   mean = sum_total / safe_count
