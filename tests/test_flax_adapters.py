@@ -94,12 +94,12 @@ def _check_linen_model_pair(x, mask=None, steps=2, **model_kwargs):
   _assert_trees_close(jaxbn_vars, flax_vars, rtol=0, atol=0)
 
   variables = flax_vars
+  flax_step = jax.jit(functools.partial(_linen_train_step, flax_model))
+  jaxbn_step = jax.jit(functools.partial(_linen_train_step, jaxbn_model))
   for step in range(steps):
     batch = x * (1 + 0.1 * step)
-    expected = jax.jit(functools.partial(_linen_train_step, flax_model))(
-        variables, batch, mask)
-    actual = jax.jit(functools.partial(_linen_train_step, jaxbn_model))(
-        variables, batch, mask)
+    expected = flax_step(variables, batch, mask)
+    actual = jaxbn_step(variables, batch, mask)
     _assert_trees_close(actual, expected, rtol=2e-5, atol=2e-5)
     variables = {**variables, "batch_stats": expected[2]}
 
