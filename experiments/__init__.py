@@ -1,0 +1,1 @@
+"""Scripts that regenerate every number and figure in docs/results.md."""

@@ -1,0 +1,130 @@
+"""Shared helpers for the experiment scripts: flags, seeds, JSON and plots.
+
+Every experiment is `python -m experiments.NAME --workdir DIR [--quick]` and
+writes `DIR/NAME.json` (its numbers, the exact command and the environment)
+and `DIR/NAME*.png`; `python -m experiments.report` turns the JSON files into
+docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# TensorFlow (tfds) must not take accelerators or spam logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.Namespace:
+  """`--workdir`, `--quick`, `--seeds` (and experiment-specific flags via `extra`)."""
+  parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
+                                   description=description)
+  parser.add_argument("--workdir", required=True,
+                      help="directory for the JSON results and PNG plots")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny smoke-test version (1 seed, few steps)")
+  parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help=f"random seeds (default {list(DEFAULT_SEEDS)}, --quick: [0])")
+  if extra is not None:
+    extra(parser)
+  args = parser.parse_args(argv)
+  if args.seeds is None:
+    args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
+  os.makedirs(args.workdir, exist_ok=True)
+  args.name = name
+  args.command = "python -m experiments.{} {}".format(
+      name, shlex.join(sys.argv[1:] if argv is None else list(argv)))
+  args.start_time = time.time()
+  return args
+
+
+def _git_commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def _to_builtin(value):
+  if isinstance(value, dict):
+    return {str(k): _to_builtin(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_builtin(v) for v in value]
+  if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+    return _to_builtin(np.asarray(value).tolist())
+  if isinstance(value, (np.floating, float)):
+    value = float(value)
+    return value if np.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def write_json(args: argparse.Namespace, results: dict, suffix: str = "") -> str:
+  """Writes `results` with provenance to `workdir/NAME[suffix].json`; returns the path."""
+  import jax  # Imported late so that scripts can set JAX flags first.
+  record = {
+      "experiment": args.name,
+      "command": args.command,
+      "quick": args.quick,
+      "seeds": list(args.seeds),
+      "git_commit": _git_commit(),
+      "jax_version": jax.__version__,
+      "platform": f"{platform.platform()}, {os.cpu_count()} CPUs, {jax.default_backend()}",
+      "wall_time_s": round(time.time() - args.start_time, 1),
+      "results": _to_builtin(results),
+  }
+  path = os.path.join(args.workdir, f"{args.name}{suffix}.json")
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  print(f"wrote {path} ({record['wall_time_s']} s)")
+  return path
+
+
+def figure(nrows: int = 1, ncols: int = 1, *, width: float = 5.0, height: float = 3.6):
+  """A matplotlib figure on the non-interactive Agg backend."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+                           squeeze=False)
+  return fig, axes
+
+
+def save_figure(args: argparse.Namespace, fig, suffix: str = "") -> str:
+  import matplotlib.pyplot as plt
+  path = os.path.join(args.workdir, f"{args.name}{suffix}.png")
+  fig.suptitle(f"{fig._suptitle.get_text() if fig._suptitle else ''}\n{args.command}",
+               fontsize=7, y=0.995)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  print(f"wrote {path}")
+  return path
+
+
+def mean_std(values) -> dict:
+  """`{"mean", "std", "min", "max", "n"}` over seeds (std with ddof=1; 0 for n=1)."""
+  values = np.asarray(values, dtype=np.float64)
+  finite = values[np.isfinite(values)]
+  return {
+      "mean": float(finite.mean()) if finite.size else None,
+      "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+      "min": float(finite.min()) if finite.size else None,
+      "max": float(finite.max()) if finite.size else None,
+      "n": int(values.size),
+      "n_finite": int(finite.size),
+  }

@@ -1,0 +1,242 @@
+"""MNIST training for the experiments: many runs at once, evaluated mid-training.
+
+Built from the public pieces of `training` (the models and the tfds input
+pipeline). `training.train_lib.train_and_evaluate` trains one run and evaluates
+once per epoch; the experiments need several seeds (and learning rates) per
+configuration and evaluations every fraction of an epoch, so this module
+trains a group of *instances* -- one per (seed, learning rate) -- as one
+`jax.vmap`-ed, `lax.scan`-ned program. Each instance has its own
+initialization (from its seed), its own data order
+(`input_pipeline.epoch_permutation(seed, epoch)`, as train_lib) and its own
+learning rate; the loss is train_lib's mean softmax cross-entropy.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from training import input_pipeline
+from training import models
+
+TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT = "train[:50000]", "train[50000:]", "test"
+
+
+class Data(NamedTuple):
+  """Splits in memory: uint8 images `(n, 28, 28, 1)`, int32 labels `(n,)`."""
+  train: input_pipeline.Split
+  validation: input_pipeline.Split
+  test: input_pipeline.Split
+
+
+def load_mnist(*, quick: bool = False, train_examples: int = 0) -> Data:
+  """The seed's split: 50,000 training and 10,000 validation examples, plus test.
+
+  Args:
+    quick: keep 2,048 / 512 / 512 examples (smoke tests).
+    train_examples: if > 0, use only the first `train_examples` training
+      examples.
+  """
+  arrays, _ = input_pipeline.load_dataset("mnist", [TRAIN_SPLIT, VALIDATION_SPLIT,
+                                                    TEST_SPLIT])
+  train, validation, test = (arrays[s] for s in (TRAIN_SPLIT, VALIDATION_SPLIT,
+                                                 TEST_SPLIT))
+  if quick:
+    train, validation, test = (input_pipeline.take(train, 2048),
+                               input_pipeline.take(validation, 512),
+                               input_pipeline.take(test, 512))
+  if train_examples:
+    train = input_pipeline.take(train, train_examples)
+  return Data(train, validation, test)
+
+
+def direction(optimizer: str) -> optax.GradientTransformation:
+  """The learning-rate-free part of an optimizer (the step is `-lr * direction`).
+
+  'sgd': the gradient; 'momentum': heavy-ball momentum 0.9 (Keras/optax
+  SGD(momentum=0.9)); 'adam': Adam with optax / Keras defaults.
+  """
+  if optimizer == "sgd":
+    return optax.identity()
+  if optimizer == "momentum":
+    return optax.trace(decay=0.9)
+  if optimizer == "adam":
+    return optax.scale_by_adam()
+  raise ValueError(f"optimizer must be 'sgd', 'momentum' or 'adam', got {optimizer!r}.")
+
+
+class Carry(NamedTuple):
+  """Stacked training state of all instances (leading axis = instance)."""
+  params: dict
+  state: dict
+  opt_state: optax.OptState
+  loss: jax.Array  # last training loss of each instance
+  finite: jax.Array  # False once an instance's loss was non-finite
+
+
+def _to_float(images: jax.Array) -> jax.Array:
+  return images.astype(jnp.float32) * (1.0 / 255.0)
+
+
+class Trainer:
+  """Trains `len(seeds)` instances of `model` with `optimizer` at `learning_rates`.
+
+  Args:
+    model: a `training.models.Model`.
+    optimizer: 'sgd', 'momentum' or 'adam'.
+    train: the training split (kept on device as uint8).
+    batch_size: examples per step and instance.
+  """
+
+  def __init__(self, model: models.Model, optimizer: str,
+               train: input_pipeline.Split, batch_size: int):
+    self.model = model
+    self.tx = direction(optimizer)
+    self.batch_size = batch_size
+    self.train_images = jnp.asarray(train.images)
+    self.train_labels = jnp.asarray(train.labels)
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(len(train.labels), batch_size)
+    self._run_steps = jax.jit(self._run_steps_impl, donate_argnums=(0,))
+    self._predict = {
+        training: jax.jit(jax.vmap(functools.partial(self._predict_impl,
+                                                     training=training),
+                                   in_axes=(0, 0, None)))
+        for training in (False, True)}
+
+  def init(self, seeds) -> Carry:
+    """Initial parameters from `jax.random.key(seed)` for each instance."""
+    params, state = jax.vmap(self.model.init)(
+        jnp.stack([jax.random.key(int(s)) for s in seeds]))
+    opt_state = jax.vmap(self.tx.init)(params)
+    n = len(seeds)
+    return Carry(params, state, opt_state, jnp.zeros(n), jnp.ones(n, bool))
+
+  def _loss(self, params, state, images, labels):
+    logits, new_state = self.model.apply(params, state, images, True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, new_state
+
+  def _instance_step(self, params, state, opt_state, finite, learning_rate, indices):
+    images = _to_float(self.train_images[indices])
+    labels = self.train_labels[indices]
+    (loss, new_state), grads = jax.value_and_grad(self._loss, has_aux=True)(
+        params, state, images, labels)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
+    return params, new_state, opt_state, loss, finite & jnp.isfinite(loss)
+
+  def _run_steps_impl(self, carry: Carry, learning_rates, indices) -> Carry:
+    step = jax.vmap(self._instance_step)
+
+    def body(carry, step_indices):
+      params, state, opt_state, loss, finite = step(
+          carry.params, carry.state, carry.opt_state, carry.finite, learning_rates,
+          step_indices)
+      return Carry(params, state, opt_state, loss, finite), None
+
+    carry, _ = jax.lax.scan(body, carry, indices)
+    return carry
+
+  def batch_indices(self, seeds, epoch: int, start: int, stop: int) -> np.ndarray:
+    """Example indices `(stop - start, num_instances, batch)` of steps [start, stop)."""
+    num_examples = len(self.train_labels)
+    orders = {s: input_pipeline.epoch_permutation(num_examples, seed=int(s), epoch=epoch)
+              for s in set(int(s) for s in seeds)}
+    b = self.batch_size
+    return np.stack([
+        np.stack([orders[int(s)][step * b:(step + 1) * b] for s in seeds])
+        for step in range(start, stop)]).astype(np.int32)
+
+  def train(self, carry: Carry, seeds, learning_rates, *, epoch: int, start: int,
+            stop: int) -> Carry:
+    """Runs steps [start, stop) of `epoch` for every instance."""
+    if stop <= start:
+      return carry
+    indices = self.batch_indices(seeds, epoch, start, stop)
+    return self._run_steps(carry, jnp.asarray(learning_rates, jnp.float32),
+                           jnp.asarray(indices))
+
+  def _predict_impl(self, params, state, images, *, training):
+    logits, _ = self.model.apply(params, state, _to_float(images), training)
+    return logits
+
+  def accuracy(self, carry: Carry, split: input_pipeline.Split, *, batch_size: int = 1000,
+               training: bool = False, state=None) -> np.ndarray:
+    """Accuracy `(num_instances,)` on `split`.
+
+    Args:
+      carry: trained instances.
+      split: examples to classify; `len(split)` must be a multiple of
+        `batch_size`.
+      batch_size: examples per forward pass.
+      training: False uses the running statistics (inference); True normalizes
+        each evaluation batch with its own statistics.
+      state: BN state to use instead of `carry.state`.
+    """
+    state = carry.state if state is None else state
+    n = len(split.labels)
+    batch_size = min(batch_size, n)
+    if n % batch_size:
+      raise ValueError(f"batch_size={batch_size} must divide the {n} examples.")
+    correct = 0
+    for start in range(0, n, batch_size):
+      images = jnp.asarray(split.images[start:start + batch_size])
+      logits = self._predict[training](carry.params, state, images)
+      correct = correct + np.sum(
+          np.asarray(jnp.argmax(logits, -1)) == split.labels[start:start + batch_size], -1)
+    accuracy = correct / n
+    # A diverged instance has NaN logits; argmax would still "classify".
+    return np.where(np.asarray(carry.finite), accuracy, np.nan)
+
+
+def train_with_evaluations(trainer: Trainer, seeds, learning_rates, *, num_steps: int,
+                           eval_every: int, evaluate: Callable[[Carry], dict],
+                           log: Callable[[str], None] = print,
+                           eval_at_start: bool = True):
+  """Trains for `num_steps` steps, calling `evaluate(carry)` every `eval_every` steps.
+
+  Returns:
+    `(carry, history)`: history is a list of `{"step", "epoch", **evaluate(carry)}`
+    including the last step (and step 0 if `eval_at_start`).
+  """
+  history = []
+
+  def record(carry, step):
+    entry = {"step": step, "epoch": step / trainer.steps_per_epoch,
+             "train_loss": np.asarray(carry.loss), **evaluate(carry)}
+    history.append(entry)
+    log(f"step {step} epoch {entry['epoch']:.2f} " + " ".join(
+        f"{k}={np.round(np.asarray(v, float), 4).tolist()}" for k, v in entry.items()
+        if k not in ("step", "epoch")))
+
+  carry = trainer.init(seeds)
+  if eval_at_start:
+    record(carry, 0)
+  step = 0
+  while step < num_steps:
+    stop = min(num_steps, (step // eval_every + 1) * eval_every)
+    epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
+    # Never cross an epoch boundary inside one call: each epoch has its order.
+    stop = min(stop, (epoch + 1) * trainer.steps_per_epoch)
+    carry = trainer.train(carry, seeds, learning_rates, epoch=epoch, start=in_epoch,
+                          stop=in_epoch + stop - step)
+    step = stop
+    if step % eval_every == 0 or step == num_steps:
+      record(carry, step)
+  return carry, history
+
+
+def first_reaching(history, key: str, threshold: float):
+  """Per instance, the first `(step, epoch)` whose `key` >= threshold (None if never)."""
+  values = np.stack([np.asarray(h[key], float) for h in history])  # (evals, instances)
+  out = []
+  for i in range(values.shape[1]):
+    hits = np.nonzero(np.nan_to_num(values[:, i], nan=-1.0) >= threshold)[0]
+    out.append(None if not hits.size else
+               {"step": history[hits[0]]["step"], "epoch": history[hits[0]]["epoch"]})
+  return out

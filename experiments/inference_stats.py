@@ -1,0 +1,176 @@
+"""Inference with running statistics vs batch statistics (seeds 000/002).
+
+The seeds say that at test time, where there may be a single example, BN uses
+the exponential moving averages of the training batches' means and variances,
+and that this is robust. This trains the seed CNN with BN (Adam 1e-3, batch 32)
+while tracking, in the same run, the running statistics for several momenta
+(weight of the old value: 0.9, 0.99 = Keras/flax, 0.999) with the biased
+(Keras/flax) and the unbiased n/(n-1) (PyTorch, BN paper) running variance --
+training itself always normalizes with batch statistics, so all variants share
+one training trajectory. It then reports test accuracy
+
+* with running statistics, for inference batch sizes 1..1000 (they must not
+  matter: each example is normalized independently);
+* with the statistics of each test batch itself, for batch sizes 2..N (batch
+  size 1 is undefined: the dense layer's BN would have one value per feature).
+
+  python -m experiments.inference_stats --workdir runs/experiments --steps 1563
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+import jaxbn
+from experiments import _common
+from experiments import _mnist
+from training import input_pipeline
+from training import models
+
+NAME = "inference_stats"
+MOMENTA = (0.9, 0.99, 0.999)
+VARIANTS = tuple((m, unbiased) for m in MOMENTA for unbiased in (False, True))
+RUNNING_BATCH_SIZES = (1, 10, 100, 1000)
+BATCH_STAT_SIZES = (1, 2, 4, 8, 16, 50, 100, 1000)
+
+
+def _variant_name(momentum, unbiased) -> str:
+  return f"momentum={momentum}, {'unbiased' if unbiased else 'biased'} var"
+
+
+def multi_stat_batch_norm(name: str) -> models.Layer:
+  """A BN layer whose training state is one `BatchNormState` per variant.
+
+  Training normalizes with batch statistics (the same for every variant) and
+  updates every variant's running statistics; given a single
+  `BatchNormState` it behaves like `models.batch_norm`, so a trained model is
+  evaluated with one variant's statistics by passing that variant's states.
+  """
+  def init(key, input_shape):
+    del key
+    params, state = jaxbn.init(input_shape[-1])
+    return params, tuple(state for _ in VARIANTS), input_shape
+
+  def apply(params, state, x, context):
+    if isinstance(state, jaxbn.BatchNormState):
+      return jaxbn.batch_norm(params, state, x, training=context.training,
+                              epsilon=models.KERAS_BN_EPSILON)
+    y = None
+    new_states = []
+    for (momentum, unbiased), variant_state in zip(VARIANTS, state):
+      out, new_state = jaxbn.batch_norm(
+          params, variant_state, x, training=True, momentum=momentum,
+          epsilon=models.KERAS_BN_EPSILON, unbiased_running_var=unbiased)
+      y = out if y is None else y  # identical outputs; the rest is dead code
+      new_states.append(new_state)
+    return y, tuple(new_states)
+
+  return models.Layer(name, "BatchNorm", init, apply)
+
+
+def _flags(parser):
+  parser.add_argument("--steps", type=int, default=1563,
+                      help="training steps (1563 = one epoch of 50,000 at batch 32)")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--test_examples", type=int, default=10000,
+                      help="first N test images used for every evaluation")
+
+
+def run(args) -> dict:
+  data = _mnist.load_mnist(quick=args.quick)
+  if args.quick:
+    args.steps, args.test_examples = 10, 400
+  test = input_pipeline.take(data.test, args.test_examples)
+  model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm)
+  trainer = _mnist.Trainer(model, "adam", data.train, args.batch_size)
+  start = time.time()
+  carry, _ = _mnist.train_with_evaluations(
+      trainer, args.seeds, [1e-3] * len(args.seeds), num_steps=args.steps,
+      eval_every=args.steps, evaluate=lambda c: {}, eval_at_start=False)
+  train_time = time.time() - start
+
+  def variant_state(k):
+    return {name: states[k] for name, states in carry.state.items()}
+
+  variants = {}
+  for k, (momentum, unbiased) in enumerate(VARIANTS):
+    state = variant_state(k)
+    accuracy = trainer.accuracy(carry, test, state=state, batch_size=1000)
+    variants[_variant_name(momentum, unbiased)] = {
+        "momentum": momentum, "unbiased_running_var": unbiased,
+        "test_accuracy": accuracy, "summary": _common.mean_std(accuracy),
+        "weight_of_initial_state": momentum ** args.steps,
+    }
+    print(_variant_name(momentum, unbiased), accuracy, flush=True)
+
+  # Running statistics: the inference batch size must not matter (default variant).
+  default = variant_state(VARIANTS.index((0.99, False)))
+  small = input_pipeline.take(test, min(len(test.labels), 1000))
+  running_by_batch = {}
+  for size in RUNNING_BATCH_SIZES:
+    accuracy = trainer.accuracy(carry, small, state=default, batch_size=size)
+    running_by_batch[str(size)] = _common.mean_std(accuracy)
+    print("running stats, batch", size, accuracy, flush=True)
+
+  batch_stats = {}
+  for size in BATCH_STAT_SIZES:
+    eval_set = small if size < 50 else test
+    try:
+      accuracy = trainer.accuracy(carry, eval_set, state=default, batch_size=size,
+                                  training=True)
+      batch_stats[str(size)] = {**_common.mean_std(accuracy),
+                                "examples": len(eval_set.labels)}
+    except ValueError as error:  # batch size 1: one value per feature in bn3
+      batch_stats[str(size)] = {"error": str(error).split(". ")[0]}
+    print("batch stats, batch", size, batch_stats[str(size)], flush=True)
+
+  return {"steps": args.steps, "batch_size": args.batch_size, "optimizer": "adam 1e-3",
+          "train_time_s": train_time, "test_examples": len(test.labels),
+          "small_test_examples": len(small.labels), "variants": variants,
+          "running_stats_by_batch_size": running_by_batch,
+          "batch_stats_by_batch_size": batch_stats}
+
+
+def plot(args, results) -> None:
+  fig, axes = _common.figure(1, 2, width=4.8)
+  ax = axes[0, 0]
+  sizes = [int(s) for s, v in results["batch_stats_by_batch_size"].items() if "mean" in v]
+  means = [100 * results["batch_stats_by_batch_size"][str(s)]["mean"] for s in sizes]
+  stds = [100 * results["batch_stats_by_batch_size"][str(s)]["std"] for s in sizes]
+  ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label="batch statistics")
+  run_sizes = [int(s) for s in results["running_stats_by_batch_size"]]
+  ax.errorbar(run_sizes,
+              [100 * v["mean"] for v in results["running_stats_by_batch_size"].values()],
+              yerr=[100 * v["std"] for v in results["running_stats_by_batch_size"].values()],
+              marker="s", capsize=3, label="running statistics (momentum 0.99)")
+  ax.set_xscale("log")
+  ax.set_xlabel("inference batch size")
+  ax.set_ylabel("test accuracy (%)")
+  ax.legend(fontsize=7)
+  ax.set_title("running vs batch statistics", fontsize=9)
+  ax = axes[0, 1]
+  names = list(results["variants"])
+  ax.bar(range(len(names)), [100 * results["variants"][n]["summary"]["mean"] for n in names],
+         yerr=[100 * results["variants"][n]["summary"]["std"] for n in names],
+         color=["tab:blue" if not results["variants"][n]["unbiased_running_var"]
+                else "tab:orange" for n in names])
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=6)
+  ax.set_ylabel("test accuracy (%), running statistics")
+  ax.set_title(f"running-statistics variants after {results['steps']} steps", fontsize=9)
+  fig.suptitle(f"Seed CNN with BN, Adam 1e-3, batch {results['batch_size']}, "
+               f"mean +- std over {len(args.seeds)} seeds")
+  _common.save_figure(args, fig)
+
+
+def main(argv=None):
+  args = _common.parse_args(NAME, __doc__, argv, extra=_flags)
+  results = run(args)
+  _common.write_json(args, results)
+  plot(args, results)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,110 @@
+"""Seeds 000/002: BN makes training less sensitive to the learning rate.
+
+Sweeps the learning rate over 9 values from 1e-4 to 1 (4 orders of magnitude)
+for SGD and Adam, with and without BN, and reports validation accuracy after a
+fixed budget of `--steps` steps of batch `--batch_size`, for several seeds.
+All learning rates and seeds of one (optimizer, BN) pair train as one vmapped
+program (same data order per seed across learning rates).
+
+  python -m experiments.lr_sweep --workdir runs/experiments --steps 300
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from experiments import _common
+from experiments import _mnist
+from training import models
+
+NAME = "lr_sweep"
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+OPTIMIZERS = ("sgd", "adam")
+GOOD_ACCURACY = 0.95  # "works" threshold for counting usable learning rates
+
+
+def _flags(parser):
+  parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn",
+                      help="the seed CNN or the BN paper's sigmoid MLP")
+  parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--learning_rates", type=float, nargs="+",
+                      default=list(LEARNING_RATES))
+
+
+def run(args) -> dict:
+  data = _mnist.load_mnist(quick=args.quick)
+  if args.quick:
+    args.steps, args.learning_rates = 8, [1e-3, 1.0]
+  learning_rates = list(args.learning_rates)
+  instances = [(lr, seed) for lr in learning_rates for seed in args.seeds]
+  cells = {}
+  results = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+             "learning_rates": learning_rates, "good_accuracy": GOOD_ACCURACY,
+             "validation_examples": len(data.validation.labels), "cells": cells}
+  for optimizer in OPTIMIZERS:
+    for use_bn in (True, False):
+      label = f"{optimizer}_{'bn' if use_bn else 'nobn'}"
+      model = models.create_model(args.model, input_shape=(28, 28, 1), num_classes=10,
+                                  use_bn=use_bn)
+      trainer = _mnist.Trainer(model, optimizer, data.train, args.batch_size)
+      start = time.time()
+      _, history = _mnist.train_with_evaluations(
+          trainer, [s for _, s in instances], [lr for lr, _ in instances],
+          num_steps=args.steps, eval_every=args.steps,
+          evaluate=lambda c, t=trainer: {"validation_accuracy":
+                                         t.accuracy(c, data.validation)},
+          log=lambda msg, label=label: print(label, msg, flush=True), eval_at_start=False)
+      final = np.asarray(history[-1]["validation_accuracy"], float).reshape(
+          len(learning_rates), len(args.seeds))
+      # A diverged run (non-finite loss) counts as chance level for the summary.
+      final_or_chance = np.where(np.isfinite(final), final, 0.1)
+      mean_acc = final_or_chance.mean(1)
+      cells[label] = {
+          "optimizer": optimizer, "use_bn": use_bn,
+          "wall_time_s": time.time() - start,
+          "final_validation_accuracy": final,
+          "diverged_seeds": (~np.isfinite(final)).sum(1),
+          "mean": mean_acc, "std": final_or_chance.std(1, ddof=1)
+          if len(args.seeds) > 1 else np.zeros(len(learning_rates)),
+          "best_learning_rate": learning_rates[int(np.argmax(mean_acc))],
+          "best_accuracy": float(mean_acc.max()),
+          "learning_rates_reaching_good_accuracy": [
+              lr for lr, acc in zip(learning_rates, mean_acc) if acc >= GOOD_ACCURACY],
+      }
+      _common.write_json(args, results)  # partial results survive an interruption
+  return results
+
+
+def plot(args, results) -> None:
+  fig, axes = _common.figure(1, len(OPTIMIZERS), width=4.6)
+  lrs = results["learning_rates"]
+  for ax, optimizer in zip(axes[0], OPTIMIZERS):
+    for use_bn, color in ((True, "tab:blue"), (False, "tab:red")):
+      cell = results["cells"][f"{optimizer}_{'bn' if use_bn else 'nobn'}"]
+      mean, std = 100 * np.asarray(cell["mean"]), 100 * np.asarray(cell["std"])
+      ax.errorbar(lrs, mean, yerr=std, color=color, marker="o", capsize=3,
+                  label="BN" if use_bn else "no BN")
+    ax.axhline(100 * results["good_accuracy"], color="gray", lw=0.5, ls=":")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"validation accuracy (%) after {results['steps']} steps")
+    ax.set_title(optimizer, fontsize=9)
+    ax.legend(fontsize=7)
+  fig.suptitle(f"Learning-rate sweep, {results['model']}, batch {results['batch_size']}, "
+               f"mean +- std over {len(args.seeds)} seeds (diverged = 10%)")
+  _common.save_figure(args, fig)
+
+
+def main(argv=None):
+  args = _common.parse_args(NAME, __doc__, argv, extra=_flags)
+  results = run(args)
+  _common.write_json(args, results)
+  plot(args, results)
+
+
+if __name__ == "__main__":
+  main()
