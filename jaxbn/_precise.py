@@ -31,7 +31,7 @@ def _is_state(node) -> bool:
 
 def _state_paths(state) -> list[str]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_state)
-  return [jax.tree_util.keystr(path) for path, leaf in leaves if _is_state(leaf)]
+  return ["state" + jax.tree_util.keystr(path) for path, leaf in leaves if _is_state(leaf)]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -51,8 +51,8 @@ def _accumulate(apply_fn, params, probes, batch, pooled):
   for path, old, new in zip(paths, old_leaves, new_leaves):
     if not isinstance(new, _batch_norm._BatchStatisticsProbe):
       raise ValueError(
-          f"The batch-norm state at {path} that apply_fn returned is not the one "
-          "jaxbn returned to it: pass each layer's new state from jaxbn "
+          f"The BatchNormState apply_fn returned at {path} is not the one jaxbn "
+          "returned to it: pass each layer's new state from jaxbn "
           "(batch_norm, batch_renorm, ghost_batch_norm) through unchanged, or "
           "rebuild it with state._replace(...), not BatchNormState(...).")
     updates.append(new.count - old.count)
@@ -146,7 +146,7 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
   for path, layer_runs in zip(paths, runs.T):
     if np.any(layer_runs != 1):
       raise ValueError(
-          f"The batch-norm layer at {path} ran {sorted(set(layer_runs.tolist()))} "
+          f"The batch-norm layer of {path} ran {sorted(set(layer_runs.tolist()))} "
           "times in training mode per batch; recompute_stats needs apply_fn to run "
           "every layer of the state exactly once with training=True.")
   recomputed = []
