@@ -50,12 +50,17 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
 
 
 def _git_commit() -> str | None:
+  """HEAD when the results were written, with '+dirty' if experiments/ had edits."""
+  here = os.path.dirname(os.path.abspath(__file__))
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=True, cwd=here).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", here],
+                           capture_output=True, text=True, check=True,
+                           cwd=here).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return None
+  return commit + ("+dirty" if dirty else "")
 
 
 def _to_builtin(value):

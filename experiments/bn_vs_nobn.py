@@ -64,7 +64,8 @@ def run(args) -> dict:
           trainer, args.seeds, learning_rates, num_steps=num_steps, eval_every=eval_every,
           evaluate=lambda c, t=trainer: {"validation_accuracy":
                                          t.accuracy(c, data.validation)},
-          log=lambda msg, label=label: print(label, msg, flush=True), eval_at_start=False)
+          log=lambda msg, label=label: print(label, msg, flush=True),
+          eval_at_start=False)
       reach = {str(t): _mnist.first_reaching(history, "validation_accuracy", t)
                for t in THRESHOLDS}
       runs[label] = {

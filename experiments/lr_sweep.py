@@ -17,6 +17,7 @@ import numpy as np
 
 from experiments import _common
 from experiments import _mnist
+from training import input_pipeline
 from training import models
 
 NAME = "lr_sweep"
@@ -32,19 +33,24 @@ def _flags(parser):
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--learning_rates", type=float, nargs="+",
                       default=list(LEARNING_RATES))
+  parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
+                      choices=list(OPTIMIZERS))
+  parser.add_argument("--validation_examples", type=int, default=10000,
+                      help="first N validation images used for the final accuracy")
 
 
 def run(args) -> dict:
   data = _mnist.load_mnist(quick=args.quick)
   if args.quick:
-    args.steps, args.learning_rates = 8, [1e-3, 1.0]
+    args.steps, args.learning_rates, args.validation_examples = 8, [1e-3, 1.0], 256
+  validation = input_pipeline.take(data.validation, args.validation_examples)
   learning_rates = list(args.learning_rates)
   instances = [(lr, seed) for lr in learning_rates for seed in args.seeds]
   cells = {}
   results = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
              "learning_rates": learning_rates, "good_accuracy": GOOD_ACCURACY,
-             "validation_examples": len(data.validation.labels), "cells": cells}
-  for optimizer in OPTIMIZERS:
+             "validation_examples": len(validation.labels), "cells": cells}
+  for optimizer in args.optimizers:
     for use_bn in (True, False):
       label = f"{optimizer}_{'bn' if use_bn else 'nobn'}"
       model = models.create_model(args.model, input_shape=(28, 28, 1), num_classes=10,
@@ -55,8 +61,9 @@ def run(args) -> dict:
           trainer, [s for _, s in instances], [lr for lr, _ in instances],
           num_steps=args.steps, eval_every=args.steps,
           evaluate=lambda c, t=trainer: {"validation_accuracy":
-                                         t.accuracy(c, data.validation)},
-          log=lambda msg, label=label: print(label, msg, flush=True), eval_at_start=False)
+                                         t.accuracy(c, validation)},
+          log=lambda msg, label=label: print(label, msg, flush=True),
+          eval_at_start=False)
       final = np.asarray(history[-1]["validation_accuracy"], float).reshape(
           len(learning_rates), len(args.seeds))
       # A diverged run (non-finite loss) counts as chance level for the summary.
@@ -79,9 +86,10 @@ def run(args) -> dict:
 
 
 def plot(args, results) -> None:
-  fig, axes = _common.figure(1, len(OPTIMIZERS), width=4.6)
+  optimizers = [o for o in OPTIMIZERS if f"{o}_bn" in results["cells"]]
+  fig, axes = _common.figure(1, len(optimizers), width=4.6)
   lrs = results["learning_rates"]
-  for ax, optimizer in zip(axes[0], OPTIMIZERS):
+  for ax, optimizer in zip(axes[0], optimizers):
     for use_bn, color in ((True, "tab:blue"), (False, "tab:red")):
       cell = results["cells"][f"{optimizer}_{'bn' if use_bn else 'nobn'}"]
       mean, std = 100 * np.asarray(cell["mean"]), 100 * np.asarray(cell["std"])
