@@ -61,9 +61,10 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
   unit-variance outputs each ghost batch produced in training.
 
   With `axis_name`, the normalization statistics stay per ghost batch and only
-  this update is pooled over the replicas (one psum of feature-sized sums), so
-  every replica keeps the same state, equal to the single-device result on the
-  global batch. Without it each replica updates from its own examples.
+  this update is pooled over the replicas (two psums of feature-sized vectors,
+  see `_pool_ghost_statistics`), so every replica keeps the same state, equal to
+  the single-device result on the global batch. Without it each replica updates
+  from its own examples (`jaxbn.sync_stats` merges them later).
 
   Args:
     params: `BatchNormParams(scale, bias)` of shape `feature_shape`, or None.
@@ -97,33 +98,18 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
     NameError: `axis_name` is not bound by an enclosing vmap / shard_map.
   """
   virtual_batch_size = _check_virtual_batch_size(virtual_batch_size)
-  x = jnp.asarray(x)
-  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
+  training = _validation.check_training(training)
+  call = _batch_norm.parse_call(
+      params, state, x, axis=axis, momentum=momentum, epsilon=epsilon,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
+  x, feature_axes = call.x, call.feature_axes
   (batch_axis,) = _validation.canonicalize_axes(batch_axis, x.ndim, name="batch_axis")
   if batch_axis in feature_axes:
     raise ValueError(
         f"batch_axis={batch_axis} is also a feature axis (axis={axis!r}); the "
         "batch axis must be one of the reduced axes.")
-  if not _validation.check_training(training):
-    return _batch_norm.batch_norm(
-        params, state, x, training=False, axis=axis, momentum=momentum,
-        epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        mask=mask, unbiased_running_var=unbiased_running_var)
-  _validation.check_floating(x)
-  epsilon = _validation.check_epsilon(epsilon)
-  momentum = _validation.check_momentum(momentum)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  if params is not None:
-    _validation.check_feature_shape(params, feature_shape, tree_name="params",
-                                    field_names=("scale", "bias"), x_shape=x.shape,
-                                    feature_axes=feature_axes)
-  _validation.check_feature_shape(state, feature_shape, tree_name="state",
-                                  field_names=("mean", "var"), x_shape=x.shape,
-                                  feature_axes=feature_axes)
-  names = _validation.normalize_axis_name(axis_name)
-  groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
-  if mask is not None:
-    mask = _validation.broadcast_mask(mask, x.shape)
+  if not training:
+    return _batch_norm._normalize_with_running_stats(call, state), state
   batch_size = x.shape[batch_axis]
   if batch_size % virtual_batch_size:
     raise ValueError(
@@ -131,7 +117,6 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
         f"{batch_size} (x.shape[{batch_axis}] of x with shape {x.shape}); "
         "under shard_map this is the per-replica batch.")
   num_ghosts = batch_size // virtual_batch_size
-  compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
   # Ghost layout: batch_axis becomes (num_ghosts, virtual_batch_size); the
   # ghost axis is treated as one more feature axis, the within-ghost axis is
@@ -153,29 +138,31 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
         x_ghost, ghost_feature_axes)
 
   static_count = None
-  if mask is None:
+  if call.mask is None:
     static_count = int(np.prod([ghost_shape[a] for a in ghost_reduction_axes]))
     if static_count < 2:
       raise ValueError(
           "training=True needs more than one value per feature in each ghost "
           f"batch; virtual_batch_size={virtual_batch_size} with x of shape "
           f"{x.shape} and feature axes {feature_axes} gives {static_count}.")
-  layout = _batch_norm._Layout(ghost_feature_axes, ghost_reduction_axes, epsilon,
+  # Statistics per ghost batch only: no axis_name in the normalization.
+  layout = _batch_norm._Layout(ghost_feature_axes, ghost_reduction_axes, call.epsilon,
                                None, None, static_count)
-  mask_ghost = None if mask is None else _ghost_mask(mask, x.ndim, batch_axis,
-                                                     num_ghosts, virtual_batch_size)
+  mask_ghost = None if call.mask is None else _ghost_mask(
+      call.mask, x.ndim, batch_axis, num_ghosts, virtual_batch_size)
   # Each ghost batch is shifted by the running mean, or on the first step by its
   # own mean (a local pass): the normalization never needs another device.
   ghost_shift = _batch_norm._training_shift(
-      state._replace(mean=per_ghost(state.mean)), x_ghost, momentum,
-      ghost_reduction_axes, mask_ghost, None, compute_dtype)
-  scale = None if params is None else per_ghost(params.scale)
-  bias = None if params is None else per_ghost(params.bias)
+      state._replace(mean=per_ghost(state.mean)), x_ghost, call.momentum,
+      ghost_reduction_axes, mask_ghost, None, call.compute_dtype)
+  scale = None if call.scale is None else per_ghost(call.scale)
+  bias = None if call.bias is None else per_ghost(call.bias)
   y_ghost, ghost_stats = _batch_norm._normalize_with_batch_stats(
       x_ghost, scale, bias, ghost_shift, mask_ghost, layout)
   ghost_stats = jax.tree.map(lax.stop_gradient, ghost_stats)
-  batch_stats = _pool_ghost_statistics(ghost_stats, ghost_position, names, groups)
-  new_state = _batch_norm._update_state(state, batch_stats, momentum,
+  batch_stats = _pool_ghost_statistics(ghost_stats, ghost_position, call.axis_name,
+                                       call.axis_index_groups)
+  new_state = _batch_norm._update_state(state, batch_stats, call.momentum,
                                         unbiased_running_var)
   return y_ghost.reshape(x.shape), new_state
 

@@ -131,48 +131,22 @@ def batch_renorm(params: _batch_norm.BatchNormParams | None,
         params, state, x, training=False, axis=axis, momentum=momentum,
         epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
         mask=mask, unbiased_running_var=unbiased_running_var)
-  x = jnp.asarray(x)
-  _validation.check_floating(x)
-  epsilon = _validation.check_epsilon(epsilon)
-  momentum = _validation.check_momentum(momentum)
-  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  if params is not None:
-    _validation.check_feature_shape(params, feature_shape, tree_name="params",
-                                    field_names=("scale", "bias"), x_shape=x.shape,
-                                    feature_axes=feature_axes)
-  _validation.check_feature_shape(state, feature_shape, tree_name="state",
-                                  field_names=("mean", "var"), x_shape=x.shape,
-                                  feature_axes=feature_axes)
-  names = _validation.normalize_axis_name(axis_name)
-  groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
-  if mask is not None:
-    mask = _validation.broadcast_mask(mask, x.shape)
-  compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  static_count = None
-  if mask is None:
-    local_count = int(np.prod([x.shape[a] for a in reduction_axes]))
-    static_count = local_count * _stats.replica_count(names, groups)
-    if static_count < 2:
-      raise ValueError(
-          "training=True needs more than one value per feature over the whole "
-          f"batch to compute a variance; x of shape {x.shape} with feature axes "
-          f"{feature_axes} has {static_count}. Use a larger batch or training=False.")
-  layout = _batch_norm._Layout(feature_axes, reduction_axes, epsilon, names, groups,
-                               static_count)
-  shift = _batch_norm._training_shift(state, x, momentum, reduction_axes, mask, names,
-                                      compute_dtype)
+  call = _batch_norm.parse_call(
+      params, state, x, axis=axis, momentum=momentum, epsilon=epsilon,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
+  layout = call.layout(_batch_norm.training_count(call))
+  compute_dtype = call.compute_dtype
+  shift = _batch_norm._training_shift(state, call.x, call.momentum, call.reduction_axes,
+                                      call.mask, call.axis_name, compute_dtype)
   corrections = _Corrections(
       running_mean=lax.stop_gradient(state.mean.astype(compute_dtype)),
       running_var=lax.stop_gradient(state.var.astype(compute_dtype)),
       r_max=_bound_value(r_max, state.count, "r_max", 1.0, compute_dtype),
       d_max=_bound_value(d_max, state.count, "d_max", 0.0, compute_dtype))
-  scale = None if params is None else params.scale
-  bias = None if params is None else params.bias
-  y, stats = _renormalize(x, scale, bias, shift, mask, corrections, layout)
+  y, stats = _renormalize(call.x, call.scale, call.bias, shift, call.mask, corrections,
+                          layout)
   stats = jax.tree.map(lax.stop_gradient, stats)
-  return y, _batch_norm._update_state(state, stats, momentum, unbiased_running_var)
+  return y, _batch_norm._update_state(state, stats, call.momentum, unbiased_running_var)
 
 
 class _Corrections(NamedTuple):
