@@ -198,8 +198,12 @@ def _renormalize_bwd(layout, residuals, cotangents):
       layout, core_residuals, cotangents)
   dscale = dbias = None
   if scale is not None:
-    dscale = (r * d_effective_scale + d * d_effective_bias).astype(scale.dtype)
-    dbias = d_effective_bias.astype(bias.dtype)
+    # Without axis_name under shard_map, r and d (hence the core's sums) are
+    # per-device; the replicated scale and bias need them summed over devices.
+    dscale = r * d_effective_scale + d * d_effective_bias
+    dscale = _stats.replicated_sum(dscale, dscale, scale, None).astype(scale.dtype)
+    dbias = _stats.replicated_sum(d_effective_bias, d_effective_bias, bias,
+                                  None).astype(bias.dtype)
   return dx, dscale, dbias, None, None, None
 
 

@@ -213,13 +213,20 @@ def test_vmap_axis_name_over_replicas_equals_global_batch():
 
 def test_shard_map_without_axis_name_updates_from_local_examples(mesh8):
   params, state, x = _setup((16, 3))
-  step = jax.jit(jax.shard_map(
-      lambda x: jaxbn.ghost_batch_norm(params, state, x, training=True,
-                                       virtual_batch_size=2, momentum=0.0)[1].mean[None],
-      mesh=mesh8, in_specs=P("data"), out_specs=P("data")))
-  means = step(jax.device_put(x, NamedSharding(mesh8, P("data"))))
+
+  def loss(params, x):
+    y, new_state = jaxbn.ghost_batch_norm(params, state, x, training=True,
+                                          virtual_batch_size=2, momentum=0.0)
+    return jnp.sum(y ** 3), new_state.mean[None]
+
+  step = jax.jit(jax.shard_map(jax.grad(loss, has_aux=True), mesh=mesh8,
+                               in_specs=(P(), P("data")), out_specs=(P(), P("data"))))
+  grads, means = step(params, jax.device_put(x, NamedSharding(mesh8, P("data"))))
   np.testing.assert_allclose(means, np.asarray(x).reshape(8, 2, 3).mean(1),
                              rtol=1e-5, atol=1e-6)
+  # Ghost batches never span devices: the gradient is the single-device one.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               grads, jax.grad(loss, has_aux=True)(params, x)[0])
 
 
 def test_bad_arguments_raise():

@@ -205,6 +205,32 @@ def test_shard_map_with_axis_name_equals_global_batch(mesh8):
   _assert_tree_close(got, want)
 
 
+def test_shard_map_without_axis_name_is_per_device_renorm(mesh8):
+  """Per-device statistics; replicated params get gradients summed over devices."""
+  params, state, x = _setup((32, 5))
+
+  def loss(params, x):
+    y, _ = jaxbn.batch_renorm(params, state, x, training=True, r_max=1.5, d_max=0.5)
+    return jnp.sum(y ** 3)
+
+  grads = jax.jit(jax.shard_map(jax.grad(loss), mesh=mesh8, in_specs=(P(), P("data")),
+                                out_specs=P()))(
+      params, jax.device_put(x, NamedSharding(mesh8, P("data"))))
+  per_device = [jax.grad(loss)(params, chunk) for chunk in jnp.split(x, 8)]
+  _assert_tree_close(grads, jax.tree.map(lambda *g: sum(g), *per_device), rtol=1e-4,
+                     atol=1e-3)
+
+
+def test_bfloat16_input_keeps_float32_statistics():
+  params, state, x = _setup()
+  y, new_state = jaxbn.batch_renorm(params, state, x.astype(jnp.bfloat16), training=True,
+                                    r_max=1.5, d_max=0.5, momentum=0.9, epsilon=EPSILON)
+  assert y.dtype == jnp.bfloat16 and new_state.var.dtype == jnp.float32
+  y_ref, _, _, new_mean, _ = _reference(params, state, x.astype(jnp.bfloat16), 1.5, 0.5)
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(new_state.mean, new_mean, rtol=1e-5, atol=1e-5)
+
+
 def test_jit_over_batch_sharded_array_equals_global_batch(mesh8):
   params, state, x = _setup((32, 5))
   cotangent = jnp.asarray(np.random.default_rng(6).normal(size=x.shape), jnp.float32)
