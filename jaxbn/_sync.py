@@ -74,9 +74,13 @@ def sync_stats(state, axis_name):
                                         names) / num_replicas
   counts = lax.pmax(jnp.stack([jnp.asarray(s.count) for s in states]), names)
   offsets = np.cumsum([0] + sizes)
-  synced = iter([
-      s._replace(mean=pooled_mean[start:stop].reshape(jnp.shape(s.mean)).astype(s.mean.dtype),
-                 var=pooled_var[start:stop].reshape(jnp.shape(s.var)).astype(s.var.dtype),
-                 count=counts[i].astype(jnp.asarray(s.count).dtype))
-      for i, (s, start, stop) in enumerate(zip(states, offsets[:-1], offsets[1:]))])
-  return treedef.unflatten([next(synced) if _is_state(leaf) else leaf for leaf in leaves])
+  synced = []
+  for i, s in enumerate(states):
+    layer = slice(offsets[i], offsets[i + 1])
+    synced.append(s._replace(
+        mean=pooled_mean[layer].reshape(jnp.shape(s.mean)).astype(s.mean.dtype),
+        var=pooled_var[layer].reshape(jnp.shape(s.var)).astype(s.var.dtype),
+        count=counts[i].astype(jnp.asarray(s.count).dtype)))
+  replacements = iter(synced)
+  return treedef.unflatten([next(replacements) if _is_state(leaf) else leaf
+                            for leaf in leaves])
