@@ -1,0 +1,1 @@
+"""Benchmark scripts; each prints markdown tables: `python -m benchmarks.NAME`."""

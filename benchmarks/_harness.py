@@ -1,0 +1,212 @@
+"""Shared benchmark utilities: interleaved timing, markdown tables, HLO counts.
+
+Timing protocol (every script): each case is a zero-argument callable that runs
+one step to completion (`jax.block_until_ready` for JAX, synchronous for
+PyTorch on CPU). All cases are warmed up (compilation excluded), then timed
+round-robin: repetition `r` runs every case once, starting at a rotating
+offset, so machine drift and neighbours' load spread over all of them. Tables
+report the median and the min-max over repetitions.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                  "all-to-all")
+
+
+class Timing(NamedTuple):
+  """Wall-clock seconds of the timed repetitions of one case."""
+  seconds: np.ndarray
+
+  @property
+  def median(self) -> float:
+    return float(np.median(self.seconds))
+
+  @property
+  def min(self) -> float:
+    return float(np.min(self.seconds))
+
+  @property
+  def max(self) -> float:
+    return float(np.max(self.seconds))
+
+  def ms(self) -> str:
+    """`median (min-max)` in milliseconds."""
+    return f"{fmt_ms(self.median)} ({fmt_ms(self.min)}-{fmt_ms(self.max)})"
+
+
+def fmt_ms(seconds: float) -> str:
+  ms = seconds * 1e3
+  if ms >= 100:
+    return f"{ms:.0f}"
+  if ms >= 10:
+    return f"{ms:.1f}"
+  return f"{ms:.2f}"
+
+
+def time_interleaved(cases: dict[str, Callable[[], Any]], *, repeats: int,
+                     warmup: int = 2) -> dict[str, Timing]:
+  """Times every case `repeats` times, round-robin over cases.
+
+  Args:
+    cases: name -> callable that runs one step synchronously.
+    repeats: timed repetitions per case.
+    warmup: untimed calls per case first (compilation, caches, allocator).
+
+  Returns:
+    name -> `Timing`, in the order of `cases`.
+  """
+  names = list(cases)
+  for name in names:
+    for _ in range(warmup):
+      cases[name]()
+  samples = {name: [] for name in names}
+  for rep in range(repeats):
+    offset = rep % len(names)
+    for name in names[offset:] + names[:offset]:
+      start = time.perf_counter()
+      cases[name]()
+      samples[name].append(time.perf_counter() - start)
+  return {name: Timing(np.asarray(samples[name])) for name in names}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub markdown table; right-aligns columns whose cells look numeric."""
+  def is_number(text):
+    return bool(re.fullmatch(r"[-+]?[\d.,]+(e[-+]?\d+)?[x%]?( \(.*\))?", text))
+  cells = [[str(c) for c in row] for row in rows]
+  align = []
+  for j in range(len(headers)):
+    column = [row[j] for row in cells if j < len(row)]
+    numeric = column and all(is_number(c) or c in ("-", "n/a") for c in column)
+    align.append("---:" if numeric else "---")
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+  lines += ["| " + " | ".join(row) + " |" for row in cells]
+  return "\n".join(lines)
+
+
+def command_line() -> str:
+  """The command that reproduces this run, as typed from the repository root."""
+  module = sys.modules["__main__"].__spec__
+  head = f"python -m {module.name}" if module is not None else f"python {sys.argv[0]}"
+  return " ".join([head] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def print_header(title: str) -> None:
+  """Prints the title, the reproducing command and the machine state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+  print(f"## {title}\n")
+  print(f"Command: `{command_line()}`\n")
+  print(f"Run at {datetime.datetime.now().isoformat(timespec='seconds')} on "
+        f"{platform.machine()} with {os.cpu_count()} CPUs (load average "
+        f"{load[0]:.1f} at start), jax {jax.__version__}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s).\n")
+
+
+def print_table(title: str, headers, rows, note: str | None = None) -> None:
+  """Prints one markdown table with the reproducing command above it."""
+  print(f"### {title}\n")
+  print(f"`{command_line()}`\n")
+  print(markdown_table(headers, rows))
+  if note:
+    print(f"\n{note}")
+  print(flush=True)
+
+
+class CollectiveCount(NamedTuple):
+  """Collective ops of one compiled program.
+
+  Attributes:
+    by_op: op name -> count, for every name in `COLLECTIVE_OPS`.
+    in_conditional: how many of them sit in a branch of a `conditional`
+      (they run only when that branch is taken).
+  """
+  by_op: dict[str, int]
+  in_conditional: int
+
+  @property
+  def total(self) -> int:
+    return sum(self.by_op.values())
+
+  def summary(self) -> str:
+    parts = [f"{n} {op}" for op, n in self.by_op.items() if n]
+    text = str(self.total) + (f" ({', '.join(parts)})" if parts else "")
+    if self.in_conditional:
+      text += f"; {self.in_conditional} in a lax.cond branch"
+    return text
+
+
+_COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVE_OPS) + r")(-start)?\(")
+
+
+def _computations(hlo_text: str) -> dict[str, str]:
+  """Computation name -> body text of an HLO module's text."""
+  bodies, name, lines = {}, None, []
+  for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+    if name is None and header:
+      name, lines = header.group(1), []
+    elif name is not None and line.startswith("}"):
+      bodies[name] = "\n".join(lines)
+      name = None
+    elif name is not None:
+      lines.append(line)
+  return bodies
+
+
+def count_collectives(hlo_text: str) -> CollectiveCount:
+  """Counts collective ops in compiled HLO text (`compile().as_text()`).
+
+  An async pair (`all-reduce-start` / `all-reduce-done`) counts once, through
+  its `-start` op. An op is matched as ` name(` after the result shape, which
+  instruction names (`%all-reduce.1`) and metadata never look like.
+  """
+  counts = collections.Counter(m.group(1) for m in _COLLECTIVE.finditer(hlo_text))
+  bodies = _computations(hlo_text)
+  branches = set()
+  for body in bodies.values():
+    for match in re.finditer(
+        r"branch_computations=\{([^}]*)\}|(?:true|false)_computation=%([\w.\-]+)", body):
+      names = match.group(1) or match.group(2)
+      branches.update(n.strip().lstrip("%") for n in names.split(","))
+  # Computations reached from a branch (calls inside it) belong to it too.
+  pending = list(branches)
+  while pending:
+    body = bodies.get(pending.pop(), "")
+    for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", body):
+      if callee not in branches:
+        branches.add(callee)
+        pending.append(callee)
+  in_conditional = sum(len(_COLLECTIVE.findall(bodies.get(b, ""))) for b in branches)
+  return CollectiveCount({op: counts.get(op, 0) for op in COLLECTIVE_OPS}, in_conditional)
+
+
+def temp_bytes(compiled) -> int:
+  """Temporary buffer bytes of a compiled JAX executable (`memory_analysis()`)."""
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def fmt_bytes(num: float) -> str:
+  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    if num >= scale:
+      return f"{num / scale:.2f} {unit}"
+  return f"{int(num)} B"
+
+
+def fmt_ratio(value: float) -> str:
+  if not np.isfinite(value):
+    return "n/a"
+  return f"{value:.2f}x"
