@@ -81,8 +81,10 @@ def _flags(parser):
 
 def run(args) -> dict:
   data = _mnist.load_mnist(quick=args.quick)
-  if args.quick:
+  running_batch_sizes, batch_stat_sizes = RUNNING_BATCH_SIZES, BATCH_STAT_SIZES
+  if args.quick:  # fewer sizes: each one is a compilation
     args.steps, args.test_examples = 10, 400
+    running_batch_sizes, batch_stat_sizes = (1, 100), (1, 2, 100)
   test = input_pipeline.take(data.test, args.test_examples)
   model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm)
   trainer = _mnist.Trainer(model, "adam", data.train, args.batch_size)
@@ -110,13 +112,13 @@ def run(args) -> dict:
   default = variant_state(VARIANTS.index((0.99, False)))
   small = input_pipeline.take(test, min(len(test.labels), 1000))
   running_by_batch = {}
-  for size in RUNNING_BATCH_SIZES:
+  for size in running_batch_sizes:
     accuracy = trainer.accuracy(carry, small, state=default, batch_size=size)
     running_by_batch[str(size)] = _common.mean_std(accuracy)
     print("running stats, batch", size, accuracy, flush=True)
 
   batch_stats = {}
-  for size in BATCH_STAT_SIZES:
+  for size in batch_stat_sizes:
     eval_set = small if size < 50 else test
     try:
       accuracy = trainer.accuracy(carry, eval_set, state=default, batch_size=size,

@@ -6,6 +6,8 @@ fixed budget of `--steps` steps of batch `--batch_size`, for several seeds.
 All learning rates and seeds of one (optimizer, BN) pair train as one vmapped
 program (same data order per seed across learning rates).
 
+Writes `lr_sweep_{cnn,mlp}.json` / `.png`.
+
   python -m experiments.lr_sweep --workdir runs/experiments --steps 300
 """
 
@@ -81,7 +83,8 @@ def run(args) -> dict:
           "learning_rates_reaching_good_accuracy": [
               lr for lr, acc in zip(learning_rates, mean_acc) if acc >= GOOD_ACCURACY],
       }
-      _common.write_json(args, results)  # partial results survive an interruption
+      # Partial results survive an interruption.
+      _common.write_json(args, results, suffix=f"_{args.model}")
   return results
 
 
@@ -104,13 +107,13 @@ def plot(args, results) -> None:
     ax.legend(fontsize=7)
   fig.suptitle(f"Learning-rate sweep, {results['model']}, batch {results['batch_size']}, "
                f"mean +- std over {len(args.seeds)} seeds (diverged = 10%)")
-  _common.save_figure(args, fig)
+  _common.save_figure(args, fig, suffix=f"_{results['model']}")
 
 
 def main(argv=None):
   args = _common.parse_args(NAME, __doc__, argv, extra=_flags)
   results = run(args)
-  _common.write_json(args, results)
+  _common.write_json(args, results, suffix=f"_{args.model}")
   plot(args, results)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from experiments import _mnist
 
 ORDER = ("param_table", "feature_scaling", "scale_invariance", "bn_vs_nobn",
-         "lr_sweep", "bn_paper_mlp", "inference_stats")
+         "lr_sweep_cnn", "lr_sweep_mlp", "bn_paper_mlp", "inference_stats")
 
 
 def _load(workdir, name):
@@ -27,7 +27,9 @@ def _load(workdir, name):
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    record = json.load(f)
+  record["stem"] = name  # file name; lr_sweep writes one file per model
+  return record
 
 
 def _pct(stats, digits=2) -> str:
@@ -44,6 +46,18 @@ def _num(stats, fmt="{:.4g}") -> str:
 
 
 REACH_THRESHOLDS = (0.95, 0.97, 0.98, 0.99)
+
+
+NEAR_BEST_POINTS = 5.0  # percentage points from the best run that still count as usable
+
+
+def _near_best(results, optimizer):
+  """{use_bn: learning rates whose mean accuracy is near the optimizer's best}."""
+  cells = {c["use_bn"]: c for c in results["cells"].values() if c["optimizer"] == optimizer}
+  best = max(max(c["mean"]) for c in cells.values())
+  return {use_bn: [lr for lr, acc in zip(results["learning_rates"], c["mean"])
+                   if acc >= best - NEAR_BEST_POINTS / 100]
+          for use_bn, c in cells.items()}
 
 
 def _provenance(record) -> str:
@@ -63,12 +77,12 @@ class Report:
     self.lines.extend(lines)
 
   def figure(self, record, caption):
-    source = os.path.join(self.workdir, f"{record['experiment']}.png")
+    source = os.path.join(self.workdir, f"{record['stem']}.png")
     if not os.path.exists(source):
       return
     os.makedirs(self.figure_dir, exist_ok=True)
-    shutil.copy(source, os.path.join(self.figure_dir, f"{record['experiment']}.png"))
-    self.add(f"![{caption}](figures/{record['experiment']}.png)", "",
+    shutil.copy(source, os.path.join(self.figure_dir, f"{record['stem']}.png"))
+    self.add(f"![{caption}](figures/{record['stem']}.png)", "",
              f"*Figure: {caption}. Produced by `{record['command']}`.*", "")
 
   # --- sections -------------------------------------------------------------
@@ -125,8 +139,10 @@ class Report:
              f"condition number of {d['condition_number']['mean']:.3g} and GD needs "
              f"{d['gd_steps']['mean']:.3g} steps, rescaling the units gives "
              f"{k['condition_number']['mean']:.4g} and {k['gd_steps']['mean']:.0f} steps, "
-             "standardization gives about 1 and 1-2 steps. The exact numbers are about "
-             f"8% above the seed's (9.2e4, 281.7): the population values of the seed's own "
+             "standardization gives about 1 and 1-2 steps. The exact numbers are "
+             f"{d['condition_number']['mean'] / 9.2e4 - 1:.0%} and "
+             f"{k['condition_number']['mean'] / 281.7 - 1:.0%} above the seed's "
+             "(9.2e4, 281.7): the population values of the seed's own "
              f"distributions are {population['dollars_inches']:.4g} and "
              f"{population['kilodollars_feet']:.4g}; the seed's numbers come from one "
              "unnamed sample. Min-max scaling leaves the features uncentered, so its "
@@ -150,13 +166,27 @@ class Report:
                          ("input_grad_rel_error", "grad u")):
         self.add(f"| {case['dtype']} | {case['epsilon']:g} | {label} | " + " | ".join(
             f"{row[key]['max']:.1e}" for row in case["rows"]) + " |")
-    self.add("", "Verdict: holds to rounding error (float32 ~1e-6, float64 ~1e-12) as long "
-             "as `a^2 var(Wu)` is large compared with epsilon. Epsilon is what breaks it: "
-             "with epsilon = 1e-5 (jaxbn/flax/PyTorch default) the error is ~1e-5 near a = 1 "
-             "and grows to 5% at a = 0.01 and 70% at a = 0.001; with Keras' 1e-3 it is "
-             "already ~1e-3 at a >= 1. So BN's invariance -- and the gradient shrinking "
-             "as 1/a for large weights -- is exact only up to the epsilon term; for "
-             "tiny weights BN does not normalize.", "")
+    def worst(dtype, epsilon, a):
+      case = next(c for c in r["cases"] if c["dtype"] == dtype and c["epsilon"] == epsilon)
+      row = next(x for x in case["rows"] if x["a"] == a)
+      return max(row[k]["max"] for k in ("output_rel_error", "weight_grad_rel_error",
+                                         "input_grad_rel_error"))
+
+    exact = {c["dtype"]: max(row[k]["max"] for row in c["rows"] if row["a"] >= 0.1
+                             for k in ("output_rel_error", "weight_grad_rel_error",
+                                       "input_grad_rel_error"))
+             for c in r["cases"] if c["epsilon"] == min(r["epsilons"])}
+    self.add("", "Verdict: holds to rounding error ("
+             + ", ".join(f"{d} <= {e:.0e}" for d, e in exact.items())
+             + " for a >= 0.1 with epsilon -> 0) as long as `a^2 var(Wu)` is large "
+             "compared with epsilon. Epsilon is what breaks it: with epsilon = 1e-5 "
+             f"(jaxbn/flax/PyTorch default) the worst error is {worst('float32', 1e-5, 2.0):.0e} "
+             f"at a = 2, {worst('float32', 1e-5, 0.01):.0%} at a = 0.01 and "
+             f"{worst('float32', 1e-5, 0.001):.0%} at a = 0.001; with Keras' 1e-3 it is "
+             f"{worst('float32', 1e-3, 2.0):.0e} at a = 2. So BN's invariance -- and the "
+             "gradient shrinking as 1/a as weights grow -- is exact only up to the epsilon "
+             "term, and layers whose pre-activation variance is near epsilon are not "
+             "normalized.", "")
     self.figure(record, "Scale invariance errors vs weight scale a")
 
   def bn_vs_nobn(self, record):
@@ -191,6 +221,12 @@ class Report:
         cells.append(", ".join("-" if h is None else f"{h['step']} ({h['epoch']:.2f})"
                                for h in hits))
       self.add(f"| {label} | " + " | ".join(cells) + " |")
+    first_step = first["history"][0]["step"]
+    self.add("", "Note: BN runs are evaluated with running statistics (Keras momentum "
+             f"0.99), which after {first_step} steps still give weight 0.99^{first_step} = "
+             f"{0.99 ** first_step:.0%} to their initial values (mean 0, variance 1); "
+             "early BN evaluations are lowered by that lag, not by the training itself "
+             "(see section 6).")
     claim = r["seed_claim"]["bn_validation_accuracy_after_epoch"]
     self.add("", "The seed (Keras, BN, batch 32, optimizer not stated): "
              + ", ".join(f"{100 * v:.2f}% after epoch {k}" for k, v in claim.items())
@@ -200,8 +236,10 @@ class Report:
   def lr_sweep(self, record):
     r = record["results"]
     cells = r["cells"]
-    self.add("## 2. Learning-rate robustness", "", _provenance(record), "",
-             f"Model: {r['model']}; {r['steps']} steps of batch {r['batch_size']} per run; "
+    model = {"cnn": "the seed CNN", "mlp": "the BN paper's sigmoid MLP"}[r["model"]]
+    self.add(f"## 2{'a' if r['model'] == 'cnn' else 'b'}. Learning-rate robustness: "
+             f"{model}", "", _provenance(record), "",
+             f"{r['steps']} steps of batch {r['batch_size']} per run (a fixed, short budget); "
              f"final accuracy on {r['validation_examples']:,} validation images (%), "
              "mean ± std over seeds; a diverged run (non-finite loss) counts as 10% and is "
              "marked with its number of diverged seeds.", "",
@@ -215,15 +253,16 @@ class Report:
           text += f" ({cell['diverged_seeds'][i]} diverged)"
         row.append(text)
       self.add(f"| {lr:g} | " + " | ".join(row) + " |")
-    self.add("", f"Learning rates whose mean accuracy reaches {100 * r['good_accuracy']:g}%:",
-             "")
+    self.add("", f"Usable learning rates: mean accuracy within {NEAR_BEST_POINTS:g} points "
+             "of the best run of the same optimizer (BN or not):", "")
     for label, cell in cells.items():
-      good = cell["learning_rates_reaching_good_accuracy"]
+      good = _near_best(r, cell["optimizer"])[cell["use_bn"]]
       listed = ", ".join(f"{x:g}" for x in good) or "none"
       self.add(f"- {label}: {len(good)} of {len(r['learning_rates'])} ({listed}); best "
                f"{100 * cell['best_accuracy']:.1f}% at lr={cell['best_learning_rate']:g}")
     self.add("")
-    self.figure(record, "Validation accuracy vs learning rate, with and without BN")
+    self.figure(record, f"Validation accuracy vs learning rate, {model}, with and "
+                "without BN")
 
   def bn_paper_mlp(self, record):
     r = record["results"]
@@ -317,20 +356,23 @@ class Report:
       rows.append(("Without BN the CNN needs 10x more epochs to converge (seed 003)",
                    f"validation accuracy after {epochs:.2g} epoch: " + "; ".join(findings),
                    verdict))
-    rec = records.get("lr_sweep")
-    if rec is not None:
-      cells = rec["results"]["cells"]
+    for stem in ("lr_sweep_cnn", "lr_sweep_mlp"):
+      rec = records.get(stem)
+      if rec is None:
+        continue
+      r = rec["results"]
       parts, wins = [], []
-      for optimizer in dict.fromkeys(c["optimizer"] for c in cells.values()):
-        bn = len(cells[f"{optimizer}_bn"]["learning_rates_reaching_good_accuracy"])
-        nobn = len(cells[f"{optimizer}_nobn"]["learning_rates_reaching_good_accuracy"])
-        parts.append(f"{optimizer}: {bn} vs {nobn} learning rates reach "
-                     f"{100 * rec['results']['good_accuracy']:g}%")
-        wins.append(bn > nobn)
-      rows.append(("BN makes training less sensitive to hyperparameters and allows "
-                   "higher learning rates (seeds 000, 002)",
-                   "; ".join(parts) + " (BN vs no BN)",
-                   "holds" if all(wins) else "partly" if any(wins) else "does not reproduce"))
+      for optimizer in dict.fromkeys(c["optimizer"] for c in r["cells"].values()):
+        near = _near_best(r, optimizer)
+        parts.append(f"{optimizer}: {len(near[True])} vs {len(near[False])} of "
+                     f"{len(r['learning_rates'])}")
+        wins.append(len(near[True]) > len(near[False]))
+      rows.append((f"BN makes training less sensitive to hyperparameters and allows "
+                   f"higher learning rates (seeds 000, 002) -- {r['model'].upper()}",
+                   f"usable learning rates (within {NEAR_BEST_POINTS:g} points of the "
+                   f"best, after {r['steps']} steps), BN vs no BN: " + "; ".join(parts),
+                   "holds" if all(wins) else "partly" if any(wins)
+                   else "does not reproduce"))
     rec = records.get("bn_paper_mlp")
     if rec is not None:
       runs = rec["results"]["runs"]
@@ -354,7 +396,7 @@ class Report:
                    f"{s['dollars_inches']['gd_steps']['mean']:.3g} -> "
                    f"{s['kilodollars_feet']['gd_steps']['mean']:.0f} -> "
                    f"{s['standardized']['gd_steps']['mean']:.1f}",
-                   "holds (numbers ~8% above the seed's single sample)"))
+                   "holds (numbers a few % above the seed's single sample)"))
     rec = records.get("scale_invariance")
     if rec is not None:
       exact = [c for c in rec["results"]["cases"] if c["epsilon"] <= 1e-10]
@@ -404,17 +446,34 @@ class Report:
     if quick:
       self.add("**Warning: smoke-test (--quick) numbers, not results:** "
                + ", ".join(quick), "")
-    for name in ("bn_vs_nobn", "lr_sweep", "bn_paper_mlp", "feature_scaling",
-                 "scale_invariance", "inference_stats", "param_table"):
+    for name in ("bn_vs_nobn", "lr_sweep_cnn", "lr_sweep_mlp", "bn_paper_mlp",
+                 "feature_scaling", "scale_invariance", "inference_stats", "param_table"):
       if records[name] is not None:
-        getattr(self, name)(records[name])
+        section = name if not name.startswith("lr_sweep") else "lr_sweep"
+        getattr(self, section)(records[name])
     os.makedirs(os.path.dirname(self.output) or ".", exist_ok=True)
     with open(self.output, "w") as f:
       f.write("\n".join(self.lines).rstrip() + "\n")
     print(f"wrote {self.output}")
 
 
-INTRO = []  # filled by the summary below the tables; kept for the text
+INTRO = [
+    "What was run, and what was not: the experiments ran on a 2-core CPU shared with "
+    "other jobs. The issue's full protocol for the CNN (10 epochs x 3 optimizers x "
+    "BN/no BN x 3 seeds) did not fit in that budget, so the CNN experiments below were "
+    "run with fewer steps; each section states the exact command, and the scripts' "
+    "defaults are the full protocol (`python -m experiments.bn_vs_nobn --workdir DIR` "
+    "runs 10 epochs). Wall times in the provenance lines are on the shared machine. "
+    "Where a claim could not be tested at the seed's scale, the verdict says so.",
+    "",
+    "Conventions: MNIST from tfds (`training.input_pipeline`), 50,000 training images "
+    "(train[:50000]) and 10,000 validation images (train[50000:]) as in the seed; test = "
+    "the 10,000 MNIST test images. Models from `training.models` (the seed's Keras CNN "
+    "with Keras' BN momentum 0.99 and epsilon 1e-3; the BN paper's sigmoid MLP). "
+    "Accuracies are in %, as mean ± standard deviation (ddof=1) over seeds; each seed "
+    "sets the initialization and the data order. BN networks are evaluated with their "
+    "running statistics (inference mode) unless stated.",
+]
 
 
 def main(argv=None):

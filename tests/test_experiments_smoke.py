@@ -26,14 +26,15 @@ EXPERIMENTS = {
 def test_experiment_quick(name, tmp_path):
   module = importlib.import_module(f"experiments.{name}")
   module.main(["--workdir", str(tmp_path), "--quick", *EXPERIMENTS[name]])
-  with open(tmp_path / f"{name}.json") as f:
+  output = name + ("_mlp" if name == "lr_sweep" else "")
+  with open(tmp_path / f"{output}.json") as f:
     record = json.load(f)
   assert record["experiment"] == name
   assert record["quick"] is True
   assert record["command"].startswith(f"python -m experiments.{name} ")
   assert record["results"]
   if name != "param_table":  # the table is text, not a plot
-    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert (tmp_path / f"{output}.png").stat().st_size > 1000
   if name == "param_table":
     assert record["results"]["matches_seed"] == {"totals": True, "rows": True}
   if name == "feature_scaling":
