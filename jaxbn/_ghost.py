@@ -117,6 +117,7 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
         f"{batch_size} (x.shape[{batch_axis}] of x with shape {x.shape}); "
         "under shard_map this is the per-replica batch.")
   num_ghosts = batch_size // virtual_batch_size
+  _check_ghosts_stay_on_device(x, batch_axis, num_ghosts, virtual_batch_size)
 
   # Ghost layout: batch_axis becomes (num_ghosts, virtual_batch_size); the
   # ghost axis is treated as one more feature axis, the within-ghost axis is
@@ -167,26 +168,51 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
   return y_ghost.reshape(x.shape), new_state
 
 
+def _explicit_spec(x: jax.Array) -> tuple[object, tuple[tuple[str, ...], ...]]:
+  """The mesh of `x`'s type and, per axis of `x`, its `AxisType.Explicit` mesh axes.
+
+  Empty tuples outside explicit sharding (Auto axes, shard_map, vmap, no mesh).
+  """
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  explicit = {name for name, kind in zip(getattr(mesh, "axis_names", ()),
+                                         getattr(mesh, "axis_types", ()))
+              if kind == jax.sharding.AxisType.Explicit}
+  spec = tuple(getattr(sharding, "spec", ())) + (None,) * x.ndim
+  entries = []
+  for entry in spec[:x.ndim]:
+    names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    entries.append(tuple(n for n in names if n in explicit))
+  return mesh, tuple(entries)
+
+
+def _check_ghosts_stay_on_device(x, batch_axis, num_ghosts, virtual_batch_size):
+  """Under Explicit sharding a ghost batch spanning devices has no sharding."""
+  mesh, entries = _explicit_spec(x)
+  names = entries[batch_axis]
+  num_shards = int(np.prod([mesh.shape[n] for n in names]))
+  if num_ghosts % num_shards:
+    raise ValueError(
+        f"virtual_batch_size={virtual_batch_size} must divide the per-device batch "
+        f"{x.shape[batch_axis] // num_shards} of x, whose batch axis is sharded "
+        f"over {names} ({num_shards} shards); otherwise ghost batches would span "
+        "devices. Use a smaller virtual_batch_size or reshard x.")
+
+
 def _explicit_sharding_like(value: jax.Array, x: jax.Array,
                             value_axes: tuple[int, ...]) -> jax.Array:
   """`value` (over `value_axes` of `x`) sharded like `x` along them.
 
   Only under `AxisType.Explicit` sharding, where the ghost axis of `x` carries
-  its sharding in the type and `lax.cond` needs both branches' types equal.
+  its sharding in the type and `lax.cond` and the custom VJP need the per-ghost
+  values' types to match it.
   """
-  sharding = jax.typeof(x).sharding
-  mesh = getattr(sharding, "mesh", None)
-  spec = tuple(getattr(sharding, "spec", ())) + (None,) * x.ndim
-  entries = tuple(spec[a] for a in value_axes)
-  explicit = {name for name, kind in zip(getattr(mesh, "axis_names", ()),
-                                         getattr(mesh, "axis_types", ()))
-              if kind == jax.sharding.AxisType.Explicit}
-  named = {n for e in entries if e is not None
-           for n in (e if isinstance(e, tuple) else (e,))}
-  if not named or not named <= explicit:
+  mesh, entries = _explicit_spec(x)
+  value_entries = [entries[a] or None for a in value_axes]
+  if not any(value_entries):
     return value
   return jax.sharding.reshard(
-      value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries)))
+      value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*value_entries)))
 
 
 def _ghost_mask(mask: jax.Array, ndim: int, batch_axis: int, num_ghosts: int,

@@ -254,3 +254,22 @@ def test_bad_arguments_raise():
                            axis_name="unbound")
   # Inference has no ghost batches: any batch size works.
   jaxbn.ghost_batch_norm(params, state, x, training=False, virtual_batch_size=5)
+
+
+def test_ghost_batches_spanning_devices():
+  """V larger than the per-device batch: Auto sharding stays correct (the
+  compiler moves data); Explicit sharding raises instead of guessing a layout."""
+  params, state, x = _setup((16, 3))   # 2 examples per device, V = 4
+  forward = lambda p, s, x: jaxbn.ghost_batch_norm(p, s, x, training=True,
+                                                   virtual_batch_size=4)
+  want = forward(params, state, x)
+  auto = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  got = jax.jit(forward)(params, state, jax.device_put(x, NamedSharding(auto, P("data"))))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               got, want)
+  explicit = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(explicit):
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide the "
+                                         r"per-device batch 2 of x"):
+      jax.jit(forward)(params, state, xs)
