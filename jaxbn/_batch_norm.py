@@ -140,21 +140,24 @@ def _normalize_bwd(layout: _Layout, residuals, cotangents):
   dy, _ = cotangents
   compute_dtype = mean.dtype
   grad_out = dy.astype(compute_dtype)
-  x_hat = (x.astype(compute_dtype) - _to_input_rank(mean, x, layout)) * _to_input_rank(
-      inv_std, x, layout)
-  # dbeta = sum(dy), dgamma = sum(dy * x_hat): one stacked collective for both.
-  local = jnp.stack([jnp.sum(grad_out, layout.reduction_axes),
-                     jnp.sum(grad_out * x_hat, layout.reduction_axes)])
+  centered = x.astype(compute_dtype) - _to_input_rank(mean, x, layout)
+  # dbeta = sum(dy), dgamma = sum(dy * x_hat) = inv_std * sum(dy * (x - mean)):
+  # one fused pass, one stacked collective. inv_std goes on the per-feature sum,
+  # which keeps the full-size fusions small (measurably faster on XLA:CPU).
+  sum_dy_local, sum_dy_centered_local = _stats.fused_sums(
+      (grad_out, grad_out * centered), layout.reduction_axes)
+  local = jnp.stack([sum_dy_local, sum_dy_centered_local * inv_std])
   total = _stats.cross_replica_sum(local, layout.axis_name, layout.axis_index_groups)
   sum_dy, sum_dy_xhat = total[0], total[1]
   multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
   # dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma); only valid
   # (masked-in) elements feed the statistics, so only they get the correction.
-  correction = (_to_input_rank(sum_dy / count, x, layout)
-                + x_hat * _to_input_rank(sum_dy_xhat / count, x, layout))
+  correction = (_to_input_rank(multiplier * sum_dy / count, x, layout)
+                + centered * _to_input_rank(multiplier * inv_std * sum_dy_xhat / count,
+                                            x, layout))
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
-  dx = _to_input_rank(multiplier, x, layout) * (grad_out - correction)
+  dx = _to_input_rank(multiplier, x, layout) * grad_out - correction
   dscale = dbias = None
   if scale is not None:
     dscale = _stats.replicated_sum(local[1], sum_dy_xhat, scale, layout.axis_name,

@@ -9,6 +9,7 @@ replicas.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -118,6 +119,89 @@ def feature_broadcast_shape(x_shape, feature_axes) -> tuple[int, ...]:
   return tuple(d if a in feature_axes else 1 for a, d in enumerate(x_shape))
 
 
+# Rows per block of `fused_sums`: XLA:CPU's loop emitter vectorizes a variadic
+# reduce over up to ~32 rows; at 64 it falls off a cliff (benchmarks/, perf notes).
+_MAX_ROWS_PER_BLOCK = 32
+
+
+def _add_pairs(a, b):
+  return tuple(u + v for u, v in zip(a, b))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def fused_sums(terms: tuple[jax.Array, ...],
+               reduction_axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  """Sums several same-shape arrays over `reduction_axes` in one fused pass.
+
+  XLA:CPU sends each single-operand reduce to a library kernel that cannot fuse
+  a producer with a broadcast operand (like `x - mean[None]`), so separate
+  `jnp.sum`s materialize that producer and read it once per sum. Here the
+  leading reduced rows are split into blocks of <= 32, one variadic reduce sums
+  all terms inside each block (producers computed in registers), and small
+  `jnp.sum`s finish over the blocks: fewer passes, and pairwise-like accuracy.
+
+  Args:
+    terms: arrays of one shape.
+    reduction_axes: sorted axes to reduce.
+
+  Returns:
+    A tuple with each term summed over `reduction_axes`.
+  """
+  blocked = _split_rows_into_blocks(terms, reduction_axes)
+  if blocked is None:
+    return tuple(jnp.sum(t, reduction_axes) for t in terms)
+  blocks, block_axis = blocked
+  zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+  partial_sums = lax.reduce(blocks, zeros, _add_pairs, (block_axis,))
+  return tuple(jnp.sum(p, tuple(range(block_axis))) for p in partial_sums)
+
+
+def _block_size(rows: int) -> int | None:
+  return next((r for r in range(_MAX_ROWS_PER_BLOCK, 3, -1) if rows % r == 0), None)
+
+
+def _split_rows_into_blocks(terms, reduction_axes):
+  """Reshapes leading reduced axes to expose a block axis of <= 32 rows.
+
+  Splits the innermost reduced axis when it has a divisor in [4, 32] (outer
+  axes, and any explicit sharding on them, stay intact); otherwise merges all
+  reduced axes first. Returns None when neither works (then plain sums run).
+  """
+  shape = terms[0].shape
+  num_reduced = len(reduction_axes)
+  if num_reduced == 0 or tuple(reduction_axes) != tuple(range(num_reduced)):
+    return None
+  features = shape[num_reduced:]
+  innermost = shape[num_reduced - 1]
+  block = _block_size(innermost)
+  if block is not None:
+    new_shape = shape[:num_reduced - 1] + (innermost // block, block) + features
+    block_axis = num_reduced
+  else:
+    rows = int(np.prod(shape[:num_reduced]))
+    block = _block_size(rows)
+    if block is None:
+      return None
+    new_shape = (rows // block, block) + features
+    block_axis = 1
+  try:
+    return tuple(t.reshape(new_shape) for t in terms), block_axis
+  except Exception as error:  # pylint: disable=broad-except
+    # Explicitly sharded axes cannot always be merged or split; fall back.
+    if type(error).__name__ != "ShardingTypeError":
+      raise
+    return None
+
+
+@fused_sums.defjvp
+def _fused_sums_jvp(reduction_axes, primals, tangents):
+  # Summation is linear; plain sums keep the tangent transposable (reverse mode
+  # of the custom backward, i.e. second-order derivatives).
+  (terms,), (term_tangents,) = primals, tangents
+  return (fused_sums(terms, reduction_axes),
+          tuple(jnp.sum(t, reduction_axes) for t in term_tangents))
+
+
 def shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], shift: jax.Array,
                  mask: jax.Array | None, compute_dtype) -> jax.Array:
   """Local sums `[count,] sum(x - shift), sum((x - shift)**2)` stacked on axis 0.
@@ -130,13 +214,10 @@ def shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], shift: jax.Array
       feature_broadcast_shape(x.shape, [a for a in range(x.ndim)
                                         if a not in reduction_axes]))
   if mask is None:
-    return jnp.stack([jnp.sum(centered, reduction_axes),
-                      jnp.sum(centered * centered, reduction_axes)])
+    return jnp.stack(fused_sums((centered, centered * centered), reduction_axes))
   weight = jnp.broadcast_to(mask, x.shape).astype(compute_dtype)
   weighted = weight * centered
-  return jnp.stack([jnp.sum(weight, reduction_axes),
-                    jnp.sum(weighted, reduction_axes),
-                    jnp.sum(weighted * centered, reduction_axes)])
+  return jnp.stack(fused_sums((weight, weighted, weighted * centered), reduction_axes))
 
 
 def moments_from_sums(count, sum_centered, sum_squares, shift) -> Moments:
