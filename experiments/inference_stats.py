@@ -34,7 +34,7 @@ NAME = "inference_stats"
 MOMENTA = (0.9, 0.99, 0.999)
 VARIANTS = tuple((m, unbiased) for m in MOMENTA for unbiased in (False, True))
 RUNNING_BATCH_SIZES = (1, 10, 100, 1000)
-BATCH_STAT_SIZES = (1, 2, 4, 8, 16, 50, 100, 1000)
+BATCH_STAT_SIZES = (1, 2, 4, 8, 10, 20, 50, 100, 1000)
 
 
 def _variant_name(momentum, unbiased) -> str:
