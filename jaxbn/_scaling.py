@@ -183,7 +183,8 @@ def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
     axis: feature axis or axes of `x`.
     ddof: delta degrees of freedom of the standard deviation: 0 (default,
       sklearn's StandardScaler, numpy.std) or 1 (the n - 1 sample std).
-      Features with zero (or undefined) std are only centered.
+      Features whose std is below `10 * finfo(dtype).eps` or undefined (count
+      <= ddof) are only centered, as in sklearn.
 
   Returns:
     Array of `x`'s shape and dtype.
@@ -313,8 +314,8 @@ def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1,
     x: floating-point data whose feature axes (`axis`) have `feature_shape`.
     axis: feature axis or axes of `x`.
     feature_range: `(low, high)` target interval of the fitted data, default
-      `(0, 1)` as in the seed and sklearn's MinMaxScaler. Constant features map
-      to `low`.
+      `(0, 1)` as in the seed and sklearn's MinMaxScaler. Constant features
+      (range below `10 * finfo(dtype).eps`) are only shifted, to `low`.
 
   Returns:
     Array of `x`'s shape and dtype.
