@@ -90,7 +90,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
   align = []
   for j in range(len(headers)):
     column = [row[j] for row in cells if j < len(row)]
-    numeric = column and all(is_number(c) or c in ("-", "n/a") for c in column)
+    numeric = column and all(is_number(c) or c in ("-", "n/a", "nan") for c in column)
     align.append("---:" if numeric else "---")
   lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
   lines += ["| " + " | ".join(row) + " |" for row in cells]
