@@ -36,6 +36,8 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
                       help="tiny smoke-test version (1 seed, few steps)")
   parser.add_argument("--seeds", type=int, nargs="+", default=None,
                       help=f"random seeds (default {list(DEFAULT_SEEDS)}, --quick: [0])")
+  parser.add_argument("--tag", default="",
+                      help="suffix of the output files (NAME_TAG.json), to keep variants")
   if extra is not None:
     extra(parser)
   args = parser.parse_args(argv)
@@ -43,6 +45,7 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
     args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
   os.makedirs(args.workdir, exist_ok=True)
   args.name = name
+  args.suffix = f"_{args.tag}" if args.tag else ""
   args.command = "python -m experiments.{} {}".format(
       name, shlex.join(sys.argv[1:] if argv is None else list(argv)))
   args.start_time = time.time()
@@ -79,7 +82,7 @@ def _to_builtin(value):
 
 
 def write_json(args: argparse.Namespace, results: dict, suffix: str = "") -> str:
-  """Writes `results` with provenance to `workdir/NAME[suffix].json`; returns the path."""
+  """Writes `results` with provenance to `workdir/NAME[_TAG][suffix].json`."""
   import jax  # Imported late so that scripts can set JAX flags first.
   record = {
       "experiment": args.name,
@@ -92,7 +95,7 @@ def write_json(args: argparse.Namespace, results: dict, suffix: str = "") -> str
       "wall_time_s": round(time.time() - args.start_time, 1),
       "results": _to_builtin(results),
   }
-  path = os.path.join(args.workdir, f"{args.name}{suffix}.json")
+  path = os.path.join(args.workdir, f"{args.name}{args.suffix}{suffix}.json")
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   print(f"wrote {path} ({record['wall_time_s']} s)")
@@ -111,7 +114,7 @@ def figure(nrows: int = 1, ncols: int = 1, *, width: float = 5.0, height: float 
 
 def save_figure(args: argparse.Namespace, fig, suffix: str = "") -> str:
   import matplotlib.pyplot as plt
-  path = os.path.join(args.workdir, f"{args.name}{suffix}.png")
+  path = os.path.join(args.workdir, f"{args.name}{args.suffix}{suffix}.png")
   fig.suptitle(f"{fig._suptitle.get_text() if fig._suptitle else ''}\n{args.command}",
                fontsize=7, y=0.995)
   fig.tight_layout()
