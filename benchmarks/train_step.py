@@ -1,0 +1,137 @@
+"""Examples/s of the seed CNN's training step: jaxbn vs flax.linen.BatchNorm.
+
+Both models are `training.models.seed_cnn` with the same convolutions, dense
+layers, optimizer (the default config's Adam + one-cycle) and the same jitted,
+state-donating `training.train_lib.train_step`; only the three BN layers
+differ. Timings alternate between the two in every repeat (so both see the same
+machine load) and the table reports the median.
+
+  python benchmarks/train_step.py                 # batch 128, as configs/mnist_bn.py
+  python benchmarks/train_step.py --batch_size=512 --repeats=15
+  python benchmarks/train_step.py --tiny          # a few seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import mnist_bn  # noqa: E402
+from training import input_pipeline  # noqa: E402
+from training import models  # noqa: E402
+from training import train_lib  # noqa: E402
+
+
+def flax_batch_norm(name: str) -> models.Layer:
+  """flax.linen.BatchNorm as a `models.Layer`, with Keras' momentum and epsilon."""
+  module = nn.BatchNorm(momentum=models.KERAS_BN_MOMENTUM,
+                        epsilon=models.KERAS_BN_EPSILON, axis=-1)
+
+  def init(key, input_shape):
+    variables = module.init(key, jnp.zeros((2,) + tuple(input_shape)),
+                            use_running_average=False)
+    return variables["params"], variables["batch_stats"], input_shape
+
+  def apply(params, state, x, context):
+    variables = {"params": params, "batch_stats": state}
+    if context.training:
+      y, updates = module.apply(variables, x, use_running_average=False,
+                                mutable=["batch_stats"])
+      return y, updates["batch_stats"]
+    return module.apply(variables, x, use_running_average=True), state
+
+  return models.Layer(name, "BatchNorm", init, apply)
+
+
+IMPLEMENTATIONS = {"jaxbn": models.batch_norm, "flax.linen": flax_batch_norm}
+
+
+def _compiled_step(batch_norm_layer, batch_size: int, steps_per_epoch: int):
+  config = mnist_bn.get_config()
+  config.batch_size = batch_size
+  model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=batch_norm_layer)
+  tx = train_lib.create_optimizer(config, steps_per_epoch)
+  mesh = train_lib.create_mesh(1)
+  replicated = NamedSharding(mesh, P())
+  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
+                  out_shardings=replicated)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = input_pipeline.Batch(rng.random((batch_size, 28, 28, 1), np.float32),
+                               rng.integers(0, 10, batch_size).astype(np.int32),
+                               np.ones(batch_size, bool))
+  batch = input_pipeline.to_global(batch, NamedSharding(mesh, P("data")), batch_size)
+  step = train_lib.make_train_step(config, mesh, model, tx).lower(state, batch).compile()
+  return step, state, batch
+
+
+def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 3) -> dict:
+  """Times both implementations; returns {name: median seconds per step} and more."""
+  compiled = {}
+  for name, layer in IMPLEMENTATIONS.items():
+    step, state, batch = _compiled_step(layer, batch_size, steps_per_epoch=390)
+    for _ in range(warmup):
+      state = step(state, batch)
+    jax.block_until_ready(state)
+    compiled[name] = [step, state, batch]
+  seconds = {name: [] for name in IMPLEMENTATIONS}
+  for _ in range(repeats):
+    for name, entry in compiled.items():
+      step, state, batch = entry
+      start = time.perf_counter()
+      for _ in range(steps):
+        state = step(state, batch)
+      jax.block_until_ready(state)
+      seconds[name].append((time.perf_counter() - start) / steps)
+      entry[1] = state
+  median = {name: statistics.median(times) for name, times in seconds.items()}
+  return {"batch_size": batch_size, "steps": steps, "repeats": repeats,
+          "seconds_per_step": median,
+          "examples_per_sec": {name: batch_size / s for name, s in median.items()},
+          "speedup_jaxbn_vs_flax": median["flax.linen"] / median["jaxbn"]}
+
+
+def format_table(result: dict) -> str:
+  lines = [f"Seed CNN training step, batch {result['batch_size']}, "
+           f"{jax.device_count()} device(s) ({jax.devices()[0].platform}), median of "
+           f"{result['repeats']} interleaved repeats x {result['steps']} steps",
+           f"{'batch norm':<14}{'ms/step':>10}{'examples/s':>14}"]
+  for name, seconds in result["seconds_per_step"].items():
+    lines.append(f"{name:<14}{seconds * 1e3:>10.2f}"
+                 f"{result['examples_per_sec'][name]:>14,.0f}")
+  lines.append(f"jaxbn speedup: {result['speedup_jaxbn_vs_flax']:.2f}x")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=20, help="steps per timing")
+  parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--tiny", action="store_true",
+                      help="batch 16, 2 steps, 2 repeats: checks that it runs")
+  parser.add_argument("--json", action="store_true", help="print JSON instead")
+  args = parser.parse_args(argv)
+  if args.tiny:
+    result = run(batch_size=16, steps=2, repeats=2, warmup=1)
+  else:
+    result = run(batch_size=args.batch_size, steps=args.steps, repeats=args.repeats)
+  print(json.dumps(result, indent=2) if args.json else format_table(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,220 @@
+"""training.train_lib in one process: topologies, non-finite steps, outputs, configs.
+
+Runs use configs/tiny.py (512 MNIST examples, batch 64, 8 steps per epoch) on
+the 8 virtual CPU devices of conftest. Topology comparisons drop the
+redundant bias before BN: its true gradient is 0, so Adam turns the rounding
+noise of its gradient into lr-sized random steps that differ between
+topologies (training outputs are invariant to it, running means are not).
+"""
+
+import functools
+import json
+import shutil
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests import _train_utils as utils
+from training import input_pipeline
+from training import train_lib
+
+TOLERANCE = dict(rtol=2e-5, atol=2e-6)
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist_tiny():
+  splits, info = input_pipeline.load_dataset("mnist", ["train[:50000]"])
+  return input_pipeline.take(splits["train[:50000]"], 512), info
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  """The reference: 1 device, gspmd; also used for the output checks."""
+  workdir = tmp_path_factory.mktemp("one_device")
+  config = utils.tiny_config(num_devices=1, bias_before_bn=False)
+  final = train_lib.train_and_evaluate(config, workdir)
+  return workdir, final
+
+
+def _assert_same_curve(records, reference):
+  assert len(records) == len(reference)
+  for record, expected in zip(utils.compared(records), utils.compared(reference)):
+    for key, value in expected.items():
+      np.testing.assert_allclose(record[key], value, err_msg=key, **TOLERANCE)
+
+
+@pytest.mark.parametrize("parallelism", ["gspmd", "shard_map"])
+def test_eight_devices_give_the_one_device_curve(parallelism, one_device_run, tmp_path):
+  reference_dir, _ = one_device_run
+  config = utils.tiny_config(bias_before_bn=False, parallelism=parallelism)
+  train_lib.train_and_evaluate(config, tmp_path)
+  _assert_same_curve(utils.read_metrics(tmp_path), utils.read_metrics(reference_dir))
+
+
+def test_outputs_in_workdir(one_device_run):
+  workdir, final = one_device_run
+  records = utils.read_metrics(workdir)
+  assert [r["epoch"] for r in records] == [1, 2] and records[-1] == final
+  for key in ("epoch", "step", "train_loss", "train_accuracy", "val_loss",
+              "val_accuracy", "test_loss", "test_accuracy", "examples_per_sec"):
+    assert key in final
+  assert final["step"] == 16 and final["examples_per_sec"] > 0
+  assert all(np.isfinite(r["train_loss"]) and r["train_loss"] < 2.5 for r in records)
+  assert records[1]["train_loss"] < records[0]["train_loss"]
+  assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert json.loads((workdir / "config.json").read_text())["batch_size"] == 64
+  # The epoch-end checkpoint holds the data position.
+  manager = train_lib.create_checkpoint_manager(workdir, utils.tiny_config())
+  assert manager.latest_step() == 16
+  progress = manager.restore(16, args=train_lib.ocp.args.Composite(
+      progress=train_lib.ocp.args.JsonRestore())).progress
+  assert (progress["epoch"], progress["batch_in_epoch"]) == (2, 0)
+  manager.close()
+
+
+def test_rerun_resumes_and_ignores_half_written_checkpoints(one_device_run, tmp_path):
+  reference_dir, final = one_device_run
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_dir, workdir)
+  checkpoints = workdir / "checkpoints"
+  # What a save killed halfway leaves behind: a temporary directory with a
+  # truncated state. It must never be restored.
+  partial = checkpoints / "99.orbax-checkpoint-tmp-1234567"
+  shutil.copytree(checkpoints / "16", partial)
+  for path in partial.rglob("*"):
+    if path.is_file():
+      path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+  config = utils.tiny_config(num_devices=1, bias_before_bn=False)
+  again = train_lib.train_and_evaluate(config, workdir)
+  assert again == final  # restored at step 16: nothing left to train
+  assert utils.read_metrics(workdir) == utils.read_metrics(reference_dir)
+  # More epochs continue from the checkpoint instead of starting over.
+  config.num_epochs = 3
+  longer = train_lib.train_and_evaluate(config, workdir)
+  assert longer["epoch"] == 3 and longer["step"] == 24
+  assert utils.read_metrics(workdir)[:2] == utils.read_metrics(reference_dir)
+
+
+def test_resume_refuses_a_different_run(one_device_run, tmp_path):
+  reference_dir, _ = one_device_run
+  shutil.copytree(reference_dir, tmp_path / "run")
+  config = utils.tiny_config(num_devices=1, bias_before_bn=False, batch_size=32)
+  with pytest.raises(ValueError, match="different run"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+
+
+def _state_and_step(config, num_devices=8):
+  train, info = _mnist_tiny()
+  mesh = train_lib.create_mesh(num_devices)
+  model = train_lib.create_model(config, info)
+  tx = train_lib.create_optimizer(config, 8)
+  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
+                  out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
+  step = train_lib.make_train_step(config, mesh, model, tx)
+  batch = next(input_pipeline.train_batches(train, global_batch_size=config.batch_size,
+                                            seed=0, epoch=0, rows=slice(None)))
+  return state, step, batch, model, mesh
+
+
+@pytest.mark.parametrize("parallelism", ["gspmd", "shard_map"])
+def test_nonfinite_step_changes_nothing_but_the_counters(parallelism):
+  config = utils.tiny_config(parallelism=parallelism)
+  state, step, batch, _, mesh = _state_and_step(config)
+  sharding = NamedSharding(mesh, P("data"))
+  state = step(state, input_pipeline.to_global(batch, sharding, 64))  # one good step
+  before = jax.device_get(state)
+  poisoned = batch._replace(images=batch.images.copy())
+  poisoned.images[3, 10, 10, 0] = np.nan  # a single NaN pixel poisons the step
+  after = jax.device_get(step(state, input_pipeline.to_global(poisoned, sharding, 64)))
+  for name in ("params", "opt_state", "bn_state"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
+  assert int(after.step) == 2 and int(after.consecutive_nonfinite) == 1
+  assert int(after.epoch_sums.nonfinite_steps) == 1
+  assert int(after.epoch_sums.steps) == int(before.epoch_sums.steps) == 1
+  assert after.epoch_sums.loss == before.epoch_sums.loss
+
+
+def test_injected_nan_batch_is_skipped_and_counted(tmp_path):
+  config = utils.tiny_config(num_devices=1, inject_nan_at_steps=(3, 12))
+  final = train_lib.train_and_evaluate(config, tmp_path)
+  records = utils.read_metrics(tmp_path)
+  assert [r["nonfinite_steps"] for r in records] == [1, 1]
+  assert all(np.isfinite(r[k]) for r in records for k in utils.COMPARED_METRICS)
+  assert final["train_accuracy"] > 0.5
+
+
+def test_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
+  config = utils.tiny_config(num_devices=1, inject_nan_at_steps=tuple(range(2, 16)),
+                             max_consecutive_nonfinite=4)
+  with pytest.raises(FloatingPointError, match=r"4 training steps in a row .*non-finite"):
+    train_lib.train_and_evaluate(config, tmp_path)
+
+
+def test_bn_groups_pool_statistics_per_group():
+  # 8 devices in 2 groups of 4: each group normalizes its 32 examples alone.
+  config = utils.tiny_config(parallelism="shard_map", bn_group_size=4)
+  state, step, batch, model, mesh = _state_and_step(config)
+  params, bn_state = jax.device_get((state.params, state.bn_state))
+  new_state = jax.device_get(step(state, input_pipeline.to_global(
+      batch, NamedSharding(mesh, P("data")), 64)))
+  losses, group_states = [], []
+  for group in (slice(0, 32), slice(32, 64)):
+    logits, group_state = model.apply(params, bn_state, batch.images[group], True)
+    losses.append(optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch.labels[group]).mean())
+    group_states.append(group_state)
+  np.testing.assert_allclose(new_state.epoch_sums.loss, np.mean(losses), rtol=1e-5)
+  # The running statistics are the groups' average, identical on every device.
+  expected_mean = (group_states[0]["bn2"].mean + group_states[1]["bn2"].mean) / 2
+  np.testing.assert_allclose(new_state.bn_state["bn2"].mean, expected_mean,
+                             rtol=1e-5, atol=1e-7)
+  global_logits, _ = model.apply(params, bn_state, batch.images, True)
+  global_loss = optax.softmax_cross_entropy_with_integer_labels(
+      global_logits, batch.labels).mean()
+  assert abs(float(global_loss) - float(new_state.epoch_sums.loss)) > 1e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=60), r"batch_size=60 must be a positive multiple of the number "
+                          r"of devices \(8\)"),
+    (dict(eval_batch_size=100), "eval_batch_size=100"),
+    (dict(model="resnet"), "unknown model 'resnet'"),
+    (dict(optimizer="adagrad"), "unknown optimizer 'adagrad'"),
+    (dict(lr_schedule="step"), "unknown lr_schedule 'step'"),
+    (dict(parallelism="pmap"), "unknown parallelism 'pmap'"),
+    (dict(parallelism="shard_map", bn_group_size=3), r"bn_group_size=3 must be 0 .* "
+                                                      r"divide the number of devices"),
+    (dict(bn_group_size=4), "bn_group_size needs parallelism='shard_map'"),
+    (dict(num_devices=9), r"num_devices must be in \[0, 8\]"),
+])
+def test_bad_configs_fail_at_start(overrides, message, tmp_path):
+  config = utils.tiny_config(**overrides)
+  with pytest.raises(ValueError, match=message):
+    train_lib.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_dataset_fails_at_start(tmp_path):
+  config = utils.tiny_config(dataset="not_a_dataset", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match="unknown dataset 'not_a_dataset'"):
+    train_lib.train_and_evaluate(config, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_optimizers_and_schedules(name, schedule):
+  config = utils.tiny_config(optimizer=name, lr_schedule=schedule, learning_rate=0.1)
+  tx = train_lib.create_optimizer(config, steps_per_epoch=8)
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+  assert np.all(np.asarray(updates["w"]) <= 0)
+  lr = train_lib.create_learning_rate_schedule(config, 8)
+  peak = max(float(lr(i)) for i in range(16))
+  np.testing.assert_allclose(peak, 0.1, rtol=0.05)
+  if schedule != "constant":
+    assert float(lr(16)) < 0.01

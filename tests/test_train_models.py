@@ -1,0 +1,101 @@
+"""training.models: the seed CNN and the BN paper's MLP as pure functions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+from training import models
+
+
+def _totals(model):
+  rows = models.parameter_table(model)
+  trainable = sum(row.trainable for row in rows)
+  non_trainable = sum(row.non_trainable for row in rows)
+  return trainable + non_trainable, trainable, non_trainable
+
+
+def test_seed_cnn_matches_the_seed_keras_table():
+  model = models.seed_cnn((28, 28, 1), 10)
+  assert _totals(model) == (38_910, 38_650, 260)
+  rows = {row.layer: row for row in models.parameter_table(model)}
+  # The seed's per-layer rows: shapes and counts.
+  assert (rows["conv1"].output_shape, rows["conv1"].trainable) == ((24, 24, 10), 260)
+  assert (rows["bn1"].trainable, rows["bn1"].non_trainable) == (20, 20)
+  assert rows["pool1"].output_shape == (12, 12, 10)
+  assert (rows["conv2"].output_shape, rows["conv2"].trainable) == ((8, 8, 20), 5020)
+  assert rows["flatten"].output_shape == (320,)
+  assert (rows["dense1"].trainable, rows["bn3"].non_trainable) == (32_100, 200)
+  assert rows["dense2"].trainable == 1010
+  text = models.format_parameter_table(models.parameter_table(model))
+  assert "38,910" in text and "38,650" in text and "260" in text
+
+
+def test_params_and_state_are_the_counted_pytrees():
+  model = models.seed_cnn((28, 28, 1), 10)
+  params, state = model.init(jax.random.key(0))
+  assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 38_650
+  assert all(isinstance(s, jaxbn.BatchNormState) for s in state.values())
+  assert sum(s.mean.size + s.var.size for s in state.values()) == 260
+
+
+def test_bias_before_bn_false_drops_only_the_redundant_biases():
+  with_bias = models.seed_cnn(bias_before_bn=True)
+  without = models.seed_cnn(bias_before_bn=False)
+  assert _totals(with_bias)[1] - _totals(without)[1] == 10 + 20 + 100
+  params, _ = without.init(jax.random.key(0))
+  assert "bias" not in params["conv1"] and "bias" in params["dense2"]
+  no_bn = models.seed_cnn(use_bn=False, bias_before_bn=False)
+  params, state = no_bn.init(jax.random.key(0))
+  assert state == {} and "bias" in params["conv1"]  # without BN the bias stays
+
+
+def test_bn_paper_mlp_structure():
+  model = models.bn_paper_mlp()
+  kinds = [layer.kind for layer in model.layers]
+  assert kinds == ["Flatten"] + ["Dense", "BatchNorm", "Sigmoid"] * 3 + ["Dense"]
+  assert _totals(model)[2] == 3 * 200
+  assert [layer.kind for layer in models.bn_paper_mlp(use_bn=False).layers].count(
+      "BatchNorm") == 0
+
+
+def test_apply_training_updates_state_and_eval_uses_it():
+  model = models.seed_cnn()
+  params, state = model.init(jax.random.key(1))
+  images = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  logits, new_state = model.apply(params, state, images, True)
+  assert logits.shape == (8, 10) and logits.dtype == jnp.float32
+  assert int(new_state["bn1"].count) == 1
+  assert not np.allclose(new_state["bn1"].mean, state["bn1"].mean)
+  eval_logits, same_state = model.apply(params, new_state, images, False)
+  assert jax.tree.all(jax.tree.map(lambda a, b: a is b, same_state, new_state))
+  assert eval_logits.shape == (8, 10)
+
+
+def test_half_precision_keeps_float32_params_and_state():
+  model = models.seed_cnn()
+  params, state = model.init(jax.random.key(1))
+  images = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  logits, new_state = model.apply(params, state, images, True,
+                                  compute_dtype=jnp.bfloat16)
+  reference, _ = model.apply(params, state, images, True)
+  assert logits.dtype == jnp.float32
+  assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(new_state))
+  np.testing.assert_allclose(logits, reference, atol=0.15)
+
+
+def test_bad_model_name_and_input_shape():
+  with pytest.raises(ValueError, match="unknown model 'resnet'"):
+    models.create_model("resnet", input_shape=(28, 28, 1), num_classes=10)
+  model = models.seed_cnn()
+  params, state = model.init(jax.random.key(0))
+  with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(28, 28, 1\)"):
+    model.apply(params, state, jnp.zeros((2, 32, 32, 3)), False)
+
+
+def test_32x32_rgb_inputs():
+  model = models.seed_cnn((32, 32, 3), 100)
+  rows = models.parameter_table(model)
+  assert rows[-1].output_shape == (100,)
+  assert [r for r in rows if r.layer == "flatten"][0].output_shape == (500,)

@@ -1,0 +1,150 @@
+"""train.py as users run it: two processes, dying peers, SIGKILL and resume.
+
+Every run is `python train.py --config=configs/tiny.py ...` in subprocesses.
+They share a JAX compilation cache so that repeated runs skip compilation.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests import _train_utils as utils
+
+TIMEOUT = 240  # seconds for one subprocess run; generous for loaded CI machines
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory, monkeypatch_module):
+  monkeypatch_module.setenv("JAX_COMPILATION_CACHE_DIR",
+                            str(tmp_path_factory.mktemp("jax_cache")))
+  monkeypatch_module.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+  with pytest.MonkeyPatch.context() as patch:
+    yield patch
+
+
+def _wait(process, timeout=TIMEOUT):
+  try:
+    return process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+    raise
+
+
+def _start_two_processes(workdir, tmp_path, *flags):
+  port = utils.free_port()
+  return [utils.start_train(
+      workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+      f"--process_id={i}", *flags, num_devices=4, log_path=tmp_path / f"process{i}.log")
+      for i in range(2)]
+
+
+def _log(tmp_path, name, tail=3000):
+  text = (tmp_path / name).read_text()
+  return text if tail is None else text[-tail:]
+
+
+def test_two_processes_of_four_devices_give_the_one_device_curve(cache_env, tmp_path):
+  del cache_env
+  flags = ("--config.bias_before_bn=False",)  # see test_train_lib's docstring
+  processes = _start_two_processes(tmp_path / "two", tmp_path, *flags)
+  for i, process in enumerate(processes):
+    assert _wait(process) == 0, _log(tmp_path, f"process{i}.log")
+  single = utils.start_train(tmp_path / "one", "--config.num_devices=1", *flags,
+                             num_devices=8, log_path=tmp_path / "single.log")
+  assert _wait(single) == 0, _log(tmp_path, "single.log")
+  two, one = utils.read_metrics(tmp_path / "two"), utils.read_metrics(tmp_path / "one")
+  assert len(two) == len(one) == 2
+  for record, expected in zip(utils.compared(two), utils.compared(one)):
+    for key, value in expected.items():
+      np.testing.assert_allclose(record[key], value, rtol=2e-5, atol=2e-6, err_msg=key)
+  # Only process 0 prints progress.
+  assert "epoch 2/2" in _log(tmp_path, "process0.log", None)
+  assert "epoch 2/2" not in _log(tmp_path, "process1.log", None)
+  assert "2 process(es), 8 device(s)" in _log(tmp_path, "process0.log", None)
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_when_a_peer_dies_the_other_exits_with_an_error(cache_env, tmp_path, victim):
+  del cache_env
+  processes = _start_two_processes(
+      tmp_path / "run", tmp_path, "--config.num_epochs=1000",
+      "--config.checkpoint_every_steps=0", "--heartbeat_timeout_seconds=5")
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "run" / "metrics.jsonl").exists():  # both are training
+      assert time.monotonic() < deadline, _log(tmp_path, "process0.log")
+      assert all(p.poll() is None for p in processes), _log(tmp_path, "process0.log")
+      time.sleep(0.2)
+    processes[victim].send_signal(signal.SIGKILL)
+    survivor = processes[1 - victim]
+    returncode = _wait(survivor, timeout=60)
+    assert returncode != 0
+    assert "detected fatal errors" in _log(tmp_path, f"process{1 - victim}.log", None)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_sigkill_at_any_moment_then_rerun_ends_with_the_same_metrics(cache_env, tmp_path):
+  del cache_env
+  flags = ("--config.num_devices=1", "--config.num_epochs=4",
+           "--config.checkpoint_every_steps=2")
+  reference = utils.start_train(tmp_path / "reference", *flags,
+                                log_path=tmp_path / "reference.log")
+  assert _wait(reference) == 0, _log(tmp_path, "reference.log")
+
+  workdir = tmp_path / "killed"
+  checkpoints = workdir / "checkpoints"
+  rng = np.random.default_rng(int(time.time()))
+  kills = 0
+  for attempt in range(3):
+    process = utils.start_train(workdir, *flags, log_path=tmp_path / f"run{attempt}.log")
+    if attempt < 2:
+      # Kill after a new complete checkpoint exists, at a random moment after
+      # it (often in the middle of the next save).
+      before = _latest_complete_step(checkpoints)
+      deadline = time.monotonic() + TIMEOUT
+      while _latest_complete_step(checkpoints) <= before and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+      time.sleep(rng.uniform(0, 0.5))
+      if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        kills += 1
+        assert _wait(process) == -signal.SIGKILL
+        continue
+    assert _wait(process) == 0, _log(tmp_path, f"run{attempt}.log")
+    break
+  assert kills >= 1
+  assert "Resuming from step" in _log(tmp_path, "run1.log")
+  assert (utils.compared(utils.read_metrics(workdir))
+          == utils.compared(utils.read_metrics(tmp_path / "reference")))
+
+
+def _latest_complete_step(checkpoints) -> int:
+  """Step of the newest finished checkpoint (orbax renames it when complete)."""
+  if not checkpoints.exists():
+    return 0
+  return max([int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()],
+             default=0)
+
+
+def test_train_py_with_bad_config_fails_with_a_clear_message(tmp_path):
+  result = subprocess.run(
+      utils.train_command(tmp_path, "--config.batch_size=50"), cwd=utils.REPO,
+      env=utils.subprocess_env(8), capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode != 0
+  assert "batch_size=50 must be a positive multiple of the number of devices (8)" in (
+      result.stderr)
+  assert not (tmp_path / "checkpoints").exists()
