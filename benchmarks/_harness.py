@@ -42,6 +42,10 @@ class Timing(NamedTuple):
   def max(self) -> float:
     return float(np.max(self.seconds))
 
+  @property
+  def count(self) -> int:
+    return len(self.seconds)
+
   def ms(self) -> str:
     """`median (min-max)` in milliseconds."""
     return f"{fmt_ms(self.median)} ({fmt_ms(self.min)}-{fmt_ms(self.max)})"
@@ -57,28 +61,38 @@ def fmt_ms(seconds: float) -> str:
 
 
 def time_interleaved(cases: dict[str, Callable[[], Any]], *, repeats: int,
-                     warmup: int = 2) -> dict[str, Timing]:
-  """Times every case `repeats` times, round-robin over cases.
+                     warmup: int = 2, budget_seconds: float = 0.0,
+                     max_repeats: int = 100) -> dict[str, Timing]:
+  """Times every case round-robin, at least `repeats` times each.
 
   Args:
     cases: name -> callable that runs one step synchronously.
-    repeats: timed repetitions per case.
+    repeats: minimum timed repetitions per case.
     warmup: untimed calls per case first (compilation, caches, allocator).
+    budget_seconds: keep adding rounds (up to `max_repeats`) while the timed
+      rounds have taken less than this: fast cases get more samples, which
+      steadies their medians on a noisy machine.
+    max_repeats: cap on repetitions when `budget_seconds` is given.
 
   Returns:
-    name -> `Timing`, in the order of `cases`.
+    name -> `Timing`, in the order of `cases`; every case has the same number
+    of repetitions.
   """
   names = list(cases)
   for name in names:
     for _ in range(warmup):
       cases[name]()
   samples = {name: [] for name in names}
-  for rep in range(repeats):
+  started = time.perf_counter()
+  rep = 0
+  while rep < repeats or (time.perf_counter() - started < budget_seconds
+                          and rep < max_repeats):
     offset = rep % len(names)
     for name in names[offset:] + names[:offset]:
       start = time.perf_counter()
       cases[name]()
       samples[name].append(time.perf_counter() - start)
+    rep += 1
   return {name: Timing(np.asarray(samples[name])) for name in names}
 
 
