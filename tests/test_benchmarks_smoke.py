@@ -91,3 +91,12 @@ def test_train_step_resnet_tiny(capsys, args):
   names = [row[0] for row in _table_rows(out, r"[a-z].*")]
   assert names[-3:] == ["jaxbn.linen.BatchNorm", "flax.linen.BatchNorm",
                         "no normalization (reference)"]
+
+
+def test_seed_cnn_train_step_tiny(capsys):
+  # benchmarks/train_step.py belongs to train.py's owner; run here so every
+  # benchmark script has a smoke test.
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  result = train_step.main(["--tiny"])
+  assert set(result["examples_per_sec"]) == {"jaxbn", "flax.linen"}
+  assert "jaxbn speedup" in capsys.readouterr().out
