@@ -41,3 +41,19 @@ def test_experiment_quick(name, tmp_path):
     summary = record["results"]["summary"]
     assert summary["standardized"]["condition_number"]["mean"] < 1.5
     assert summary["dollars_inches"]["condition_number"]["mean"] > 5e4
+
+
+def test_report_lists_sections_commands_and_quick_warning(tmp_path):
+  for name in ("param_table", "feature_scaling"):
+    importlib.import_module(f"experiments.{name}").main(
+        ["--workdir", str(tmp_path), "--quick"])
+  from experiments import report
+  output = tmp_path / "docs" / "results.md"
+  report.main(["--workdir", str(tmp_path), "--output", str(output)])
+  text = output.read_text()
+  assert "## Summary" in text
+  assert "Parameter table 38,910 / 38,650 / 260" in text
+  assert "`python -m experiments.feature_scaling --workdir" in text
+  assert "smoke-test (--quick) numbers" in text
+  assert "Not run (no JSON found): bn_vs_nobn" in text
+  assert (tmp_path / "docs" / "figures" / "feature_scaling.png").exists()
