@@ -268,7 +268,7 @@ class Report:
     self.add("", f"Usable learning rates: mean accuracy within {NEAR_BEST_POINTS:g} points "
              "of the best run of the same optimizer (BN or not):", "")
     for label, cell in cells.items():
-      good = _near_best(r, cell["optimizer"])[cell["use_bn"]]
+      good = _near_best(r, cell["optimizer"]).get(cell["use_bn"], [])
       listed = ", ".join(f"{x:g}" for x in good) or "none"
       self.add(f"- {label}: {len(good)} of {len(r['learning_rates'])} ({listed}); best "
                f"{100 * cell['best_accuracy']:.1f}% at lr={cell['best_learning_rate']:g}")
@@ -399,9 +399,13 @@ class Report:
       parts, wins = [], []
       for optimizer in dict.fromkeys(c["optimizer"] for c in r["cells"].values()):
         near = _near_best(r, optimizer)
+        if len(near) < 2:  # interrupted run: only one of BN / no BN
+          continue
         parts.append(f"{optimizer}: {len(near[True])} vs {len(near[False])} of "
                      f"{len(r['learning_rates'])}")
         wins.append(len(near[True]) > len(near[False]))
+      if not wins:
+        continue
       rows.append((f"BN makes training less sensitive to hyperparameters and allows "
                    f"higher learning rates (seeds 000, 002) -- {r['model'].upper()}",
                    f"usable learning rates (within {NEAR_BEST_POINTS:g} points of the "
@@ -504,6 +508,10 @@ class Report:
     self.summary(records)
     present = {rec["experiment"] for rec in records.values()}
     missing = [n for n in SECTIONS if n not in present]
+    if not any(rec["experiment"] == "lr_sweep" and rec["results"]["model"] == "cnn"
+               for rec in records.values()):
+      missing.append("lr_sweep on the seed CNN (`--model cnn`, the script's default; "
+                     "the sweep below uses the BN paper's MLP)")
     if missing:
       self.add("Not run (no JSON found): " + ", ".join(missing), "")
     quick = [stem for stem, rec in records.items() if rec["quick"]]
