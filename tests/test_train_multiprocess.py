@@ -4,7 +4,6 @@ Every run is `python train.py --config=configs/tiny.py ...` in subprocesses.
 They share a JAX compilation cache so that repeated runs skip compilation.
 """
 
-import os
 import signal
 import subprocess
 import time

@@ -17,7 +17,6 @@ killed run resumes where it stopped and ends with the same metrics.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -428,7 +427,7 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
 # --- the loop -------------------------------------------------------------------
 
 class _Progress:
-  """A tqdm bar on a terminal (process 0), nothing otherwise."""
+  """A tqdm bar on a terminal (process 0 only); nothing otherwise."""
 
   def __init__(self, enabled: bool):
     self._enabled = enabled and sys.stderr.isatty()
@@ -451,6 +450,127 @@ class _Progress:
       self._bar = None
 
 
+class _Run(NamedTuple):
+  """What the epoch functions share within one `train_and_evaluate` call."""
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  mesh: jax.sharding.Mesh
+  train: input_pipeline.Split
+  validation: input_pipeline.Split
+  test: input_pipeline.Split
+  steps_per_epoch: int
+  rows: slice  # this process's rows of every global training batch
+  manager: ocp.CheckpointManager
+  signature: dict
+  history: list[dict]
+  progress: _Progress
+  is_main: bool
+
+  def progress_record(self, step: int) -> dict:
+    return {"step": step, "epoch": step // self.steps_per_epoch,
+            "batch_in_epoch": step % self.steps_per_epoch,
+            "signature": self.signature, "history": self.history}
+
+  def log(self, message: str) -> None:
+    if self.is_main:
+      print(message, flush=True)
+
+
+def _check_nonfinite(run: _Run, state: TrainState) -> None:
+  consecutive = int(jax.device_get(state.consecutive_nonfinite))
+  limit = run.config.max_consecutive_nonfinite
+  if consecutive >= limit:
+    raise FloatingPointError(
+        f"Stopping: {consecutive} training steps in a row (up to step "
+        f"{int(jax.device_get(state.step))}) had a non-finite loss or gradient and were "
+        f"skipped (max_consecutive_nonfinite={limit}). Lower the learning rate, or "
+        "turn off half_precision.")
+
+
+def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
+                ) -> tuple[TrainState, float]:
+  """Runs the rest of `epoch` from `state.step`; returns the state and its examples/s.
+
+  Saves a checkpoint every `checkpoint_every_steps` (not at the epoch's end,
+  which `train_and_evaluate` saves after evaluating).
+  """
+  config = run.config
+  batch_sharding = NamedSharding(run.mesh, P(AXIS))
+  step = int(jax.device_get(state.step))
+  first_batch = step - epoch * run.steps_per_epoch
+  nan_steps = set(int(s) for s in config.inject_nan_at_steps)
+  run.progress.start_epoch(epoch, config.num_epochs, run.steps_per_epoch, first_batch)
+  start_time, last_logged, saving_time = time.perf_counter(), step, 0.0
+  for batch in input_pipeline.train_batches(
+      run.train, global_batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+      rows=run.rows, start_step=first_batch):
+    if step in nan_steps:
+      batch = batch._replace(images=np.full_like(batch.images, np.nan))
+    state = step_fn(state, input_pipeline.to_global(batch, batch_sharding,
+                                                    config.batch_size))
+    step += 1
+    end_of_epoch = step % run.steps_per_epoch == 0
+    if step % config.log_every_steps == 0 or end_of_epoch:
+      _check_nonfinite(run, state)
+      sums = jax.device_get(state.epoch_sums)
+      elapsed = time.perf_counter() - start_time - saving_time
+      examples = (step - epoch * run.steps_per_epoch - first_batch) * config.batch_size
+      run.progress.update(step - last_logged, float(sums.loss) / max(int(sums.steps), 1),
+                          examples / max(elapsed, 1e-9))
+      last_logged = step
+    if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        and not end_of_epoch):
+      save_started = time.perf_counter()
+      save_checkpoint(run.manager, state, run.progress_record(step))
+      saving_time += time.perf_counter() - save_started
+  jax.block_until_ready(state)
+  run.progress.close()
+  train_time = time.perf_counter() - start_time - saving_time
+  examples = (run.steps_per_epoch - first_batch) * config.batch_size
+  return state, examples / max(train_time, 1e-9)
+
+
+def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
+                   examples_per_sec: float) -> dict:
+  """The epoch's `metrics.jsonl` record: training sums, validation and test."""
+  sums = jax.device_get(state.epoch_sums)
+  batch_size = run.config.eval_batch_size
+  val = evaluate(eval_fn, state, run.validation, global_batch_size=batch_size,
+                 mesh=run.mesh)
+  test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size, mesh=run.mesh)
+  return {
+      "epoch": epoch + 1, "step": int(jax.device_get(state.step)),
+      "train_loss": float(sums.loss) / max(int(sums.steps), 1),
+      "train_accuracy": int(sums.correct) / max(int(sums.examples), 1),
+      "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+      "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+      "examples_per_sec": examples_per_sec,
+      "nonfinite_steps": int(sums.nonfinite_steps),
+  }
+
+
+def _format_record(record: dict, num_epochs: int) -> str:
+  line = (f"epoch {record['epoch']}/{num_epochs} step {record['step']}: "
+          f"train_loss {record['train_loss']:.4f} "
+          f"train_acc {record['train_accuracy']:.4f} "
+          f"val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f} "
+          f"test_loss {record['test_loss']:.4f} test_acc {record['test_accuracy']:.4f} "
+          f"{record['examples_per_sec']:,.0f} examples/s")
+  if record["nonfinite_steps"]:
+    line += f" ({record['nonfinite_steps']} non-finite steps skipped)"
+  return line
+
+
+def _load_splits(config: ml_collections.ConfigDict):
+  splits, info = input_pipeline.load_dataset(
+      config.dataset, [config.train_split, config.validation_split, config.test_split],
+      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
+  return (input_pipeline.take(splits[config.train_split], config.num_train_examples),
+          input_pipeline.take(splits[config.validation_split], config.num_eval_examples),
+          input_pipeline.take(splits[config.test_split], config.num_eval_examples),
+          info)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                        ) -> dict:
   """Trains and evaluates per `config`, checkpointing into `workdir`.
@@ -464,26 +584,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   Raises:
     ValueError: a bad config, or a checkpoint from an incompatible run.
+    FileNotFoundError: a dataset archive is missing.
     FloatingPointError: `max_consecutive_nonfinite` steps in a row were skipped.
   """
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_main = jax.process_index() == 0
   mesh = create_mesh(config.num_devices)
-  num_devices = mesh.devices.size
-  validate_config(config, num_devices)
-  log = print if is_main else (lambda *args, **kwargs: None)
-
-  splits, info = input_pipeline.load_dataset(
-      config.dataset, [config.train_split, config.validation_split, config.test_split],
-      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
-  train_split = input_pipeline.take(splits[config.train_split], config.num_train_examples)
-  val_split = input_pipeline.take(splits[config.validation_split], config.num_eval_examples)
-  test_split = input_pipeline.take(splits[config.test_split], config.num_eval_examples)
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_split.labels),
-                                                   config.batch_size)
+  validate_config(config, mesh.devices.size)
+  train, validation, test, info = _load_splits(config)
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(train.labels), config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"Bad config: batch_size={config.batch_size} is larger than the "
-                     f"{len(train_split.labels)} training examples.")
+                     f"{len(train.labels)} training examples.")
 
   model = create_model(config, info)
   tx = create_optimizer(config, steps_per_epoch)
@@ -492,127 +604,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   init_fn = jax.jit(functools.partial(create_train_state, model, tx),
                     out_shardings=replicated)
   key = jax.random.key(config.seed)
-
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
-  manager = create_checkpoint_manager(workdir, config)
-  signature = _run_signature(config, steps_per_epoch)
-  abstract_state = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
-      jax.eval_shape(init_fn, key))
-  restored = restore_checkpoint(manager, abstract_state)
-  if restored is None:
-    state, history = init_fn(key), []
-  else:
-    state, progress = restored
-    if progress["signature"] != signature:
-      raise ValueError(
-          f"workdir {workdir} holds a checkpoint of a different run "
-          f"({progress['signature']}) than this config ({signature}); use a new "
-          "--workdir or the same settings.")
-    history = progress["history"]
-    log(f"Resuming from step {progress['step']} (epoch {progress['epoch'] + 1}, "
-        f"batch {progress['batch_in_epoch']}) in {workdir}.")
-
-  log(models.format_parameter_table(models.parameter_table(model)))
-  log(f"{config.dataset}: {len(train_split.labels)} train / {len(val_split.labels)} "
-      f"val / {len(test_split.labels)} test examples; {jax.process_count()} process(es), "
-      f"{num_devices} device(s), parallelism={config.parallelism}, global batch "
-      f"{config.batch_size}, {steps_per_epoch} steps per epoch.")
-
-  rows = input_pipeline.process_rows(batch_sharding, config.batch_size)
-  example_batch = next(input_pipeline.train_batches(
-      train_split, global_batch_size=config.batch_size, seed=config.seed, epoch=0,
-      rows=rows))
-  # Compiling ahead keeps compilation out of the measured examples/s.
-  step_fn = make_train_step(config, mesh, model, tx).lower(
-      state, input_pipeline.to_global(example_batch, batch_sharding,
-                                      config.batch_size)).compile()
-  eval_fn = make_eval_step(config, mesh, model)
-  nan_steps = set(int(s) for s in config.inject_nan_at_steps)
-  progress_bar = _Progress(is_main)
-
-  def progress_record(step):
-    return {"step": step, "epoch": step // steps_per_epoch,
-            "batch_in_epoch": step % steps_per_epoch, "signature": signature,
-            "history": history}
-
-  def check_nonfinite(state):
-    consecutive = int(jax.device_get(state.consecutive_nonfinite))
-    if consecutive >= config.max_consecutive_nonfinite:
-      raise FloatingPointError(
-          f"Stopping: {consecutive} training steps in a row (up to step "
-          f"{int(jax.device_get(state.step))}) had a non-finite loss or gradient and "
-          f"were skipped (max_consecutive_nonfinite={config.max_consecutive_nonfinite}). "
-          "Lower the learning rate, or turn off half_precision.")
-
-  step = int(jax.device_get(state.step))
-  if is_main and history:
-    write_metrics(workdir, history)
+  run = _Run(config=config, workdir=workdir, mesh=mesh, train=train,
+             validation=validation, test=test, steps_per_epoch=steps_per_epoch,
+             rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
+             manager=create_checkpoint_manager(workdir, config),
+             signature=_run_signature(config, steps_per_epoch), history=[],
+             progress=_Progress(is_main), is_main=is_main)
   try:
-    for epoch in range(step // steps_per_epoch, config.num_epochs):
-      first_batch = step % steps_per_epoch
-      progress_bar.start_epoch(epoch, config.num_epochs, steps_per_epoch, first_batch)
-      start_time, last_logged = time.perf_counter(), step
-      for batch in input_pipeline.train_batches(
-          train_split, global_batch_size=config.batch_size, seed=config.seed,
-          epoch=epoch, rows=rows, start_step=first_batch):
-        if step in nan_steps:
-          batch = batch._replace(images=np.full_like(batch.images, np.nan))
-        state = step_fn(state, input_pipeline.to_global(batch, batch_sharding,
-                                                        config.batch_size))
-        step += 1
-        end_of_epoch = step % steps_per_epoch == 0
-        if step % config.log_every_steps == 0 or end_of_epoch:
-          check_nonfinite(state)
-          sums = jax.device_get(state.epoch_sums)
-          elapsed = time.perf_counter() - start_time
-          progress_bar.update(step - last_logged, float(sums.loss) / max(int(sums.steps), 1),
-                              (step - epoch * steps_per_epoch - first_batch)
-                              * config.batch_size / max(elapsed, 1e-9))
-          last_logged = step
-        if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-            and not end_of_epoch):
-          save_started = time.perf_counter()
-          save_checkpoint(manager, state, progress_record(step))
-          start_time += time.perf_counter() - save_started  # not training time
-      jax.block_until_ready(state)
-      train_time = time.perf_counter() - start_time
-      progress_bar.close()
+    abstract_state = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+        jax.eval_shape(init_fn, key))
+    restored = restore_checkpoint(run.manager, abstract_state)
+    if restored is None:
+      state = init_fn(key)
+    else:
+      state, progress = restored
+      if progress["signature"] != run.signature:
+        raise ValueError(
+            f"workdir {workdir} holds a checkpoint of a different run "
+            f"({progress['signature']}) than this config ({run.signature}); use a new "
+            "--workdir or the same settings.")
+      run.history.extend(progress["history"])
+      run.log(f"Resuming from step {progress['step']} (epoch {progress['epoch'] + 1}, "
+              f"batch {progress['batch_in_epoch']}) in {workdir}.")
+    run.log(models.format_parameter_table(models.parameter_table(model)))
+    run.log(f"{config.dataset}: {len(train.labels)} train / {len(validation.labels)} "
+            f"val / {len(test.labels)} test examples; {jax.process_count()} process(es), "
+            f"{mesh.devices.size} device(s), parallelism={config.parallelism}, global "
+            f"batch {config.batch_size}, {steps_per_epoch} steps per epoch.")
+    if is_main and run.history:
+      write_metrics(workdir, run.history)
 
-      sums = jax.device_get(state.epoch_sums)
-      val = evaluate(eval_fn, state, val_split, global_batch_size=config.eval_batch_size,
-                     mesh=mesh)
-      test = evaluate(eval_fn, state, test_split,
-                      global_batch_size=config.eval_batch_size, mesh=mesh)
-      record = {
-          "epoch": epoch + 1, "step": step,
-          "train_loss": float(sums.loss) / max(int(sums.steps), 1),
-          "train_accuracy": int(sums.correct) / max(int(sums.examples), 1),
-          "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-          "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-          "examples_per_sec": ((steps_per_epoch - first_batch) * config.batch_size
-                               / max(train_time, 1e-9)),
-          "nonfinite_steps": int(sums.nonfinite_steps),
-      }
-      history.append(record)
+    first_epoch = int(jax.device_get(state.step)) // steps_per_epoch
+    if first_epoch < config.num_epochs:
+      # Compiling ahead keeps compilation out of the measured examples/s.
+      example = next(input_pipeline.train_batches(
+          train, global_batch_size=config.batch_size, seed=config.seed, epoch=0,
+          rows=run.rows))
+      step_fn = make_train_step(config, mesh, model, tx).lower(
+          state, input_pipeline.to_global(example, batch_sharding, config.batch_size)
+      ).compile()
+      eval_fn = make_eval_step(config, mesh, model)
+    for epoch in range(first_epoch, config.num_epochs):
+      state, examples_per_sec = train_epoch(run, step_fn, state, epoch)
+      record = evaluate_epoch(run, eval_fn, state, epoch, examples_per_sec)
+      run.history.append(record)
       state = state._replace(epoch_sums=jax.device_put(zero_epoch_sums(), replicated))
-      save_checkpoint(manager, state, progress_record(step))
+      save_checkpoint(run.manager, state, run.progress_record(record["step"]))
       if is_main:
-        write_metrics(workdir, history)
-        plot_curves(workdir / PLOT_FILE, history)
-      log(f"epoch {epoch + 1}/{config.num_epochs} step {step}: "
-          f"train_loss {record['train_loss']:.4f} train_acc {record['train_accuracy']:.4f} "
-          f"val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f} "
-          f"test_loss {record['test_loss']:.4f} test_acc {record['test_accuracy']:.4f} "
-          f"{record['examples_per_sec']:,.0f} examples/s"
-          + (f" ({record['nonfinite_steps']} non-finite steps skipped)"
-             if record["nonfinite_steps"] else ""), flush=True)
+        write_metrics(workdir, run.history)
+        plot_curves(workdir / PLOT_FILE, run.history)
+      run.log(_format_record(record, config.num_epochs))
   finally:
-    progress_bar.close()
-    manager.wait_until_finished()
-    manager.close()
-  if is_main and history:
-    plot_curves(workdir / PLOT_FILE, history)
-  return dict(history[-1]) if history else {}
+    run.progress.close()
+    run.manager.wait_until_finished()
+    run.manager.close()
+  if is_main and run.history:
+    plot_curves(workdir / PLOT_FILE, run.history)
+  return dict(run.history[-1]) if run.history else {}
