@@ -218,3 +218,15 @@ def test_optimizers_and_schedules(name, schedule):
   np.testing.assert_allclose(peak, 0.1, rtol=0.05)
   if schedule != "constant":
     assert float(lr(16)) < 0.01
+
+
+def test_half_precision_trains_with_float32_state():
+  config = utils.tiny_config(half_precision=True, num_devices=1)
+  state, step, batch, _, mesh = _state_and_step(config, num_devices=1)
+  sharding = NamedSharding(mesh, P("data"))
+  for _ in range(2):
+    state = step(state, input_pipeline.to_global(batch, sharding, 64))
+  state = jax.device_get(state)
+  assert int(state.epoch_sums.steps) == 2 and np.isfinite(state.epoch_sums.loss)
+  for leaf in jax.tree.leaves((state.params, state.opt_state, state.bn_state)):
+    assert leaf.dtype in (np.float32, np.int32), leaf.dtype

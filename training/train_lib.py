@@ -442,7 +442,8 @@ class _Progress:
   def update(self, steps: int, loss: float, examples_per_sec: float):
     if self._bar is not None:
       self._bar.update(steps)
-      self._bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{examples_per_sec:,.0f}")
+      self._bar.set_postfix({"loss": f"{loss:.4f}",
+                             "examples/s": f"{examples_per_sec:,.0f}"})
 
   def close(self):
     if self._bar is not None:
