@@ -23,6 +23,12 @@ passes over an array of x's size (per-feature vectors ignored); inference
 reads x and writes y: 2 passes. The floor time is those bytes over the
 bandwidth of a jitted `x * 2` (1 read + 1 write of x) timed in the same run;
 "x floor" is given for the medians and for the fastest repetitions.
+
+glibc's malloc is first told to keep freed memory (`--malloc reuse`, the
+default here): with its stock thresholds every output above ~32 MB is mmapped
+afresh and page-faulted on each call, a cost equal for all implementations
+that buried the kernels at the two large NHWC shapes. `--malloc default`
+measures with the stock allocator.
 """
 
 from __future__ import annotations
@@ -206,7 +212,9 @@ def main(argv=None) -> None:
   parser.add_argument("--budget", type=float,
                       help="seconds of timed rounds per shape and dtype: fast cases get "
                       "more repetitions, up to 100 (default 20; 0 with --tiny)")
+  _harness.add_malloc_flag(parser)
   args = parser.parse_args(argv)
+  _harness.configure_malloc(args.malloc)
 
   shapes = (TINY_SHAPES if args.tiny else
             tuple(parse_shape(s) for s in args.shapes.split(",")) if args.shapes

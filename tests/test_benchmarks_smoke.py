@@ -48,6 +48,7 @@ ENTRY %main (x: f32[4], c: s32[]) -> f32[4] {
 
 def test_bn_op_tiny(capsys):
   bn_op.main(["--tiny", "--dtypes", "f32", "--repeats", "1", "--torch-layouts", "NCHW",
+              "--malloc", "default",
               "--impls", "jaxbn,flax.linen,equinox (mode='batch')"])
   out = capsys.readouterr().out
   assert "Command: `" in out and "### Targets" in out
@@ -84,7 +85,7 @@ def test_accuracy_tiny(capsys):
   assert rows[("(64,8)", "haiku")][2] in ("nan",) or float(rows[("(64,8)", "haiku")][2]) > 1
 
 
-@pytest.mark.parametrize("args", [["--tiny"]])
+@pytest.mark.parametrize("args", [["--tiny", "--malloc", "default"]])
 def test_train_step_resnet_tiny(capsys, args):
   train_step_resnet.main(args)
   out = capsys.readouterr().out
