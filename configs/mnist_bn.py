@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000  # global
   config.num_epochs = 3
   config.optimizer = "adam"  # 'sgd', 'momentum' or 'adam'
-  config.learning_rate = 0.003  # peak value of the schedule
+  config.learning_rate = 0.01  # peak value of the schedule
   config.momentum = 0.9  # for optimizer='momentum'
   config.weight_decay = 0.0  # decoupled (AdamW-style for adam)
   # 'constant', 'cosine' (linear warmup, cosine decay to 0) or 'onecycle'.
