@@ -215,28 +215,6 @@ def unstandardize(stats: StandardizeStats, y: jax.typing.ArrayLike, *, axis=-1,
 # Min-max scaling.
 
 
-def _cross_replica_max(value: jax.Array, axis_name: tuple | None,
-                       axis_index_groups) -> jax.Array:
-  """Elementwise max over replicas (or each replica's group) in one collective."""
-  if axis_name is None:
-    return value
-  if axis_index_groups is None:
-    return lax.pmax(value, axis_name)
-  try:
-    return lax.pmax(value, axis_name, axis_index_groups=axis_index_groups)
-  except NotImplementedError:
-    # vmap and shard_map(check_vma=True) have no grouped reduction: take the max
-    # of a (num_groups, ...) layout where other groups' slots hold -inf.
-    num_replicas = sum(len(g) for g in axis_index_groups)
-    group_of = np.zeros(num_replicas, np.int32)
-    for group_id, members in enumerate(axis_index_groups):
-      group_of[list(members)] = group_id
-    my_group = jnp.asarray(group_of)[lax.axis_index(axis_name)]
-    is_mine = jnp.arange(len(axis_index_groups)) == my_group
-    slots = jnp.where(is_mine.reshape((-1,) + (1,) * value.ndim), value[None], -jnp.inf)
-    return lax.pmax(slots, axis_name)[my_group]
-
-
 def init_min_max(num_features: int | tuple[int, ...]) -> MinMaxStats:
   """Empty statistics (min=+inf, max=-inf) to start a streaming fit."""
   shape = _feature_shape(num_features)
@@ -271,7 +249,7 @@ def fit_min_max(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=None,
     low = jnp.min(jnp.where(mask, x, jnp.inf), reduction_axes)
     high = jnp.max(jnp.where(mask, x, -jnp.inf), reduction_axes)
   # min = -max(-x): both extremes travel in one collective.
-  extremes = _cross_replica_max(jnp.stack([-low, high]), names, groups)
+  extremes = _stats.cross_replica_max(jnp.stack([-low, high]), names, groups)
   return MinMaxStats(min=-extremes[0], max=extremes[1])
 
 

@@ -66,24 +66,36 @@ def cross_replica_sum(value: jax.Array, axis_name: tuple | None,
   Returns:
     An array of `value`'s shape and dtype.
   """
+  return _cross_replica_reduce(value, axis_name, axis_index_groups, lax.psum, 0)
+
+
+def cross_replica_max(value: jax.Array, axis_name: tuple | None,
+                      axis_index_groups=None) -> jax.Array:
+  """Elementwise max over replicas (or each replica's group) in one collective."""
+  return _cross_replica_reduce(value, axis_name, axis_index_groups, lax.pmax, -jnp.inf)
+
+
+def _cross_replica_reduce(value, axis_name, axis_index_groups, collective, identity):
   if axis_name is None:
     return value
   if axis_index_groups is None:
-    return lax.psum(value, axis_name)
+    return collective(value, axis_name)
   try:
-    return lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
+    return collective(value, axis_name, axis_index_groups=axis_index_groups)
   except NotImplementedError:
-    # vmap and shard_map(check_vma=True) have no grouped all-reduce. Sum a
-    # (num_groups, ...) one-hot layout instead: still one collective, with a
-    # payload that grows with the number of groups (not of replicas).
+    # vmap and shard_map(check_vma=True) have no grouped collectives. Reduce a
+    # (num_groups, ...) layout in which other groups' slots hold the identity:
+    # still one collective, with a payload that grows with the number of groups
+    # (not of replicas).
     num_replicas = sum(len(g) for g in axis_index_groups)
     group_of = np.zeros(num_replicas, np.int32)
     for group_id, members in enumerate(axis_index_groups):
       group_of[list(members)] = group_id
     my_group = jnp.asarray(group_of)[lax.axis_index(axis_name)]
-    one_hot = jax.nn.one_hot(my_group, len(axis_index_groups), dtype=value.dtype)
-    slots = one_hot.reshape((-1,) + (1,) * value.ndim) * value[None]
-    return lax.psum(slots, axis_name)[my_group]
+    is_mine = jnp.arange(len(axis_index_groups)) == my_group
+    slots = jnp.where(is_mine.reshape((-1,) + (1,) * value.ndim), value[None],
+                      jnp.asarray(identity, value.dtype))
+    return collective(slots, axis_name)[my_group]
 
 
 def replicated_sum(local: jax.Array, reduced: jax.Array, like: jax.Array,
