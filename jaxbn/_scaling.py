@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
