@@ -3,8 +3,9 @@
 Both models are `training.models.seed_cnn` with the same convolutions, dense
 layers, optimizer (the default config's Adam + one-cycle) and the same jitted,
 state-donating `training.train_lib.train_step`; only the three BN layers
-differ. Timings alternate between the two in every repeat (so both see the same
-machine load) and the table reports the median.
+differ. A third row times the same CNN without BN: the difference to it is
+what the BN layers cost. Timings alternate between the variants in every
+repeat (so all see the same machine load) and the table reports medians.
 
   python benchmarks/train_step.py                 # batch 128, as configs/mnist_bn.py
   python benchmarks/train_step.py --batch_size=512 --repeats=15
@@ -57,13 +58,16 @@ def flax_batch_norm(name: str) -> models.Layer:
   return models.Layer(name, "BatchNorm", init, apply)
 
 
-IMPLEMENTATIONS = {"jaxbn": models.batch_norm, "flax.linen": flax_batch_norm}
+# None: the same CNN without BN layers, the floor that shows what BN costs.
+IMPLEMENTATIONS = {"jaxbn": models.batch_norm, "flax.linen": flax_batch_norm,
+                   "no BN": None}
 
 
 def _compiled_step(batch_norm_layer, batch_size: int, steps_per_epoch: int):
   config = mnist_bn.get_config()
   config.batch_size = batch_size
-  model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=batch_norm_layer)
+  model = models.seed_cnn((28, 28, 1), 10, use_bn=batch_norm_layer is not None,
+                          batch_norm_layer=batch_norm_layer or models.batch_norm)
   tx = train_lib.create_optimizer(config, steps_per_epoch)
   mesh = train_lib.create_mesh(1)
   replicated = NamedSharding(mesh, P())
@@ -79,7 +83,11 @@ def _compiled_step(batch_norm_layer, batch_size: int, steps_per_epoch: int):
 
 
 def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 3) -> dict:
-  """Times both implementations; returns {name: median seconds per step} and more."""
+  """Times the variants; returns medians of wall and CPU seconds per step and more.
+
+  CPU time (of this process, all threads) is reported next to wall time: on a
+  machine shared with other jobs it is the steadier of the two.
+  """
   compiled = {}
   for name, layer in IMPLEMENTATIONS.items():
     step, state, batch = _compiled_step(layer, batch_size, steps_per_epoch=390)
@@ -87,32 +95,48 @@ def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 
       state = step(state, batch)
     jax.block_until_ready(state)
     compiled[name] = [step, state, batch]
-  seconds = {name: [] for name in IMPLEMENTATIONS}
+  wall = {name: [] for name in IMPLEMENTATIONS}
+  cpu = {name: [] for name in IMPLEMENTATIONS}
   for _ in range(repeats):
     for name, entry in compiled.items():
       step, state, batch = entry
-      start = time.perf_counter()
+      wall_start, cpu_start = time.perf_counter(), time.process_time()
       for _ in range(steps):
         state = step(state, batch)
       jax.block_until_ready(state)
-      seconds[name].append((time.perf_counter() - start) / steps)
+      wall[name].append((time.perf_counter() - wall_start) / steps)
+      cpu[name].append((time.process_time() - cpu_start) / steps)
       entry[1] = state
-  median = {name: statistics.median(times) for name, times in seconds.items()}
-  return {"batch_size": batch_size, "steps": steps, "repeats": repeats,
-          "seconds_per_step": median,
-          "examples_per_sec": {name: batch_size / s for name, s in median.items()},
-          "speedup_jaxbn_vs_flax": median["flax.linen"] / median["jaxbn"]}
+  wall = {name: statistics.median(times) for name, times in wall.items()}
+  cpu = {name: statistics.median(times) for name, times in cpu.items()}
+  return {
+      "batch_size": batch_size, "steps": steps, "repeats": repeats,
+      "seconds_per_step": wall, "cpu_seconds_per_step": cpu,
+      "examples_per_sec": {name: batch_size / s for name, s in wall.items()},
+      "speedup_jaxbn_vs_flax": wall["flax.linen"] / wall["jaxbn"],
+      "cpu_speedup_jaxbn_vs_flax": cpu["flax.linen"] / cpu["jaxbn"],
+      # CPU time above the no-BN floor: what the three BN layers (forward,
+      # backward, running-statistics update) cost per step.
+      "bn_cpu_seconds_per_step": {name: cpu[name] - cpu["no BN"]
+                                  for name in ("jaxbn", "flax.linen")},
+  }
 
 
 def format_table(result: dict) -> str:
   lines = [f"Seed CNN training step, batch {result['batch_size']}, "
            f"{jax.device_count()} device(s) ({jax.devices()[0].platform}), median of "
            f"{result['repeats']} interleaved repeats x {result['steps']} steps",
-           f"{'batch norm':<14}{'ms/step':>10}{'examples/s':>14}"]
+           f"{'batch norm':<14}{'ms/step':>10}{'examples/s':>14}{'CPU ms/step':>14}"]
   for name, seconds in result["seconds_per_step"].items():
     lines.append(f"{name:<14}{seconds * 1e3:>10.2f}"
-                 f"{result['examples_per_sec'][name]:>14,.0f}")
-  lines.append(f"jaxbn speedup: {result['speedup_jaxbn_vs_flax']:.2f}x")
+                 f"{result['examples_per_sec'][name]:>14,.0f}"
+                 f"{result['cpu_seconds_per_step'][name] * 1e3:>14.2f}")
+  bn = result["bn_cpu_seconds_per_step"]
+  lines.append(f"jaxbn vs flax.linen, whole step: {result['speedup_jaxbn_vs_flax']:.2f}x "
+               f"examples/s, {result['cpu_speedup_jaxbn_vs_flax']:.2f}x CPU time")
+  lines.append(f"BN layers' CPU time above the no-BN floor: jaxbn "
+               f"{bn['jaxbn'] * 1e3:.2f} ms, flax.linen {bn['flax.linen'] * 1e3:.2f} ms "
+               "per step")
   return "\n".join(lines)
 
 
