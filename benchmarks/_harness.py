@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import datetime
+import math
 import os
 import platform
 import re
@@ -246,6 +247,40 @@ def count_collectives(hlo_text: str) -> CollectiveCount:
         pending.append(callee)
   in_conditional = sum(len(_COLLECTIVE.findall(bodies.get(b, ""))) for b in branches)
   return CollectiveCount({op: counts.get(op, 0) for op in COLLECTIVE_OPS}, in_conditional)
+
+
+def array_passes(hlo_text: str, num_elements: int) -> tuple[int, int]:
+  """Full-size reads and writes of the entry computation of compiled HLO.
+
+  Counts, over the top-level ops (fusions, custom fusions, copies...), the
+  operands and results with at least `num_elements` elements: each is one
+  pass over memory of an array of that size. Parameters, tuples, bitcasts and
+  `conditional` ops (a branch runs only when taken) are not counted.
+
+  Returns:
+    `(reads, writes)`.
+  """
+  bodies = _computations(hlo_text)
+  entry = next((name for name in bodies
+                if re.search(r"^ENTRY\s+%" + re.escape(name) + r"\b", hlo_text, re.M)), None)
+  if entry is None:
+    return 0, 0
+  sizes, reads, writes = {}, 0, 0
+  for line in bodies[entry].splitlines():
+    match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)", line)
+    if not match:
+      continue
+    name, shape, op, rest = match.groups()
+    elements = [math.prod(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"\[([\d,]*)\]", shape)]
+    sizes[name] = max(elements, default=1)
+    if op in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+              "conditional"):
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+    reads += sum(1 for operand in operands if sizes.get(operand, 0) >= num_elements)
+    writes += sum(1 for e in elements if e >= num_elements)
+  return reads, writes
 
 
 def temp_bytes(compiled) -> int:
