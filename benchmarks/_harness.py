@@ -29,8 +29,13 @@ COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-perm
 
 
 class Timing(NamedTuple):
-  """Wall-clock seconds of the timed repetitions of one case."""
+  """Wall-clock seconds of the timed repetitions of one case.
+
+  `cpu_seconds` (when recorded) is the process's CPU time per repetition, all
+  threads: steadier than wall time when neighbours take the cores.
+  """
   seconds: np.ndarray
+  cpu_seconds: np.ndarray | None = None
 
   @property
   def median(self) -> float:
@@ -64,7 +69,8 @@ def fmt_ms(seconds: float) -> str:
 
 def time_interleaved(cases: dict[str, Callable[[], Any]], *, repeats: int,
                      warmup: int = 2, budget_seconds: float = 0.0,
-                     max_repeats: int = 100) -> dict[str, Timing]:
+                     max_repeats: int = 100, cpu_time: bool = False
+                     ) -> dict[str, Timing]:
   """Times every case round-robin, at least `repeats` times each.
 
   Args:
@@ -75,6 +81,7 @@ def time_interleaved(cases: dict[str, Callable[[], Any]], *, repeats: int,
       rounds have taken less than this: fast cases get more samples, which
       steadies their medians on a noisy machine.
     max_repeats: cap on repetitions when `budget_seconds` is given.
+    cpu_time: also record the process CPU time of each repetition.
 
   Returns:
     name -> `Timing`, in the order of `cases`; every case has the same number
@@ -85,17 +92,21 @@ def time_interleaved(cases: dict[str, Callable[[], Any]], *, repeats: int,
     for _ in range(warmup):
       cases[name]()
   samples = {name: [] for name in names}
+  cpu = {name: [] for name in names}
   started = time.perf_counter()
   rep = 0
   while rep < repeats or (time.perf_counter() - started < budget_seconds
                           and rep < max_repeats):
     offset = rep % len(names)
     for name in names[offset:] + names[:offset]:
+      cpu_start = time.process_time()
       start = time.perf_counter()
       cases[name]()
       samples[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - cpu_start)
     rep += 1
-  return {name: Timing(np.asarray(samples[name])) for name in names}
+  return {name: Timing(np.asarray(samples[name]),
+                       np.asarray(cpu[name]) if cpu_time else None) for name in names}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

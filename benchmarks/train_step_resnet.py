@@ -177,24 +177,30 @@ def main(argv=None) -> None:
   cases = {name: build_case(norm, images, labels, width=width, **shape)
            for name, norm in NORMS.items()}
   timings = _harness.time_interleaved(cases, repeats=repeats,
-                                      warmup=1 if args.tiny else 2)
-  reference = timings["jaxbn.linen.BatchNorm"].median
-  no_norm = timings["no normalization (reference)"].median
+                                      warmup=1 if args.tiny else 2, cpu_time=True)
+  reference = timings["jaxbn.linen.BatchNorm"]
+  no_norm = timings["no normalization (reference)"]
   rows = []
   for name, timing in timings.items():
-    bn_cost = (f"{_harness.fmt_ms(timing.median - no_norm)}"
+    cpu = float(np.median(timing.cpu_seconds))
+    reference_cpu = float(np.median(reference.cpu_seconds))
+    bn_cost = (f"{_harness.fmt_ms(timing.median - no_norm.median)} / "
+               f"{_harness.fmt_ms(cpu - float(np.median(no_norm.cpu_seconds)))}"
                if name != "no normalization (reference)" else "-")
     rows.append([name, timing.ms(), f"{batch / timing.median:.1f}",
-                 _harness.fmt_ratio(timing.median / reference), bn_cost])
+                 _harness.fmt_ratio(timing.median / reference.median),
+                 _harness.fmt_ms(cpu), _harness.fmt_ratio(cpu / reference_cpu), bn_cost])
   name = ("ResNet-18" if shape == dict(stages=4, blocks=2) else
           f"ResNet ({shape['stages']} stages x {shape['blocks']} blocks)")
   _harness.print_table(
       f"{name} width {width}, batch {batch}, {image_size}x{image_size}x3, f32, "
       f"SGD+momentum ({repeats} interleaved steps per variant)",
       ["normalization", "step ms, median (min-max)", "examples/s", "time vs jaxbn",
-       "ms over no-norm"], rows,
+       "CPU ms/step, median", "CPU vs jaxbn", "ms over no-norm, wall / CPU"], rows,
       "ResNet-18 has 20 batch-norm layers (stem, 16 in blocks, 3 on shortcuts). "
-      "'ms over no-norm' = step time minus the no-normalization model's median.")
+      "CPU ms: process CPU time per step (both XLA threads), steadier than wall time "
+      "on a shared machine. 'ms over no-norm' = median minus the no-normalization "
+      "model's median.")
 
 
 if __name__ == "__main__":
