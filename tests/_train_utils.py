@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 TINY_CONFIG = REPO / "configs" / "tiny.py"
@@ -37,6 +39,24 @@ def read_metrics(workdir) -> list[dict]:
 
 def compared(records: list[dict]) -> list[dict]:
   return [{key: record[key] for key in COMPARED_METRICS} for record in records]
+
+
+def assert_same_curve(records: list[dict], reference: list[dict]) -> None:
+  """Equal metrics up to float rounding of a different reduction order.
+
+  Different topologies sum in different orders: the first epoch agrees to
+  ~1e-7, and 16 Adam steps at a constant learning rate amplify that to ~1e-4
+  (training is chaotic). Accuracies may differ by at most one example.
+  """
+  assert len(records) == len(reference)
+  for record, expected in zip(compared(records), compared(reference)):
+    for key, value in expected.items():
+      if key.endswith("accuracy"):
+        np.testing.assert_allclose(record[key], value, rtol=0, atol=1 / 128 + 1e-9,
+                                   err_msg=key)
+      else:
+        np.testing.assert_allclose(record[key], value, rtol=3e-4, atol=1e-6,
+                                   err_msg=key)
 
 
 def free_port() -> int:
