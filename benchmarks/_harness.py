@@ -24,6 +24,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+# PyTorch's OpenMP workers spin after each parallel region by default; on a
+# machine with more runnable threads than cores that spinning starves both
+# PyTorch itself (measured: a tiny BatchNorm2d step 128 ms instead of 1 ms) and
+# whatever runs next. Must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                   "all-to-all")
 
@@ -179,7 +185,8 @@ def print_header(title: str) -> None:
   print(f"Run at {datetime.datetime.now().isoformat(timespec='seconds')} on "
         f"{platform.machine()} with {os.cpu_count()} CPUs (load average "
         f"{load[0]:.1f} at start), jax {jax.__version__}, "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {malloc}.\n")
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {malloc}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}.\n")
 
 
 def print_table(title: str, headers, rows, note: str | None = None) -> None:

@@ -58,7 +58,7 @@ def test_bn_op_tiny(capsys):
   assert {"jaxbn", "flax.linen", "equinox (mode='batch')",
           "copy x*2 (bandwidth probe)"} <= names
   assert any(name.startswith("torch BatchNorm2d") for name in names)
-  errors = {(row[0], row[2]): row[7] for row in rows}
+  errors = {(row[0], row[2]): row[9] for row in rows}
   # Accuracy at mean/std 3000 in float32: jaxbn exact, flax's fast variance not.
   for shape in ("(4,3,3,8)", "(16,8)"):
     assert float(errors[(shape, "jaxbn")]) < 1e-5
@@ -105,5 +105,6 @@ def test_seed_cnn_train_step_tiny(capsys):
   # benchmark script has a smoke test.
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
   result = train_step.main(["--tiny"])
-  assert set(result["examples_per_sec"]) == {"jaxbn", "flax.linen"}
-  assert "jaxbn speedup" in capsys.readouterr().out
+  assert {"jaxbn", "flax.linen"} <= set(result["examples_per_sec"])
+  out = capsys.readouterr().out
+  assert "jaxbn" in out and "flax.linen" in out
