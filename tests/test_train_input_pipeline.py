@@ -138,3 +138,9 @@ def test_take():
   assert list(input_pipeline.take(split, 3).labels) == [0, 1, 2]
   with pytest.raises(ValueError, match="asked for 11 examples"):
     input_pipeline.take(split, 11)
+
+
+def test_bad_split_names_the_available_ones(mnist):
+  del mnist  # prepared
+  with pytest.raises(ValueError, match=r"split 'validation' of 'mnist'.*'train': 60000"):
+    input_pipeline.load_dataset("mnist", ["validation"])

@@ -177,8 +177,13 @@ def _prepare_with_tfds(dataset: str, splits: list[str], data_dir: pathlib.Path,
       shutil.rmtree(download_dir, ignore_errors=True)
   arrays = {}
   for split in splits:
-    images, labels = tfds.as_numpy(builder.as_dataset(
-        split=split, batch_size=-1, as_supervised=True, shuffle_files=False))
+    try:
+      images, labels = tfds.as_numpy(builder.as_dataset(
+          split=split, batch_size=-1, as_supervised=True, shuffle_files=False))
+    except (ValueError, KeyError) as error:
+      available = {name: s.num_examples for name, s in builder.info.splits.items()}
+      raise ValueError(f"split {split!r} of {dataset!r} cannot be read ({error}); its "
+                       f"splits and sizes are {available}.") from None
     arrays[split] = Split(np.asarray(images, np.uint8), np.asarray(labels, np.int32))
   return arrays, info
 

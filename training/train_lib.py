@@ -563,8 +563,9 @@ def _format_record(record: dict, num_epochs: int) -> str:
 
 
 def _load_splits(config: ml_collections.ConfigDict):
+  fields = ("train_split", "validation_split", "test_split")
   splits, info = input_pipeline.load_dataset(
-      config.dataset, [config.train_split, config.validation_split, config.test_split],
+      config.dataset, [config[field] for field in fields],
       data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
   return (input_pipeline.take(splits[config.train_split], config.num_train_examples),
           input_pipeline.take(splits[config.validation_split], config.num_eval_examples),
