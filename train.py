@@ -19,9 +19,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-# TensorFlow (only used by tfds to prepare data) must leave accelerators to JAX.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 _REPO = pathlib.Path(__file__).resolve().parent
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_REPO / "configs" / "mnist_bn.py"),
