@@ -398,6 +398,7 @@ def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   epochs = [record["epoch"] for record in history]
   figure, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, metric in zip(axes, ("loss", "accuracy")):
@@ -405,6 +406,7 @@ def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
       ax.plot(epochs, [record[f"{split}_{metric}"] for record in history], "o-",
               label=split)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
     ax.legend()
