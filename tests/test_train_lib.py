@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from tests import _train_utils as utils
@@ -61,8 +62,8 @@ def test_outputs_in_workdir(one_device_run):
   # The epoch-end checkpoint holds the data position.
   manager = train_lib.create_checkpoint_manager(workdir, utils.tiny_config())
   assert manager.latest_step() == 16
-  progress = manager.restore(16, args=train_lib.ocp.args.Composite(
-      progress=train_lib.ocp.args.JsonRestore())).progress
+  progress = manager.restore(16, args=ocp.args.Composite(
+      progress=ocp.args.JsonRestore())).progress
   assert (progress["epoch"], progress["batch_in_epoch"]) == (2, 0)
   manager.close()
 
