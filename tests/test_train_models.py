@@ -1,6 +1,7 @@
 """training.models: the seed CNN and the BN paper's MLP as pure functions."""
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,3 +100,39 @@ def test_32x32_rgb_inputs():
   rows = models.parameter_table(model)
   assert rows[-1].output_shape == (100,)
   assert [r for r in rows if r.layer == "flatten"][0].output_shape == (500,)
+
+
+@pytest.mark.parametrize("shape, kernel_shape", [((3, 28, 28, 1), (5, 5, 1, 10)),
+                                                 ((2, 12, 11, 10), (5, 3, 10, 20))])
+def test_conv_valid_equals_lax_convolution_values_and_gradients(shape, kernel_shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+  cotangent = jax.random.normal(jax.random.key(2), (
+      shape[0], shape[1] - kernel_shape[0] + 1, shape[2] - kernel_shape[1] + 1,
+      kernel_shape[3]))
+
+  def reference(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+  y, vjp = jax.vjp(models.conv_valid, x, kernel)
+  y_ref, vjp_ref = jax.vjp(reference, x, kernel)
+  scale = float(jnp.abs(y_ref).max())
+  np.testing.assert_allclose(y, y_ref, atol=1e-5 * scale)
+  for grad, grad_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-5 * float(jnp.abs(grad_ref).max()))
+
+
+def test_max_pool_equals_reduce_window_and_drops_partial_windows():
+  pool = models.max_pool("pool")
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))  # 9 rows: the last is dropped
+  y, _ = pool.apply(None, None, x, models.ApplyContext(training=True))
+  y_ref = lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  assert y.shape == (2, 4, 4, 3)
+  np.testing.assert_array_equal(y, y_ref)
+  # Without ties the gradient goes to each window's maximum, as reduce_window's.
+  grad = jax.grad(lambda x: pool.apply(None, None, x, None)[0].sum())(x)
+  grad_ref = jax.grad(lambda x: lax.reduce_window(
+      x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID").sum())(x)
+  np.testing.assert_array_equal(grad, grad_ref)
