@@ -59,7 +59,9 @@ def direction(optimizer: str) -> optax.GradientTransformation:
   """The learning-rate-free part of an optimizer (the step is `-lr * direction`).
 
   'sgd': the gradient; 'momentum': heavy-ball momentum 0.9 (Keras/optax
-  SGD(momentum=0.9)); 'adam': Adam with optax / Keras defaults.
+  SGD(momentum=0.9)); 'adam': Adam with optax / Keras defaults; 'rmsprop':
+  Keras' RMSprop (rho 0.9, `g / (sqrt(v) + 1e-7)`), the optimizer of the
+  Keras MNIST examples of the seed's time.
   """
   if optimizer == "sgd":
     return optax.identity()
@@ -67,7 +69,10 @@ def direction(optimizer: str) -> optax.GradientTransformation:
     return optax.trace(decay=0.9)
   if optimizer == "adam":
     return optax.scale_by_adam()
-  raise ValueError(f"optimizer must be 'sgd', 'momentum' or 'adam', got {optimizer!r}.")
+  if optimizer == "rmsprop":
+    return optax.scale_by_rms(decay=0.9, eps=1e-7, eps_in_sqrt=False)
+  raise ValueError("optimizer must be 'sgd', 'momentum', 'adam' or 'rmsprop', got "
+                   f"{optimizer!r}.")
 
 
 class Carry(NamedTuple):
@@ -79,8 +84,7 @@ class Carry(NamedTuple):
   finite: jax.Array  # False once an instance's loss was non-finite
 
 
-def _to_float(images: jax.Array) -> jax.Array:
-  return images.astype(jnp.float32) * (1.0 / 255.0)
+PIXEL_SCALE = 1.0 / 255.0  # uint8 pixels -> [0, 1]
 
 
 class Trainer:
@@ -91,11 +95,15 @@ class Trainer:
     optimizer: 'sgd', 'momentum' or 'adam'.
     train: the training split (kept on device as uint8).
     batch_size: examples per step and instance.
+    pixel_scale: inputs are `uint8 pixels * pixel_scale`; 1.0 feeds the raw
+      0-255 values (no input scaling).
   """
 
   def __init__(self, model: models.Model, optimizer: str,
-               train: input_pipeline.Split, batch_size: int):
+               train: input_pipeline.Split, batch_size: int, *,
+               pixel_scale: float = PIXEL_SCALE):
     self.model = model
+    self.pixel_scale = pixel_scale
     self.tx = direction(optimizer)
     self.batch_size = batch_size
     self.train_images = jnp.asarray(train.images)
@@ -116,13 +124,16 @@ class Trainer:
     n = len(seeds)
     return Carry(params, state, opt_state, jnp.zeros(n), jnp.ones(n, bool))
 
+  def _to_float(self, images: jax.Array) -> jax.Array:
+    return images.astype(jnp.float32) * self.pixel_scale
+
   def _loss(self, params, state, images, labels):
     logits, new_state = self.model.apply(params, state, images, True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, new_state
 
   def _instance_step(self, params, state, opt_state, finite, learning_rate, indices):
-    images = _to_float(self.train_images[indices])
+    images = self._to_float(self.train_images[indices])
     labels = self.train_labels[indices]
     (loss, new_state), grads = jax.value_and_grad(self._loss, has_aux=True)(
         params, state, images, labels)
@@ -162,7 +173,7 @@ class Trainer:
                            jnp.asarray(indices))
 
   def _predict_impl(self, params, state, images, *, training):
-    logits, _ = self.model.apply(params, state, _to_float(images), training)
+    logits, _ = self.model.apply(params, state, self._to_float(images), training)
     return logits
 
   def accuracy(self, carry: Carry, split: input_pipeline.Split, *, batch_size: int = 1000,
@@ -194,16 +205,39 @@ class Trainer:
     return np.where(np.asarray(carry.finite), accuracy, np.nan)
 
 
-def train_with_evaluations(trainer: Trainer, seeds, learning_rates, *, num_steps: int,
-                           eval_every: int, evaluate: Callable[[Carry], dict],
-                           log: Callable[[str], None] = print,
-                           eval_at_start: bool = True):
-  """Trains for `num_steps` steps, calling `evaluate(carry)` every `eval_every` steps.
+def evaluation_steps(steps_per_epoch: int, epochs: float,
+                     evals_per_epoch: int) -> list[int]:
+  """Steps at every `1/evals_per_epoch` of an epoch up to `epochs`, rounded.
+
+  Epoch ends are always included exactly (step `k * steps_per_epoch`), and so
+  is the last step of a fractional run.
+  """
+  num_steps = int(round(epochs * steps_per_epoch))
+  steps = {int(round(k * steps_per_epoch / evals_per_epoch))
+           for k in range(1, int(np.ceil(epochs * evals_per_epoch)) + 1)}
+  return sorted({s for s in steps if 0 < s <= num_steps} | {num_steps})
+
+
+def train_with_evaluations(trainer: Trainer, seeds, learning_rates, *, eval_steps,
+                           evaluate: Callable[[Carry], dict],
+                           log: Callable[[str], None] = print):
+  """Trains up to `max(eval_steps)` steps, calling `evaluate(carry)` at `eval_steps`.
+
+  Args:
+    trainer: what to train.
+    seeds: one seed per instance.
+    learning_rates: one learning rate per instance.
+    eval_steps: steps after which to evaluate; 0 evaluates the initialization.
+    evaluate: `carry -> {name: per-instance values}`.
+    log: where progress lines go.
 
   Returns:
-    `(carry, history)`: history is a list of `{"step", "epoch", **evaluate(carry)}`
-    including the last step (and step 0 if `eval_at_start`).
+    `(carry, history)`: history is a list of `{"step", "epoch", "train_loss",
+    **evaluate(carry)}`, one per evaluation step, in order.
   """
+  eval_steps = sorted({int(s) for s in eval_steps})
+  if not eval_steps or eval_steps[0] < 0:
+    raise ValueError(f"eval_steps must be non-negative steps, got {eval_steps}.")
   history = []
 
   def record(carry, step):
@@ -215,19 +249,16 @@ def train_with_evaluations(trainer: Trainer, seeds, learning_rates, *, num_steps
         if k not in ("step", "epoch")))
 
   carry = trainer.init(seeds)
-  if eval_at_start:
-    record(carry, 0)
   step = 0
-  while step < num_steps:
-    stop = min(num_steps, (step // eval_every + 1) * eval_every)
-    epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
-    # Never cross an epoch boundary inside one call: each epoch has its order.
-    stop = min(stop, (epoch + 1) * trainer.steps_per_epoch)
-    carry = trainer.train(carry, seeds, learning_rates, epoch=epoch, start=in_epoch,
-                          stop=in_epoch + stop - step)
-    step = stop
-    if step % eval_every == 0 or step == num_steps:
-      record(carry, step)
+  for target in eval_steps:
+    while step < target:
+      epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
+      # Never cross an epoch boundary inside one call: each epoch has its order.
+      stop = min(target, (epoch + 1) * trainer.steps_per_epoch)
+      carry = trainer.train(carry, seeds, learning_rates, epoch=epoch, start=in_epoch,
+                            stop=in_epoch + stop - step)
+      step = stop
+    record(carry, step)
   return carry, history
 
 

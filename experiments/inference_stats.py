@@ -14,7 +14,11 @@ one training trajectory. It then reports test accuracy
 * with the statistics of each test batch itself, for batch sizes 2..N (batch
   size 1 is undefined: the dense layer's BN would have one value per feature).
 
-  python -m experiments.inference_stats --workdir runs/experiments --steps 1563
+It also evaluates every running-statistics variant at several points of
+training (`--checkpoints`), which shows how long each momentum takes to forget
+the initial state (mean 0, variance 1): its weight after t steps is momentum^t.
+
+  python -m experiments.inference_stats --workdir runs/experiments
 """
 
 from __future__ import annotations
@@ -72,8 +76,11 @@ def multi_stat_batch_norm(name: str) -> models.Layer:
 
 
 def _flags(parser):
-  parser.add_argument("--steps", type=int, default=1563,
-                      help="training steps (1563 = one epoch of 50,000 at batch 32)")
+  parser.add_argument("--steps", type=int, default=3124,
+                      help="training steps (1562 = one epoch of 50,000 at batch 32)")
+  parser.add_argument("--checkpoints", type=int, nargs="+",
+                      default=[100, 300, 1000, 1562],
+                      help="earlier steps at which the variants are also evaluated")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--test_examples", type=int, default=10000,
                       help="first N test images used for every evaluation")
@@ -83,24 +90,36 @@ def run(args) -> dict:
   data = _mnist.load_mnist(quick=args.quick)
   running_batch_sizes, batch_stat_sizes = RUNNING_BATCH_SIZES, BATCH_STAT_SIZES
   if args.quick:  # fewer sizes: each one is a compilation
-    args.steps, args.test_examples = 10, 400
+    args.steps, args.test_examples, args.checkpoints = 10, 400, [5]
     running_batch_sizes, batch_stat_sizes = (1, 100), (1, 2, 100)
   test = input_pipeline.take(data.test, args.test_examples)
   model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm)
   trainer = _mnist.Trainer(model, "adam", data.train, args.batch_size)
-  start = time.time()
-  carry, _ = _mnist.train_with_evaluations(
-      trainer, args.seeds, [1e-3] * len(args.seeds), num_steps=args.steps,
-      eval_every=args.steps, evaluate=lambda c: {}, eval_at_start=False)
-  train_time = time.time() - start
 
-  def variant_state(k):
+  def variant_state(k, carry):
     return {name: states[k] for name, states in carry.state.items()}
+
+  def evaluate_variants(carry):
+    return {_variant_name(*variant): trainer.accuracy(carry, test,
+                                                      state=variant_state(k, carry))
+            for k, variant in enumerate(VARIANTS)}
+
+  start = time.time()
+  carry, history = _mnist.train_with_evaluations(
+      trainer, args.seeds, [1e-3] * len(args.seeds),
+      eval_steps=[s for s in args.checkpoints if s < args.steps] + [args.steps],
+      evaluate=evaluate_variants)
+  train_time = time.time() - start
+  over_training = {
+      name: {"steps": [h["step"] for h in history],
+             "test_accuracy": [_common.mean_std(h[name]) for h in history],
+             "weight_of_initial_state": [momentum ** h["step"] for h in history]}
+      for name, momentum in zip(map(lambda v: _variant_name(*v), VARIANTS),
+                                (m for m, _ in VARIANTS))}
 
   variants = {}
   for k, (momentum, unbiased) in enumerate(VARIANTS):
-    state = variant_state(k)
-    accuracy = trainer.accuracy(carry, test, state=state, batch_size=1000)
+    accuracy = history[-1][_variant_name(momentum, unbiased)]
     variants[_variant_name(momentum, unbiased)] = {
         "momentum": momentum, "unbiased_running_var": unbiased,
         "test_accuracy": accuracy, "summary": _common.mean_std(accuracy),
@@ -109,7 +128,7 @@ def run(args) -> dict:
     print(_variant_name(momentum, unbiased), accuracy, flush=True)
 
   # Running statistics: the inference batch size must not matter (default variant).
-  default = variant_state(VARIANTS.index((0.99, False)))
+  default = variant_state(VARIANTS.index((0.99, False)), carry)
   small = input_pipeline.take(test, min(len(test.labels), 1000))
   running_by_batch = {}
   for size in running_batch_sizes:
@@ -132,6 +151,7 @@ def run(args) -> dict:
   return {"steps": args.steps, "batch_size": args.batch_size, "optimizer": "adam 1e-3",
           "train_time_s": train_time, "test_examples": len(test.labels),
           "small_test_examples": len(small.labels), "variants": variants,
+          "variants_over_training": over_training,
           "running_stats_by_batch_size": running_by_batch,
           "batch_stats_by_batch_size": batch_stats}
 
@@ -154,14 +174,18 @@ def plot(args, results) -> None:
   ax.legend(fontsize=7)
   ax.set_title("running vs batch statistics", fontsize=9)
   ax = axes[0, 1]
-  names = list(results["variants"])
-  ax.bar(range(len(names)), [100 * results["variants"][n]["summary"]["mean"] for n in names],
-         yerr=[100 * results["variants"][n]["summary"]["std"] for n in names],
-         color=["tab:blue" if not results["variants"][n]["unbiased_running_var"]
-                else "tab:orange" for n in names])
-  ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=6)
+  colors = dict(zip(MOMENTA, ("tab:green", "tab:blue", "tab:red")))
+  for name, variant in results["variants"].items():
+    curve = results["variants_over_training"][name]
+    ax.errorbar(curve["steps"], [100 * v["mean"] for v in curve["test_accuracy"]],
+                yerr=[100 * v["std"] for v in curve["test_accuracy"]], capsize=2,
+                color=colors[variant["momentum"]], marker="o", ms=3,
+                ls="--" if variant["unbiased_running_var"] else "-", label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("training step")
   ax.set_ylabel("test accuracy (%), running statistics")
-  ax.set_title(f"running-statistics variants after {results['steps']} steps", fontsize=9)
+  ax.legend(fontsize=6)
+  ax.set_title("running-statistics variants over training", fontsize=9)
   fig.suptitle(f"Seed CNN with BN, Adam 1e-3, batch {results['batch_size']}, "
                f"mean +- std over {len(args.seeds)} seeds")
   _common.save_figure(args, fig)

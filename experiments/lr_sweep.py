@@ -2,13 +2,15 @@
 
 Sweeps the learning rate over 9 values from 1e-4 to 1 (4 orders of magnitude)
 for SGD and Adam, with and without BN, and reports validation accuracy after a
-fixed budget of `--steps` steps of batch `--batch_size`, for several seeds.
+fixed budget of `--epochs` epochs (default one pass over the 50,000 training
+images) of batch `--batch_size`, for several seeds.
 All learning rates and seeds of one (optimizer, BN) pair train as one vmapped
 program (same data order per seed across learning rates).
 
 Writes `lr_sweep_{cnn,mlp}.json` / `.png`.
 
-  python -m experiments.lr_sweep --workdir runs/experiments --steps 300
+  python -m experiments.lr_sweep --workdir runs/experiments --model cnn
+  python -m experiments.lr_sweep --workdir runs/experiments --model mlp --batch_size 60
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ GOOD_ACCURACY = 0.95  # "works" threshold for counting usable learning rates
 def _flags(parser):
   parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn",
                       help="the seed CNN or the BN paper's sigmoid MLP")
-  parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+  parser.add_argument("--epochs", type=float, default=1.0,
+                      help="training budget per run, in epochs of 50,000 examples")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--learning_rates", type=float, nargs="+",
                       default=list(LEARNING_RATES))
@@ -44,12 +47,12 @@ def _flags(parser):
 def run(args) -> dict:
   data = _mnist.load_mnist(quick=args.quick)
   if args.quick:
-    args.steps, args.learning_rates, args.validation_examples = 8, [1e-3, 1.0], 256
+    args.epochs, args.learning_rates, args.validation_examples = 0.25, [1e-3, 1.0], 256
   validation = input_pipeline.take(data.validation, args.validation_examples)
   learning_rates = list(args.learning_rates)
   instances = [(lr, seed) for lr in learning_rates for seed in args.seeds]
   cells = {}
-  results = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+  results = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
              "learning_rates": learning_rates, "good_accuracy": GOOD_ACCURACY,
              "validation_examples": len(validation.labels), "cells": cells}
   for optimizer in args.optimizers:
@@ -58,14 +61,15 @@ def run(args) -> dict:
       model = models.create_model(args.model, input_shape=(28, 28, 1), num_classes=10,
                                   use_bn=use_bn)
       trainer = _mnist.Trainer(model, optimizer, data.train, args.batch_size)
+      num_steps = int(round(args.epochs * trainer.steps_per_epoch))
+      results["steps"] = num_steps
       start = time.time()
       _, history = _mnist.train_with_evaluations(
           trainer, [s for _, s in instances], [lr for lr, _ in instances],
-          num_steps=args.steps, eval_every=args.steps,
+          eval_steps=[num_steps],
           evaluate=lambda c, t=trainer: {"validation_accuracy":
                                          t.accuracy(c, validation)},
-          log=lambda msg, label=label: print(label, msg, flush=True),
-          eval_at_start=False)
+          log=lambda msg, label=label: print(label, msg, flush=True))
       final = np.asarray(history[-1]["validation_accuracy"], float).reshape(
           len(learning_rates), len(args.seeds))
       # A diverged run (non-finite loss) counts as chance level for the summary.
