@@ -49,16 +49,20 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
   args.command = "python -m experiments.{} {}".format(
       name, shlex.join(sys.argv[1:] if argv is None else list(argv)))
   args.start_time = time.time()
+  # The code that produces the numbers is the code at the start of the run.
+  args.git_commit = _git_commit()
   return args
 
 
 def _git_commit() -> str | None:
-  """HEAD when the results were written, with '+dirty' if experiments/ had edits."""
+  """HEAD, with '+dirty' if experiments/, training/ or jaxbn/ had uncommitted edits."""
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=True, cwd=here).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", here],
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", here,
+                            os.path.join(here, os.pardir, "training"),
+                            os.path.join(here, os.pardir, "jaxbn")],
                            capture_output=True, text=True, check=True,
                            cwd=here).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
@@ -89,7 +93,7 @@ def write_json(args: argparse.Namespace, results: dict, suffix: str = "") -> str
       "command": args.command,
       "quick": args.quick,
       "seeds": list(args.seeds),
-      "git_commit": _git_commit(),
+      "git_commit": args.git_commit,
       "jax_version": jax.__version__,
       "platform": f"{platform.platform()}, {os.cpu_count()} CPUs, {jax.default_backend()}",
       "wall_time_s": round(time.time() - args.start_time, 1),

@@ -5,7 +5,7 @@ pipeline). `training.train_lib.train_and_evaluate` trains one run and evaluates
 once per epoch; the experiments need several seeds (and learning rates) per
 configuration and evaluations every fraction of an epoch, so this module
 trains a group of *instances* -- one per (seed, learning rate) -- as one
-`jax.vmap`-ed, `lax.scan`-ned program. Each instance has its own
+`lax.scan`-ned program that steps the instances one after the other. Each instance has its own
 initialization (from its seed), its own data order
 (`input_pipeline.epoch_permutation(seed, epoch)`, as train_lib) and its own
 learning rate; the loss is train_lib's mean softmax cross-entropy.
@@ -110,10 +110,8 @@ class Trainer:
     self.train_labels = jnp.asarray(train.labels)
     self.steps_per_epoch = input_pipeline.steps_per_epoch(len(train.labels), batch_size)
     self._run_steps = jax.jit(self._run_steps_impl, donate_argnums=(0,))
-    self._predict = {
-        training: jax.jit(jax.vmap(functools.partial(self._predict_impl,
-                                                     training=training),
-                                   in_axes=(0, 0, None)))
+    self._count_correct = {
+        training: jax.jit(functools.partial(self._count_correct_impl, training=training))
         for training in (False, True)}
 
   def init(self, seeds) -> Carry:
@@ -141,16 +139,23 @@ class Trainer:
     params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
     return params, new_state, opt_state, loss, finite & jnp.isfinite(loss)
 
-  def _run_steps_impl(self, carry: Carry, learning_rates, indices) -> Carry:
-    step = jax.vmap(self._instance_step)
+  def _run_steps_impl(self, carry: Carry, learning_rates, indices, active) -> Carry:
+    def step(instance):
+      return self._instance_step(*instance)
 
-    def body(carry, step_indices):
-      params, state, opt_state, loss, finite = step(
-          carry.params, carry.state, carry.opt_state, carry.finite, learning_rates,
-          step_indices)
-      return Carry(params, state, opt_state, loss, finite), None
+    def train_step(carry, step_indices):
+      # Instances one after the other (lax.map), not vmapped: on CPU the
+      # unbatched convolutions and matmuls of one instance run 15-25% faster
+      # than their batched forms (measured on the seed CNN, 3 and 9 instances).
+      return Carry(*jax.lax.map(step, (carry.params, carry.state, carry.opt_state,
+                                       carry.finite, learning_rates, step_indices)))
 
-    carry, _ = jax.lax.scan(body, carry, indices)
+    def body(carry, step):
+      step_indices, step_active = step
+      return jax.lax.cond(step_active, train_step, lambda carry, _: carry, carry,
+                          step_indices), None
+
+    carry, _ = jax.lax.scan(body, carry, (indices, active))
     return carry
 
   def batch_indices(self, seeds, epoch: int, start: int, stop: int) -> np.ndarray:
@@ -164,19 +169,39 @@ class Trainer:
         for step in range(start, stop)]).astype(np.int32)
 
   def train(self, carry: Carry, seeds, learning_rates, *, epoch: int, start: int,
-            stop: int) -> Carry:
-    """Runs steps [start, stop) of `epoch` for every instance."""
+            stop: int, pad_to: int = 0) -> Carry:
+    """Runs steps [start, stop) of `epoch` for every instance.
+
+    `pad_to` pads the call to that many (skipped) steps, so that calls of
+    different lengths share one compiled program.
+    """
     if stop <= start:
       return carry
     indices = self.batch_indices(seeds, epoch, start, stop)
+    num_steps = max(pad_to, len(indices))
+    active = np.arange(num_steps) < len(indices)
+    indices = np.concatenate(
+        [indices, np.zeros((num_steps - len(indices),) + indices.shape[1:], np.int32)])
     return self._run_steps(carry, jnp.asarray(learning_rates, jnp.float32),
-                           jnp.asarray(indices))
+                           jnp.asarray(indices), jnp.asarray(active))
 
-  def _predict_impl(self, params, state, images, *, training):
-    logits, _ = self.model.apply(params, state, self._to_float(images), training)
-    return logits
+  def _predict_all(self, params, state, images, *, training):
+    """Logits `(num_instances, batch, classes)`, one instance after the other."""
+    def predict(instance):
+      logits, _ = self.model.apply(*instance, self._to_float(images), training)
+      return logits
+    return jax.lax.map(predict, (params, state))
 
-  def accuracy(self, carry: Carry, split: input_pipeline.Split, *, batch_size: int = 1000,
+  def _count_correct_impl(self, params, state, images, labels, *, training):
+    """Correct predictions `(num_instances,)` over `(num_batches, batch, ...)` inputs."""
+    def batch_correct(batch):
+      batch_images, batch_labels = batch
+      logits = self._predict_all(params, state, batch_images, training=training)
+      return jnp.sum(jnp.argmax(logits, -1) == batch_labels[None], axis=-1)
+    return jax.lax.map(batch_correct, (images, labels)).sum(0)
+
+  def accuracy(self, carry: Carry, split: input_pipeline.Split, *,
+               batch_size: int | None = None,
                training: bool = False, state=None) -> np.ndarray:
     """Accuracy `(num_instances,)` on `split`.
 
@@ -184,23 +209,26 @@ class Trainer:
       carry: trained instances.
       split: examples to classify; `len(split)` must be a multiple of
         `batch_size`.
-      batch_size: examples per forward pass.
+      batch_size: examples per forward pass; by default the largest divisor
+        of `len(split)` up to 100 (with running statistics it does not change
+        the result).
       training: False uses the running statistics (inference); True normalizes
         each evaluation batch with its own statistics.
       state: BN state to use instead of `carry.state`.
     """
     state = carry.state if state is None else state
     n = len(split.labels)
+    if batch_size is None:
+      batch_size = max(d for d in range(1, min(n, 100) + 1) if n % d == 0)
     batch_size = min(batch_size, n)
     if n % batch_size:
       raise ValueError(f"batch_size={batch_size} must divide the {n} examples.")
-    correct = 0
-    for start in range(0, n, batch_size):
-      images = jnp.asarray(split.images[start:start + batch_size])
-      logits = self._predict[training](carry.params, state, images)
-      correct = correct + np.sum(
-          np.asarray(jnp.argmax(logits, -1)) == split.labels[start:start + batch_size], -1)
-    accuracy = correct / n
+    num_batches = n // batch_size
+    correct = self._count_correct[training](
+        carry.params, state,
+        jnp.asarray(split.images).reshape(num_batches, batch_size, *split.images.shape[1:]),
+        jnp.asarray(split.labels).reshape(num_batches, batch_size))
+    accuracy = np.asarray(correct) / n
     # A diverged instance has NaN logits; argmax would still "classify".
     return np.where(np.asarray(carry.finite), accuracy, np.nan)
 
@@ -248,17 +276,28 @@ def train_with_evaluations(trainer: Trainer, seeds, learning_rates, *, eval_step
         f"{k}={np.round(np.asarray(v, float), 4).tolist()}" for k, v in entry.items()
         if k not in ("step", "epoch")))
 
-  carry = trainer.init(seeds)
-  step = 0
+  # The calls between evaluations, none across an epoch boundary (each epoch
+  # has its own order); all padded to the longest so one program serves all.
+  calls, step = [], 0
   for target in eval_steps:
     while step < target:
       epoch, in_epoch = divmod(step, trainer.steps_per_epoch)
-      # Never cross an epoch boundary inside one call: each epoch has its order.
       stop = min(target, (epoch + 1) * trainer.steps_per_epoch)
-      carry = trainer.train(carry, seeds, learning_rates, epoch=epoch, start=in_epoch,
-                            stop=in_epoch + stop - step)
+      calls.append((epoch, in_epoch, in_epoch + stop - step))
       step = stop
-    record(carry, step)
+    calls.append(None)  # evaluate here
+  longest = max((stop - start for _, start, stop in filter(None, calls)), default=0)
+
+  carry = trainer.init(seeds)
+  step = 0
+  for call in calls:
+    if call is None:
+      record(carry, step)
+      continue
+    epoch, start, stop = call
+    carry = trainer.train(carry, seeds, learning_rates, epoch=epoch, start=start,
+                          stop=stop, pad_to=longest)
+    step += stop - start
   return carry, history
 
 

@@ -22,10 +22,10 @@ RUNS = (
     ("scale_invariance", []),
     ("inference_stats", []),
     ("bn_paper_mlp", []),
-    ("lr_sweep", ["--model", "mlp", "--batch_size", "60"]),
+    ("lr_sweep", ["--model", "mlp", "--batch_size", "60", "--epochs", "5"]),
     ("lr_sweep", ["--model", "cnn"]),
     ("bn_vs_nobn", []),
-    ("bn_vs_nobn", ["--raw_pixels", "--epochs", "3", "--tag", "raw_pixels"]),
+    ("bn_vs_nobn", ["--raw_pixels", "--tag", "raw_pixels"]),
 )
 
 

@@ -1,59 +1,128 @@
-"""Every experiment script runs end to end in --quick mode and writes JSON + PNG.
+"""Every experiment runs end to end in --quick mode; the report is built from them.
 
 Quick mode trains a few steps on a few hundred MNIST images with one seed; the
 numbers are meaningless, the plumbing (data, training, evaluation, JSON, plots,
-the report) is what is tested. Experiments run in-process to share one JAX.
+the report) is what is tested. `experiments.run_all --quick` runs the whole
+list once in this process (module fixture); the tests then check each output.
+The report's arithmetic (epochs-to-accuracy ratios and their verdicts) is
+checked on hand-made histories.
 """
 
 import importlib
 import json
 
+import numpy as np
 import pytest
 
-# name -> extra flags that keep the smoke run small
-EXPERIMENTS = {
-    "param_table": [],
-    "feature_scaling": [],
-    "scale_invariance": [],
-    "bn_vs_nobn": [],
-    "lr_sweep": ["--model", "mlp", "--optimizers", "adam"],
-    "bn_paper_mlp": [],
-    "inference_stats": [],
+from experiments import _mnist
+from experiments import report
+from experiments import run_all
+
+OUTPUTS = {  # JSON stem -> experiment
+    "param_table": "param_table",
+    "feature_scaling": "feature_scaling",
+    "scale_invariance": "scale_invariance",
+    "inference_stats": "inference_stats",
+    "bn_paper_mlp": "bn_paper_mlp",
+    "lr_sweep_mlp": "lr_sweep",
+    "lr_sweep_cnn": "lr_sweep",
+    "bn_vs_nobn": "bn_vs_nobn",
+    "bn_vs_nobn_raw_pixels": "bn_vs_nobn",
 }
 
 
-@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
-def test_experiment_quick(name, tmp_path):
-  module = importlib.import_module(f"experiments.{name}")
-  module.main(["--workdir", str(tmp_path), "--quick", *EXPERIMENTS[name]])
-  output = name + ("_mlp" if name == "lr_sweep" else "")
-  with open(tmp_path / f"{output}.json") as f:
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("experiments")
+  output = workdir / "docs" / "results.md"
+  run_all.main(["--workdir", str(workdir), "--quick", "--output", str(output)])
+  return workdir, output.read_text()
+
+
+def test_run_all_covers_every_experiment_script():
+  scripts = {name for name, _ in run_all.RUNS}
+  assert scripts == set(report.SECTIONS)
+  assert set(OUTPUTS.values()) == scripts
+
+
+@pytest.mark.parametrize("stem", sorted(OUTPUTS))
+def test_experiment_quick_outputs(stem, quick_run):
+  workdir, _ = quick_run
+  with open(workdir / f"{stem}.json") as f:
     record = json.load(f)
+  name = OUTPUTS[stem]
   assert record["experiment"] == name
   assert record["quick"] is True
-  assert record["command"].startswith(f"python -m experiments.{name} ")
+  assert record["command"].startswith(f"python -m experiments.{name} --workdir ")
   assert record["results"]
   if name != "param_table":  # the table is text, not a plot
-    assert (tmp_path / f"{output}.png").stat().st_size > 1000
+    assert (workdir / f"{stem}.png").stat().st_size > 1000
+  results = record["results"]
   if name == "param_table":
-    assert record["results"]["matches_seed"] == {"totals": True, "rows": True}
+    assert results["matches_seed"] == {"totals": True, "rows": True}
   if name == "feature_scaling":
-    summary = record["results"]["summary"]
-    assert summary["standardized"]["condition_number"]["mean"] < 1.5
-    assert summary["dollars_inches"]["condition_number"]["mean"] > 5e4
+    assert results["summary"]["standardized"]["condition_number"]["mean"] < 1.5
+    assert results["summary"]["dollars_inches"]["condition_number"]["mean"] > 5e4
+  if name == "bn_vs_nobn":
+    assert results["pixel_scale"] == (1.0 if stem.endswith("raw_pixels") else 1 / 255)
+    for run in results["runs"].values():
+      # Evaluations at exact epoch fractions, the last one at the epoch's end.
+      assert [h["step"] for h in run["history"]][-1] == run["steps_per_epoch"]
+  if name == "inference_stats":
+    curve = results["variants_over_training"]["momentum=0.99, biased var"]
+    assert curve["steps"] == [5, 10]
+    np.testing.assert_allclose(curve["weight_of_initial_state"], [0.99 ** 5, 0.99 ** 10])
 
 
-def test_report_lists_sections_commands_and_quick_warning(tmp_path):
-  for name in ("param_table", "feature_scaling"):
-    importlib.import_module(f"experiments.{name}").main(
-        ["--workdir", str(tmp_path), "--quick"])
-  from experiments import report
-  output = tmp_path / "docs" / "results.md"
-  report.main(["--workdir", str(tmp_path), "--output", str(output)])
-  text = output.read_text()
-  assert "## Summary" in text
+def test_report_has_every_section_and_the_quick_warning(quick_run):
+  _, text = quick_run
+  for heading in ("## Summary", "## 1. BN vs no BN", "## 1b. BN vs no BN",
+                  "## 2a. Learning-rate robustness: the seed CNN",
+                  "## 2b. Learning-rate robustness: the BN paper",
+                  "## 3. The BN paper", "## 4. Feature scaling", "## 5. Scale invariance",
+                  "## 6. Inference", "## 7. The seed's parameter table"):
+    assert heading in text
   assert "Parameter table 38,910 / 38,650 / 260" in text
   assert "`python -m experiments.feature_scaling --workdir" in text
   assert "smoke-test (--quick) numbers" in text
-  assert "Not run (no JSON found): bn_vs_nobn" in text
-  assert (tmp_path / "docs" / "figures" / "feature_scaling.png").exists()
+  assert "Not run" not in text
+
+
+def test_report_lists_missing_experiments(tmp_path):
+  importlib.import_module("experiments.param_table").main(
+      ["--workdir", str(tmp_path), "--quick"])
+  output = tmp_path / "results.md"
+  report.main(["--workdir", str(tmp_path), "--output", str(output)])
+  assert "Not run (no JSON found): bn_vs_nobn" in output.read_text()
+
+
+def test_evaluation_steps_hit_epoch_ends():
+  assert _mnist.evaluation_steps(1562, 2, 4) == [390, 781, 1172, 1562, 1952, 2343,
+                                                 2734, 3124]
+  assert _mnist.evaluation_steps(100, 0.5, 4) == [25, 50]
+  assert _mnist.evaluation_steps(100, 0.3, 4) == [25, 30]
+
+
+def _run(optimizer, use_bn, accuracies_per_epoch):
+  """A bn_vs_nobn run whose seeds have these accuracies after epochs 1, 2, ..."""
+  history = [{"step": 10 * (e + 1), "epoch": float(e + 1), "validation_accuracy": acc}
+             for e, acc in enumerate(accuracies_per_epoch)]
+  return {f"{optimizer}_{'bn' if use_bn else 'nobn'}": {
+      "optimizer": optimizer, "use_bn": use_bn, "history": history}}
+
+
+def test_epochs_ratio_and_verdicts():
+  runs = {**_run("sgd", True, [[0.97, 0.98], [0.985, 0.985]] + [[0.99, 0.99]] * 8),
+          **_run("sgd", False, [[0.9, 0.9]] * 3 + [[0.98, 0.97]] + [[0.98, 0.98]] * 6)}
+  # BN reaches 98% after 1.5 epochs on average (seeds: 2, 1), no BN after 4.5 (4, 5).
+  assert report._epochs_ratio(runs, "sgd", 0.98) == (3.0, False)
+  assert report._ratio_verdict((3.0, False)) == "3x: BN faster, but not 10x"
+  # No BN never reaches 99% in 10 epochs: a lower bound, 10 / 3.
+  value, lower_bound = report._epochs_ratio(runs, "sgd", 0.99)
+  assert lower_bound and value == pytest.approx(10 / 3)
+  assert report._ratio_text((value, lower_bound)) == ">= 3.3x"
+  assert report._ratio_verdict((12.0, False)) == "12x: consistent with 10x"
+  assert report._ratio_verdict((1.0, False)) == "1x: about the same"
+  assert report._ratio_verdict((0.5, False)) == "0.5x: no BN faster"
+  assert report._epochs_ratio(runs, "sgd", 0.999) is None  # BN never got there
+  assert report._reach_cell([None, {"epoch": 2.0}]) == "2.00 ± 0.00 (1 of 2)"
