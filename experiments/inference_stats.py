@@ -157,7 +157,7 @@ def run(args) -> dict:
 
 
 def plot(args, results) -> None:
-  fig, axes = _common.figure(1, 2, width=4.8)
+  fig, axes = _common.figure(1, 2, width=5.4)
   ax = axes[0, 0]
   sizes = [int(s) for s, v in results["batch_stats_by_batch_size"].items() if "mean" in v]
   means = [100 * results["batch_stats_by_batch_size"][str(s)]["mean"] for s in sizes]
@@ -184,7 +184,7 @@ def plot(args, results) -> None:
   ax.set_xscale("log")
   ax.set_xlabel("training step")
   ax.set_ylabel("test accuracy (%), running statistics")
-  ax.legend(fontsize=6)
+  ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   ax.set_title("running-statistics variants over training", fontsize=9)
   fig.suptitle(f"Seed CNN with BN, Adam 1e-3, batch {results['batch_size']}, "
                f"mean +- std over {len(args.seeds)} seeds")
