@@ -129,7 +129,8 @@ def test_epochs_ratio_and_verdicts():
   assert report._ratio_verdict(report.Ratio(1.0, False, 1, 1)).endswith("about the same")
   assert report._ratio_verdict(report.Ratio(0.5, False, 2, 1)).endswith("no BN faster")
   assert report._epochs_ratio(runs, "sgd", 0.999) is None  # BN never got there
-  assert report._reach_cell([None, {"epoch": 2.0}]) == "2.00 ± 0.00 (1 of 2)"
+  assert report._reach_cell([None, {"epoch": 2.0, "step": 20}]) == (
+      "2.00 ± 0.00 (20 steps) (1 of 2 seeds)")
   verdict = report._tenfold_verdict({("sgd", 0.98): ratio, ("sgd", 0.99): bound,
                                      ("adam", 0.99): None})
   assert verdict.startswith("does not reproduce: no BN needs 3-3x")
