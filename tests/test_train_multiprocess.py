@@ -6,6 +6,7 @@ one-device and the two-process programs are each compiled once.
 """
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,9 @@ import pytest
 from tests import _train_utils as utils
 
 TIMEOUT = 240  # seconds for one subprocess run; generous for loaded CI machines
+_PEER_DEATH_REPORT = re.compile(
+    r"detected fatal errors|Connection (closed|reset) by peer|"
+    r"Traceback \(most recent call last\)|Fatal Python error")
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +92,15 @@ def test_when_a_peer_dies_the_other_exits_with_an_error(cache_env, tmp_path, vic
       time.sleep(0.2)
     processes[victim].send_signal(signal.SIGKILL)
     survivor = processes[1 - victim]
-    returncode = _wait(survivor, timeout=60)
-    assert returncode != 0
-    assert "detected fatal errors" in _log(tmp_path, f"process{1 - victim}.log", None)
+    returncode = _wait(survivor, timeout=60)  # raises if the survivor hangs
+    log = _log(tmp_path, f"process{1 - victim}.log", None)
+    assert returncode != 0, log[-3000:]
+    # Usually the coordination service misses the peer's heartbeats and aborts
+    # every task ("detected fatal errors"). A loaded CI machine once showed
+    # another abort instead (its log cut off before the message), so any fatal
+    # report counts: the claim is that the survivor fails instead of hanging or
+    # exiting 0, not which layer notices first.
+    assert _PEER_DEATH_REPORT.search(log), log[-3000:]
   finally:
     for process in processes:
       if process.poll() is None:
