@@ -54,6 +54,24 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
   return args
 
 
+def run_experiment(name: str, description: str, run, plot, argv=None, *,
+                   extra=None) -> None:
+  """The `main` of an experiment: parse flags, `run(args)`, write the JSON, plot.
+
+  Args:
+    name: the experiment's module name (`python -m experiments.NAME`).
+    description: its `__doc__`, shown by `--help`.
+    run: `run(args) -> results`, a dict of JSON-able numbers and arrays.
+    plot: `plot(args, results)`, writes the PNG with `save_figure`.
+    argv: command-line arguments (default `sys.argv[1:]`).
+    extra: `extra(parser)` adds the experiment's own flags.
+  """
+  args = parse_args(name, description, argv, extra=extra)
+  results = run(args)
+  write_json(args, results)
+  plot(args, results)
+
+
 def _git_commit() -> str | None:
   """HEAD, with '+dirty' if experiments/, training/ or jaxbn/ had uncommitted edits."""
   here = os.path.dirname(os.path.abspath(__file__))

@@ -136,10 +136,7 @@ def plot(args, results) -> None:
 
 
 def main(argv=None):
-  args = _common.parse_args(NAME, __doc__, argv, extra=_flags)
-  results = run(args)
-  _common.write_json(args, results)
-  plot(args, results)
+  _common.run_experiment(NAME, __doc__, run, plot, argv, extra=_flags)
 
 
 if __name__ == "__main__":

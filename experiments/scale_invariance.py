@@ -111,10 +111,7 @@ def plot(args, results) -> None:
 
 
 def main(argv=None):
-  args = _common.parse_args(NAME, __doc__, argv)
-  results = run(args)
-  _common.write_json(args, results)
-  plot(args, results)
+  _common.run_experiment(NAME, __doc__, run, plot, argv)
 
 
 if __name__ == "__main__":
