@@ -12,21 +12,34 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  # 'mnist', 'fashion_mnist' or another tfds image classification dataset
-  # with 28x28 or 32x32 images.
+  # 'mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012',
+  # 'synthetic' (random images, no files) or another tfds image classification
+  # dataset.
   config.dataset = "mnist"
-  # Folder with the dataset's original archives; '' = data/<dataset> in the repo.
+  # Folder with the dataset's original archives; '' = data/<dataset> in the
+  # repo if it exists, else tfds downloads them (imagenet2012: the ILSVRC tars).
   config.manual_dir = ""
-  # Where tfds prepares datasets (a cache); '' = data/tfds in the repo.
+  # Where tfds prepares datasets (a cache); '' = $TFDS_DATA_DIR or data/tfds.
   config.data_dir = ""
-  # tfds split strings, as in the seed: 50k train, 10k validation, 10k test.
-  config.train_split = "train[:50000]"
-  config.validation_split = "train[50000:]"
-  config.test_split = "test"
+  # tfds split strings; '' = the dataset's default (mnist: the seed's 50k
+  # train / 10k validation / 10k test; cifar: 45k / 5k / test; imagenet2012:
+  # train[:99%] / train[99%:] / validation).
+  config.train_split = ""
+  config.validation_split = ""
+  config.test_split = ""
   # Use only the first N training examples; 0 = all.
   config.num_train_examples = 0
   # Evaluate on only the first N validation and test examples; 0 = all.
   config.num_eval_examples = 0
+  # Training augmentation: 'auto' (cifar for CIFAR, imagenet for imagenet2012,
+  # none otherwise), 'none', 'cifar' (pad 4, random crop, flip) or 'imagenet'
+  # (random resized crop, flip).
+  config.augmentation = "auto"
+  # Side of the model's square input; 0 = the dataset's (224 for imagenet2012,
+  # 32 for synthetic).
+  config.image_size = 0
+  # Classes of synthetic data; 0 = the dataset's (10 for synthetic).
+  config.num_classes = 0
 
   # Model.
   # 'cnn' (the seed's Keras CNN) or 'mlp' (the BN paper's 3x100 sigmoid MLP).

@@ -1,15 +1,20 @@
-"""training.input_pipeline: tfds from shipped archives, exact deterministic batches."""
+"""training.input_pipeline: tfds datasets, augmentation, exact deterministic batches."""
 
+import io
 import pathlib
 import shutil
+import tarfile
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from tests import _train_utils
 from training import input_pipeline
+from training import train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPLITS = ["train[:50000]", "train[50000:]", "test"]
@@ -104,13 +109,16 @@ def test_to_global_shards_the_batch(mesh8):
 
 
 def test_missing_archive_names_file_and_folder(tmp_path):
-  # fashion_mnist is not shipped: data/fashion_mnist does not exist.
+  # fashion_mnist is not shipped; a manual_dir without its archives is an
+  # error (without one, tfds would download them).
+  manual_dir = tmp_path / "fashion_mnist"
+  manual_dir.mkdir()
   with pytest.raises(FileNotFoundError) as error:
-    input_pipeline.load_dataset("fashion_mnist", ["test"], data_dir=tmp_path / "tfds")
+    input_pipeline.load_dataset("fashion_mnist", ["test"], data_dir=tmp_path / "tfds",
+                                manual_dir=manual_dir)
   message = str(error.value)
   assert "idx" in message and "ubyte.gz" in message
-  assert str(REPO / "data" / "fashion_mnist") in message
-  assert "manual_dir" in message
+  assert str(manual_dir) in message and "manual_dir" in message
 
 
 def test_wrong_checksum_names_the_file(tmp_path):
@@ -144,3 +152,306 @@ def test_bad_split_names_the_available_ones(mnist):
   del mnist  # prepared
   with pytest.raises(ValueError, match=r"split 'validation' of 'mnist'.*'train': 60000"):
     input_pipeline.load_dataset("mnist", ["validation"])
+
+
+# --- datasets beyond MNIST: cifar (tfds mock), imagenet2012 (fake archives), synthetic ---
+
+TRAIN, TEST = "train[:45000]", "test"
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory):
+  """cifar10 through its tfds builder with tfds' mock examples (offline)."""
+  with tfds.testing.mock_data(num_examples=24):
+    return input_pipeline.load_dataset(
+        "cifar10", [TRAIN, TEST], data_dir=tmp_path_factory.mktemp("tfds"))
+
+
+def test_cifar_splits_in_memory_with_cifar_augmentation(cifar10):
+  splits, info = cifar10
+  assert info == input_pipeline.DatasetInfo("cifar10", (32, 32, 3), 10)
+  train = splits[TRAIN]
+  assert train.images.shape == (24, 32, 32, 3) and train.images.dtype == np.uint8
+  assert train.labels.dtype == np.int32 and train.labels.max() < 10
+  assert train.preprocessing.augmentation == "cifar"
+  np.testing.assert_allclose(train.preprocessing.mean[0], 0.4914 * 255)
+
+
+def test_cifar100_goes_through_its_builder(tmp_path):
+  with tfds.testing.mock_data(num_examples=4):
+    splits, info = input_pipeline.load_dataset("cifar100", [TEST], data_dir=tmp_path)
+  assert info == input_pipeline.DatasetInfo("cifar100", (32, 32, 3), 100)
+  assert splits[TEST].images.shape == (4, 32, 32, 3)
+
+
+def _is_crop_of_padded(augmented: np.ndarray, original: np.ndarray) -> bool:
+  """Whether `augmented` is a 32x32 window of `original` zero-padded by 4, maybe flipped."""
+  padded = np.pad(original, ((4, 4), (4, 4), (0, 0)))
+  for candidate in (augmented, augmented[:, ::-1]):
+    for dy in range(9):
+      for dx in range(9):
+        if np.array_equal(padded[dy:dy + 32, dx:dx + 32], candidate):
+          return True
+  return False
+
+
+def test_cifar_augmentation_crops_and_flips_deterministically(cifar10):
+  splits, _ = cifar10
+  train = splits[TRAIN]
+  kwargs = dict(global_batch_size=8, seed=1, epoch=0)
+  whole = list(input_pipeline.train_batches(train, rows=slice(0, 8), **kwargs))
+  assert len(whole) == 3
+  assert whole[0].images.shape == (8, 32, 32, 3) and whole[0].images.dtype == np.float32
+  again = list(input_pipeline.train_batches(train, rows=slice(0, 8), **kwargs))
+  for a, b in zip(whole, again):
+    np.testing.assert_array_equal(a.images, b.images)
+  # Undo the normalization: each image is a pad-4 crop (maybe flipped) of its example.
+  order = input_pipeline.epoch_permutation(24, seed=1, epoch=0)
+  prep = train.preprocessing
+  shifted = flipped = 0
+  for step, batch in enumerate(whole):
+    pixels = np.rint(batch.images * np.array(prep.std) + np.array(prep.mean)).astype(np.uint8)
+    for row, index in enumerate(order[step * 8:(step + 1) * 8]):
+      original = train.images[index]
+      assert batch.labels[row] == train.labels[index]
+      assert _is_crop_of_padded(pixels[row], original)
+      shifted += not (np.array_equal(pixels[row], original)
+                      or np.array_equal(pixels[row], original[:, ::-1]))
+      flipped += _is_crop_of_padded(pixels[row][:, ::-1], original) and not any(
+          np.array_equal(pixels[row], np.pad(original, ((4, 4), (4, 4), (0, 0)))[
+              dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
+  assert shifted >= 12 and flipped >= 4  # of 24: crops and flips really happen
+  # Two processes of 4 rows get the same global batches; resuming continues them.
+  halves = [list(input_pipeline.train_batches(train, rows=rows, **kwargs))
+            for rows in (slice(0, 4), slice(4, 8))]
+  for step, batch in enumerate(whole):
+    np.testing.assert_array_equal(
+        np.concatenate([half[step].images for half in halves]), batch.images)
+  resumed = next(input_pipeline.train_batches(train, rows=slice(0, 8), start_step=2,
+                                              **kwargs))
+  np.testing.assert_array_equal(resumed.images, whole[2].images)
+  other_epoch = next(input_pipeline.train_batches(
+      train, rows=slice(0, 8), global_batch_size=8, seed=1, epoch=1))
+  assert not np.array_equal(other_epoch.images, whole[0].images)
+
+
+def test_cifar_evaluation_is_not_augmented(cifar10):
+  splits, _ = cifar10
+  test = splits[TEST]
+  batches = list(input_pipeline.eval_batches(test, global_batch_size=16, rows=slice(0, 16)))
+  prep = test.preprocessing
+  expected = (test.images.astype(np.float32) - np.array(prep.mean, np.float32)) / np.array(
+      prep.std, np.float32)
+  np.testing.assert_allclose(np.concatenate([b.images for b in batches])[:24], expected,
+                             rtol=1e-5, atol=1e-5)
+  assert [b.mask.sum() for b in batches] == [16, 8]
+
+
+def _jpeg(rng, height, width) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+      buffer, format="JPEG", quality=95, subsampling=0)  # 4:4:4: crops decode exactly
+  return buffer.getvalue()
+
+
+def _add_to_tar(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_fake_imagenet(manual_dir: pathlib.Path) -> None:
+  """ILSVRC2012 tar files as image-net.org ships them: 2 classes x 6 train, 6 val."""
+  rng = np.random.default_rng(0)
+  manual_dir.mkdir(parents=True, exist_ok=True)
+  with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as train:
+    for synset in ("n01440764", "n01443537"):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as synset_tar:
+        for i in range(6):
+          _add_to_tar(synset_tar, f"{synset}_{i}.JPEG", _jpeg(rng, 40 + 7 * i, 60 - 3 * i))
+      _add_to_tar(train, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as val:
+    for i in range(6):
+      _add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(rng, 50, 45))
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+  """imagenet2012 prepared by its tfds builder from fake ILSVRC tar files."""
+  root = tmp_path_factory.mktemp("imagenet")
+  write_fake_imagenet(root / "manual")
+
+  def load(splits, **kwargs):
+    return input_pipeline.load_dataset("imagenet2012", splits, data_dir=root / "tfds",
+                                       manual_dir=root / "manual", image_size=16,
+                                       **kwargs)
+  return load
+
+
+def test_missing_imagenet_archives_name_the_files_and_folder(tmp_path):
+  (tmp_path / "manual").mkdir()
+  with pytest.raises(FileNotFoundError) as error:
+    input_pipeline.load_dataset("imagenet2012", ["validation"], data_dir=tmp_path / "tfds",
+                                manual_dir=tmp_path / "manual")
+  message = str(error.value)
+  assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
+  assert str(tmp_path / "manual") in message and "manual_dir" in message
+
+
+def _fingerprints(batches) -> list[float]:
+  return sorted(round(float(image.mean()), 4) for batch in batches
+                for image, valid in zip(batch.images, batch.mask) if valid)
+
+
+def test_imagenet_streams_each_process_share(imagenet):
+  splits, info = imagenet(["train", "validation"])
+  assert info == input_pipeline.DatasetInfo("imagenet2012", (16, 16, 3), 1000)
+  train = splits["train"]
+  assert isinstance(train, input_pipeline.Stream) and input_pipeline.num_examples(train) == 12
+  assert train.preprocessing.augmentation == "imagenet"
+  # Evaluation: every example once; two processes split the examples between them.
+  one = list(input_pipeline.eval_batches(train, global_batch_size=4, rows=slice(0, 4)))
+  assert one[0].images.shape == (4, 16, 16, 3) and one[0].images.dtype == np.float32
+  assert sum(b.mask.sum() for b in one) == 12
+  shares = []
+  for process in range(2):
+    split, _ = imagenet(["train"], process_index=process, process_count=2)
+    batches = list(input_pipeline.eval_batches(split["train"], global_batch_size=8,
+                                               rows=slice(4 * process, 4 * process + 4)))
+    assert len(batches) == 2 and [b.mask.sum() for b in batches] == [4, 2]
+    shares.append(_fingerprints(batches))
+  assert not set(shares[0]) & set(shares[1])
+  assert sorted(shares[0] + shares[1]) == _fingerprints(one)
+  # Training without augmentation reads the same share, shuffled, in full batches.
+  split, _ = imagenet(["train"], process_index=1, process_count=2, augmentation="none")
+  batches = list(input_pipeline.train_batches(split["train"], global_batch_size=4, seed=0,
+                                              epoch=0, rows=slice(2, 4)))
+  assert len(batches) == 3 and set(_fingerprints(batches)) == set(shares[1])
+  # Validation has ImageNet's validation labels.
+  labels = np.concatenate([b.labels[b.mask] for b in input_pipeline.eval_batches(
+      splits["validation"], global_batch_size=4, rows=slice(0, 4))])
+  assert len(labels) == 6 and labels.max() < 1000 and len(set(labels)) > 1
+
+
+def test_imagenet_augmentation_is_random_resized_crops_keyed_by_seed_and_epoch(imagenet):
+  splits, _ = imagenet(["train"])
+  train = splits["train"]
+  kwargs = dict(global_batch_size=4, rows=slice(0, 4), seed=3)
+  first = list(input_pipeline.train_batches(train, epoch=0, **kwargs))
+  assert len(first) == 3 and first[0].images.shape == (4, 16, 16, 3)
+  again = list(input_pipeline.train_batches(train, epoch=0, **kwargs))
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+  resumed = list(input_pipeline.train_batches(train, epoch=0, start_step=1, **kwargs))
+  np.testing.assert_array_equal(resumed[0].images, first[1].images)
+  # Augmented images differ from the evaluation center crops of the same examples.
+  center = np.concatenate([b.images for b in input_pipeline.eval_batches(
+      train, global_batch_size=12, rows=slice(0, 12))])
+  augmented = np.concatenate([b.images for b in first])
+  for image in augmented:
+    assert not any(np.allclose(image, c, atol=1e-3) for c in center)
+  epoch1 = next(input_pipeline.train_batches(train, epoch=1, **kwargs))
+  assert not np.array_equal(epoch1.images, first[0].images)
+  # Normalized with ImageNet's per-channel statistics: roughly centered.
+  assert abs(float(augmented.mean())) < 1.0
+
+
+def test_imagenet_eval_is_the_resized_center_crop(imagenet):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  splits, _ = imagenet(["validation[:1]"])
+  batch = next(input_pipeline.eval_batches(splits["validation[:1]"], global_batch_size=1,
+                                           rows=slice(0, 1)))
+  # Validation images are 50x45: the crop is int(16 / 48 * 45) = 15 pixels, centered.
+  builder = splits["validation[:1]"].builder
+  image = next(iter(builder.as_dataset(split="validation[:1]")))["image"].numpy()
+  assert image.shape == (50, 45, 3)
+  crop = image[18:33, 15:30]
+  expected = tf.image.resize(crop, [16, 16], method="bicubic").numpy()
+  expected = (expected - np.array(input_pipeline.IMAGENET_MEAN)) / np.array(
+      input_pipeline.IMAGENET_STD)
+  np.testing.assert_allclose(batch.images[0], expected, atol=1e-4)
+
+
+def test_synthetic_needs_no_files_and_is_deterministic():
+  splits, info = input_pipeline.load_dataset(
+      "synthetic", ["train[:100]", "validation", "test[:5]"], image_size=12,
+      num_classes=7, data_dir="/nonexistent")
+  assert info == input_pipeline.DatasetInfo("synthetic", (12, 12, 3), 7)
+  train = splits["train[:100]"]
+  assert train.images.shape == (100, 12, 12, 3) and train.images.dtype == np.uint8
+  assert input_pipeline.num_examples(splits["validation"]) == 10_000
+  assert input_pipeline.num_examples(splits["test[:5]"]) == 5
+  assert train.labels.max() < 7 and len(set(train.labels)) > 1
+  again, _ = input_pipeline.load_dataset("synthetic", ["train[:100]"], image_size=12,
+                                         num_classes=7)
+  np.testing.assert_array_equal(again["train[:100]"].images, train.images)
+  # The validation split cycles through the distinct images, consistently labelled.
+  validation = splits["validation"]
+  batches = list(input_pipeline.eval_batches(validation, global_batch_size=2048,
+                                             rows=slice(0, 2048)))
+  assert sum(b.mask.sum() for b in batches) == 10_000
+  first, second = batches[0], batches[1]
+  np.testing.assert_array_equal(first.images[:1024], first.images[1024:])
+  np.testing.assert_array_equal(first.labels[:1024], second.labels[:1024])
+  assert input_pipeline.default_splits("synthetic") == ("train", "validation", "test")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(dataset="mnist", augmentation="random"), ValueError,
+     r"unknown augmentation 'random'"),
+    (dict(dataset="mnist", augmentation="imagenet"), ValueError,
+     r"augmentation='imagenet' needs a streamed dataset"),
+    (dict(dataset="mnist", image_size=32), ValueError,
+     r"'mnist' has 28x28 images.*image_size must be 0 or 28, got 32"),
+    (dict(dataset="mnist", num_classes=100), ValueError,
+     r"'mnist' has 10 classes; num_classes must be 0 or 10, got 100"),
+    (dict(dataset="synthetic", image_size=4), ValueError,
+     r"images of shape \(4, 4, 3\)"),
+])
+def test_bad_arguments_name_what_was_expected(mnist, kwargs, error, message):
+  del mnist  # prepared
+  dataset = kwargs.pop("dataset")
+  with pytest.raises(error, match=message):
+    input_pipeline.load_dataset(dataset, ["test"], **kwargs)
+
+
+def test_default_splits():
+  assert input_pipeline.default_splits("mnist") == ("train[:50000]", "train[50000:]", "test")
+  assert input_pipeline.default_splits("cifar10")[0] == "train[:45000]"
+  assert input_pipeline.default_splits("imagenet2012")[2] == "validation"
+  with pytest.raises(ValueError, match="'svhn_cropped' has no default splits"):
+    input_pipeline.default_splits("svhn_cropped")
+
+
+def test_prefetch_to_device_yields_every_global_batch_in_order(mesh8):
+  sharding = NamedSharding(mesh8, P("data"))
+  host = list(input_pipeline.train_batches(_toy_split(), global_batch_size=16, seed=0,
+                                           epoch=0, rows=slice(0, 16)))
+  pulled = []
+
+  def counting():
+    for batch in host:
+      pulled.append(batch)
+      yield batch
+
+  device = input_pipeline.prefetch_to_device(counting(), sharding, 16, size=2)
+  first = next(device)
+  assert len(pulled) == 3  # the next two batches are already on their way
+  rest = list(device)
+  assert len(rest) + 1 == len(host) == 6
+  for got, want in zip([first] + rest, host):
+    assert got.images.sharding == sharding
+    np.testing.assert_array_equal(jax.device_get(got.labels), want.labels)
+
+
+def test_train_and_evaluate_with_synthetic_data_and_augmentation(tmp_path):
+  config = _train_utils.tiny_config(
+      dataset="synthetic", image_size=16, num_classes=4, augmentation="cifar",
+      model="mlp", num_train_examples=128, num_eval_examples=64, num_epochs=1,
+      num_devices=2)
+  final = train_lib.train_and_evaluate(config, tmp_path)
+  assert final["step"] == 2 and np.isfinite(final["train_loss"])
+  assert final["test_accuracy"] >= 0

@@ -329,15 +329,15 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                  out_shardings=replicated)
 
 
-def evaluate(eval_fn, state: TrainState, split: input_pipeline.Split, *,
+def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
              global_batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss and accuracy of the running-statistics model over a whole split."""
   sharding = NamedSharding(mesh, P(AXIS))
   rows = input_pipeline.process_rows(sharding, global_batch_size)
-  sums = [eval_fn(state.params, state.bn_state,
-                  input_pipeline.to_global(batch, sharding, global_batch_size))
-          for batch in input_pipeline.eval_batches(
-              split, global_batch_size=global_batch_size, rows=rows)]
+  sums = [eval_fn(state.params, state.bn_state, batch)
+          for batch in input_pipeline.prefetch_to_device(
+              input_pipeline.eval_batches(split, global_batch_size=global_batch_size,
+                                          rows=rows), sharding, global_batch_size)]
   sums = jax.device_get(sums)
   examples = sum(int(s.examples) for s in sums)
   loss = math.fsum(float(s.loss) for s in sums)
@@ -458,9 +458,9 @@ class _Run(NamedTuple):
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
   mesh: jax.sharding.Mesh
-  train: input_pipeline.Split
-  validation: input_pipeline.Split
-  test: input_pipeline.Split
+  train: input_pipeline.Source
+  validation: input_pipeline.Source
+  test: input_pipeline.Source
   steps_per_epoch: int
   rows: slice  # this process's rows of every global training batch
   manager: ocp.CheckpointManager
@@ -503,14 +503,18 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
   first_batch = step - epoch * run.steps_per_epoch
   nan_steps = set(int(s) for s in config.inject_nan_at_steps)
   run.progress.start_epoch(epoch, config.num_epochs, run.steps_per_epoch, first_batch)
-  start_time, last_logged, saving_time = time.perf_counter(), step, 0.0
-  for batch in input_pipeline.train_batches(
+  host_batches = input_pipeline.train_batches(
       run.train, global_batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-      rows=run.rows, start_step=first_batch):
-    if step in nan_steps:
-      batch = batch._replace(images=np.full_like(batch.images, np.nan))
-    state = step_fn(state, input_pipeline.to_global(batch, batch_sharding,
-                                                    config.batch_size))
+      rows=run.rows, start_step=first_batch)
+  if nan_steps:
+    host_batches = (
+        batch._replace(images=np.full_like(batch.images, np.nan))
+        if batch_step in nan_steps else batch
+        for batch_step, batch in enumerate(host_batches, start=step))
+  start_time, last_logged, saving_time = time.perf_counter(), step, 0.0
+  for batch in input_pipeline.prefetch_to_device(host_batches, batch_sharding,
+                                                 config.batch_size):
+    state = step_fn(state, batch)
     step += 1
     end_of_epoch = step % run.steps_per_epoch == 0
     if step % config.log_every_steps == 0 or end_of_epoch:
@@ -565,13 +569,19 @@ def _format_record(record: dict, num_epochs: int) -> str:
 
 
 def _load_splits(config: ml_collections.ConfigDict):
-  fields = ("train_split", "validation_split", "test_split")
+  """(train, validation, test, info); '' split fields take the dataset's defaults."""
+  names = [config.train_split, config.validation_split, config.test_split]
+  if not all(names):
+    defaults = input_pipeline.default_splits(config.dataset)
+    names = [name or default for name, default in zip(names, defaults)]
   splits, info = input_pipeline.load_dataset(
-      config.dataset, [config[field] for field in fields],
-      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
-  return (input_pipeline.take(splits[config.train_split], config.num_train_examples),
-          input_pipeline.take(splits[config.validation_split], config.num_eval_examples),
-          input_pipeline.take(splits[config.test_split], config.num_eval_examples),
+      config.dataset, names, data_dir=config.data_dir or None,
+      manual_dir=config.manual_dir or None, augmentation=config.augmentation,
+      image_size=config.image_size, num_classes=config.num_classes)
+  train, validation, test = (splits[name] for name in names)
+  return (input_pipeline.take(train, config.num_train_examples),
+          input_pipeline.take(validation, config.num_eval_examples),
+          input_pipeline.take(test, config.num_eval_examples),
           info)
 
 
@@ -596,10 +606,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = create_mesh(config.num_devices)
   validate_config(config, mesh.devices.size)
   train, validation, test, info = _load_splits(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(train.labels), config.batch_size)
+  num_train = input_pipeline.num_examples(train)
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"Bad config: batch_size={config.batch_size} is larger than the "
-                     f"{len(train.labels)} training examples.")
+                     f"{num_train} training examples.")
 
   model = create_model(config, info)
   tx = create_optimizer(config, steps_per_epoch)
@@ -635,8 +646,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       run.log(f"Resuming from step {progress['step']} (epoch {progress['epoch'] + 1}, "
               f"batch {progress['batch_in_epoch']}) in {workdir}.")
     run.log(models.format_parameter_table(models.parameter_table(model)))
-    run.log(f"{config.dataset}: {len(train.labels)} train / {len(validation.labels)} "
-            f"val / {len(test.labels)} test examples; {jax.process_count()} process(es), "
+    run.log(f"{config.dataset}: {num_train} train / "
+            f"{input_pipeline.num_examples(validation)} val / "
+            f"{input_pipeline.num_examples(test)} test examples; "
+            f"{jax.process_count()} process(es), "
             f"{mesh.devices.size} device(s), parallelism={config.parallelism}, global "
             f"batch {config.batch_size}, {steps_per_epoch} steps per epoch.")
     if is_main and run.history:
