@@ -1,9 +1,7 @@
 """training.input_pipeline: tfds datasets, augmentation, exact deterministic batches."""
 
-import io
 import pathlib
 import shutil
-import tarfile
 
 import jax
 from jax.sharding import NamedSharding
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests import _fake_imagenet
 from tests import _train_utils
 from training import input_pipeline
 from training import train_lib
@@ -247,41 +246,11 @@ def test_cifar_evaluation_is_not_augmented(cifar10):
   assert [b.mask.sum() for b in batches] == [16, 8]
 
 
-def _jpeg(rng, height, width) -> bytes:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()
-  Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
-      buffer, format="JPEG", quality=95, subsampling=0)  # 4:4:4: crops decode exactly
-  return buffer.getvalue()
-
-
-def _add_to_tar(tar, name, data):
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
-
-
-def write_fake_imagenet(manual_dir: pathlib.Path) -> None:
-  """ILSVRC2012 tar files as image-net.org ships them: 2 classes x 6 train, 6 val."""
-  rng = np.random.default_rng(0)
-  manual_dir.mkdir(parents=True, exist_ok=True)
-  with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as train:
-    for synset in ("n01440764", "n01443537"):
-      inner = io.BytesIO()
-      with tarfile.open(fileobj=inner, mode="w") as synset_tar:
-        for i in range(6):
-          _add_to_tar(synset_tar, f"{synset}_{i}.JPEG", _jpeg(rng, 40 + 7 * i, 60 - 3 * i))
-      _add_to_tar(train, f"{synset}.tar", inner.getvalue())
-  with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as val:
-    for i in range(6):
-      _add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(rng, 50, 45))
-
-
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
   """imagenet2012 prepared by its tfds builder from fake ILSVRC tar files."""
   root = tmp_path_factory.mktemp("imagenet")
-  write_fake_imagenet(root / "manual")
+  _fake_imagenet.write_fake_imagenet(root / "manual")
 
   def load(splits, **kwargs):
     return input_pipeline.load_dataset("imagenet2012", splits, data_dir=root / "tfds",
@@ -309,7 +278,7 @@ def test_imagenet_streams_each_process_share(imagenet):
   splits, info = imagenet(["train", "validation"])
   assert info == input_pipeline.DatasetInfo("imagenet2012", (16, 16, 3), 1000)
   train = splits["train"]
-  assert isinstance(train, input_pipeline.Stream) and input_pipeline.num_examples(train) == 12
+  assert isinstance(train, input_pipeline.Stream) and input_pipeline.count_examples(train) == 12
   assert train.preprocessing.augmentation == "imagenet"
   # Evaluation: every example once; two processes split the examples between them.
   one = list(input_pipeline.eval_batches(train, global_batch_size=4, rows=slice(0, 4)))
@@ -382,8 +351,8 @@ def test_synthetic_needs_no_files_and_is_deterministic():
   assert info == input_pipeline.DatasetInfo("synthetic", (12, 12, 3), 7)
   train = splits["train[:100]"]
   assert train.images.shape == (100, 12, 12, 3) and train.images.dtype == np.uint8
-  assert input_pipeline.num_examples(splits["validation"]) == 10_000
-  assert input_pipeline.num_examples(splits["test[:5]"]) == 5
+  assert input_pipeline.count_examples(splits["validation"]) == 10_000
+  assert input_pipeline.count_examples(splits["test[:5]"]) == 5
   assert train.labels.max() < 7 and len(set(train.labels)) > 1
   again, _ = input_pipeline.load_dataset("synthetic", ["train[:100]"], image_size=12,
                                          num_classes=7)
@@ -424,6 +393,8 @@ def test_default_splits():
   assert input_pipeline.default_splits("imagenet2012")[2] == "validation"
   with pytest.raises(ValueError, match="'svhn_cropped' has no default splits"):
     input_pipeline.default_splits("svhn_cropped")
+  with pytest.raises(ValueError, match="unknown dataset 'mnits'"):
+    input_pipeline.default_splits("mnits")
 
 
 def test_prefetch_to_device_yields_every_global_batch_in_order(mesh8):

@@ -196,6 +196,11 @@ def default_splits(dataset: str) -> tuple[str, str, str]:
     ValueError: `dataset` has no default; the config must name its splits.
   """
   if dataset not in _DEFAULT_SPLITS:
+    _, tfds = _import_tf()
+    try:
+      tfds.builder_cls(dataset)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise _unknown_dataset(dataset) from None
     raise ValueError(
         f"dataset {dataset!r} has no default splits (known: {sorted(_DEFAULT_SPLITS)}); "
         "set --config.train_split, --config.validation_split and --config.test_split "
@@ -281,16 +286,20 @@ def _check_manual_files(dataset: str, manual_dir: pathlib.Path) -> None:
         "put them there, or pass --config.manual_dir=DIR.")
 
 
+def _unknown_dataset(dataset: str) -> ValueError:
+  return ValueError(
+      f"unknown dataset {dataset!r}: expected 'mnist', 'fashion_mnist', 'cifar10', "
+      f"'cifar100', 'imagenet2012', {SYNTHETIC!r} or another tensorflow-datasets "
+      "image classification dataset.")
+
+
 def _builder(dataset: str, data_dir: pathlib.Path):
   """The tfds builder of an image classification dataset."""
   _, tfds = _import_tf()
   try:
     builder = tfds.builder(dataset, data_dir=str(data_dir))
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
-        f"unknown dataset {dataset!r}: expected 'mnist', 'fashion_mnist', 'cifar10', "
-        f"'cifar100', 'imagenet2012', {SYNTHETIC!r} or another tensorflow-datasets "
-        "image classification dataset.") from None
+    raise _unknown_dataset(dataset) from None
   features = builder.info.features
   keys = builder.info.supervised_keys
   if (not keys or len(keys) != 2 or keys[0] not in features or keys[1] not in features
@@ -431,7 +440,8 @@ def _load_synthetic(splits: list[str], image_size: int, num_classes: int
     ids %= SYNTHETIC_DISTINCT_IMAGES
     # Example i shows images[ids[i]]. A single range cycles through the images,
     # so storing its first SYNTHETIC_DISTINCT_IMAGES is enough (see `Split`).
-    cycles = len(ids) > 0 and np.array_equal(ids, (ids[0] + np.arange(len(ids))) % SYNTHETIC_DISTINCT_IMAGES)
+    cycles = len(ids) > 0 and np.array_equal(
+        ids, (ids[0] + np.arange(len(ids))) % SYNTHETIC_DISTINCT_IMAGES)
     stored = ids[:SYNTHETIC_DISTINCT_IMAGES] if cycles else ids
     arrays[split] = Split(images[stored], image_labels[ids])
   return arrays, DatasetInfo(SYNTHETIC, shape, num_classes)
@@ -563,7 +573,7 @@ def load_dataset(dataset: str, splits: list[str], *, data_dir=None, manual_dir=N
           for split, source in sources.items()}, info
 
 
-def num_examples(source: Source) -> int:
+def count_examples(source: Source) -> int:
   """Examples in a split (over all processes)."""
   return len(source.labels) if isinstance(source, Split) else source.num_examples
 
@@ -572,9 +582,9 @@ def take(source: Source, count: int) -> Source:
   """The first `count` examples (0 = all)."""
   if count <= 0:
     return source
-  if count > num_examples(source):
+  if count > count_examples(source):
     raise ValueError(f"asked for {count} examples but the split has "
-                     f"{num_examples(source)}.")
+                     f"{count_examples(source)}.")
   if isinstance(source, Split):
     return source._replace(images=source.images[:count], labels=source.labels[:count])
   sizes = {name: s.num_examples for name, s in source.builder.info.splits.items()}
@@ -588,12 +598,12 @@ def take(source: Source, count: int) -> Source:
 
 # --- batching -----------------------------------------------------------------
 
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:  # pylint: disable=redefined-outer-name
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Full batches per epoch (the remainder is dropped, like flax examples)."""
   return num_examples // global_batch_size
 
 
-def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:  # pylint: disable=redefined-outer-name
+def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
   """The example order of `epoch`: a function of `(seed, epoch)` only."""
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
@@ -781,7 +791,7 @@ def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: i
     rows: this process's rows of each global batch (`process_rows`).
     start_step: first batch within the epoch (resuming mid-epoch).
   """
-  num_steps = steps_per_epoch(num_examples(source), global_batch_size)
+  num_steps = steps_per_epoch(count_examples(source), global_batch_size)
   if isinstance(source, Stream):
     yield from _streamed_train_batches(
         source, global_batch_size=global_batch_size, seed=seed, epoch=epoch, rows=rows,

@@ -606,7 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = create_mesh(config.num_devices)
   validate_config(config, mesh.devices.size)
   train, validation, test, info = _load_splits(config)
-  num_train = input_pipeline.num_examples(train)
+  num_train = input_pipeline.count_examples(train)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"Bad config: batch_size={config.batch_size} is larger than the "
@@ -647,8 +647,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
               f"batch {progress['batch_in_epoch']}) in {workdir}.")
     run.log(models.format_parameter_table(models.parameter_table(model)))
     run.log(f"{config.dataset}: {num_train} train / "
-            f"{input_pipeline.num_examples(validation)} val / "
-            f"{input_pipeline.num_examples(test)} test examples; "
+            f"{input_pipeline.count_examples(validation)} val / "
+            f"{input_pipeline.count_examples(test)} test examples; "
             f"{jax.process_count()} process(es), "
             f"{mesh.devices.size} device(s), parallelism={config.parallelism}, global "
             f"batch {config.batch_size}, {steps_per_epoch} steps per epoch.")
