@@ -298,6 +298,11 @@ def test_imagenet_streams_each_process_share(imagenet):
   batches = list(input_pipeline.train_batches(split["train"], global_batch_size=4, seed=0,
                                               epoch=0, rows=slice(2, 4)))
   assert len(batches) == 3 and set(_fingerprints(batches)) == set(shares[1])
+  # The first N examples (num_eval_examples) of a streamed split.
+  first5 = input_pipeline.take(train, 5)
+  assert (first5.split, input_pipeline.count_examples(first5)) == ("train[0:5]", 5)
+  assert sum(b.mask.sum() for b in input_pipeline.eval_batches(
+      first5, global_batch_size=4, rows=slice(0, 4))) == 5
   # Validation has ImageNet's validation labels.
   labels = np.concatenate([b.labels[b.mask] for b in input_pipeline.eval_batches(
       splits["validation"], global_batch_size=4, rows=slice(0, 4))])
@@ -385,6 +390,13 @@ def test_bad_arguments_name_what_was_expected(mnist, kwargs, error, message):
   dataset = kwargs.pop("dataset")
   with pytest.raises(error, match=message):
     input_pipeline.load_dataset(dataset, ["test"], **kwargs)
+
+
+def test_data_dir_follows_tfds_data_dir(monkeypatch):
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  assert input_pipeline.default_data_dir() == REPO / "data" / "tfds"
+  monkeypatch.setenv("TFDS_DATA_DIR", "/somewhere/tensorflow_datasets")
+  assert input_pipeline.default_data_dir() == pathlib.Path("/somewhere/tensorflow_datasets")
 
 
 def test_default_splits():

@@ -709,22 +709,25 @@ def _in_memory_train_batches(split: Split, order: np.ndarray, *, global_batch_si
                   split.labels[indices], np.ones(len(indices), bool))
     return
   tf, _ = _import_tf()
-  local_rows = _rows_count(rows, global_batch_size)
 
   def gathered():
     for step in range(first_step, num_steps):
       indices = order[step * global_batch_size:(step + 1) * global_batch_size][rows]
       yield split.images[indices % num_images], split.labels[indices], indices
 
+  def augment(images, labels, indices):
+    # map_fn over the batch: about 2x the examples/s of a per-example
+    # tf.data map on this project's 2-core machine.
+    images = tf.map_fn(
+        lambda args: _cifar_augment(tf, args[0], _example_seed(tf, seed, epoch, args[1])),
+        (images, indices), fn_output_signature=tf.uint8, parallel_iterations=64)
+    return images, labels
+
   image_spec = tf.TensorSpec((None,) + split.images.shape[1:], tf.uint8)
   ds = tf.data.Dataset.from_generator(gathered, output_signature=(
       image_spec, tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.int64)))
-  ds = ds.unbatch().map(
-      lambda image, label, index: (
-          _cifar_augment(tf, image, _example_seed(tf, seed, epoch, index)), label),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_rows).prefetch(2).with_options(_tf_options(tf))
-  for images, labels in ds.as_numpy_iterator():
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+  for images, labels in ds.with_options(_tf_options(tf)).as_numpy_iterator():
     yield Batch(_normalize(images, split.preprocessing), labels,
                 np.ones(len(labels), bool))
 
