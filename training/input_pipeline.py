@@ -101,7 +101,8 @@ class Preprocessing(NamedTuple):
   Attributes:
     augmentation: 'none', 'cifar' (pad 4 + random crop + horizontal flip) or
       'imagenet' (Inception-style random resized crop + horizontal flip);
-      applied to training batches only.
+      applied to training batches only ('none' on a streamed source trains on
+      the evaluation's center crops).
     image_size: side of the square model input of streamed sources (random
       resized crop in training, resize + center crop in evaluation); 0 for
       in-memory sources, whose images keep their stored shape.
