@@ -105,12 +105,14 @@ def _broadcast_features(vector: jax.Array, like: jax.Array) -> jax.Array:
 def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid (unpadded) stride-1 convolution of NHWC `x` with an HWIO `kernel`.
 
-  On CPU it is computed as im2col by shifted slices followed by one matmul:
-  XLA:CPU's convolution is 5-8x slower than that for the few channels of the
-  seed CNN (measured on the seed CNN's training step, batch 32-128), and the
-  slices' transposes are pads, so the backward pass stays cheap. Elsewhere it
-  is `lax.conv_general_dilated` (cuDNN / the TPU convolution units). Both give
-  the same numbers up to float rounding (tests/test_train_models.py).
+  The platform the program is compiled for picks the algorithm, when it is
+  lowered (`lax.platform_dependent`), not the machine that traces it: a
+  program lowered on a CPU for GPUs or TPUs (`jax.export`, `train.py
+  --lower_for`) holds `lax.conv_general_dilated` (cuDNN / the TPU convolution
+  units), and one compiled for CPU holds `conv_valid_im2col`: XLA:CPU's
+  convolution is 5-8x slower than that for the few channels of the seed CNN
+  (measured on the seed CNN's training step, batch 32-128). Both give the same
+  numbers up to float rounding (tests/test_train_models.py).
 
   Args:
     x: `(batch, height, width, in_features)`.
@@ -120,9 +122,21 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     `(batch, height - kernel_height + 1, width - kernel_width + 1,
     out_features)`.
   """
-  if jax.default_backend() != "cpu":
-    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding="VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return lax.platform_dependent(x, kernel, cpu=conv_valid_im2col,
+                                default=conv_valid_xla)
+
+
+def conv_valid_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_valid` as one `lax.conv_general_dilated` (GPUs, TPUs)."""
+  return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding="VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_valid_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_valid` as im2col by shifted slices and one matmul (CPU).
+
+  The slices' transposes are pads, so the backward pass stays cheap.
+  """
   kernel_height, kernel_width, in_features, out_features = kernel.shape
   out_height = x.shape[1] - kernel_height + 1
   out_width = x.shape[2] - kernel_width + 1
