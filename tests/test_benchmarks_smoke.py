@@ -108,3 +108,14 @@ def test_seed_cnn_train_step_tiny(capsys):
   assert {"jaxbn", "flax.linen"} <= set(result["examples_per_sec"])
   out = capsys.readouterr().out
   assert "jaxbn" in out and "flax.linen" in out
+
+
+def test_scaling_page_is_what_the_script_writes(tmp_path):
+  """docs/scaling.md holds the numbers `python -m benchmarks.scaling` computes now."""
+  from benchmarks import scaling  # pylint: disable=g-import-not-at-top
+  page = tmp_path / "scaling.md"
+  scaling.main(["--output", str(page)])
+  text = page.read_text()
+  assert "| 1024 |" in text and "53 BN layers" in text
+  assert text == scaling.OUTPUT.read_text(), (
+      "docs/scaling.md is stale: rerun `python -m benchmarks.scaling`.")

@@ -58,6 +58,8 @@ LOWERED_DIR = "lowered"
 PROGRAMS = ("train_step", "eval_step")
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "collective_permute",
                   "all_to_all")
+# Source files whose collectives are batch-norm statistics (jaxbn, flax's BN).
+_BN_SOURCES = ("jaxbn/", "flax/linen/normalization.py", "flax/nnx/nn/normalization.py")
 # Custom-call targets that call back into Python on the host
 # (jax.pure_callback, io_callback, jax.debug.print).
 _HOST_CALLBACK = re.compile(r"callback", re.IGNORECASE)
@@ -69,8 +71,8 @@ class Collective(NamedTuple):
   Attributes:
     op: StableHLO op name without the dialect, e.g. 'all_reduce'.
     purpose: 'batch norm forward', 'batch norm backward' (the statistics'
-      all-reduces of the BN layers, from jaxbn's source) or 'gradients, loss,
-      metrics' (anything else: the step's means and sums).
+      all-reduces of the BN layers, traced from jaxbn's or flax's BN source)
+      or 'gradients, loss, metrics' (anything else: the step's means and sums).
     nbytes: bytes of its operands on one device.
   """
   op: str
@@ -276,8 +278,9 @@ def collectives(stablehlo: str) -> tuple[Collective, ...]:
   """The collective ops of a StableHLO module's text, in program order.
 
   An op's purpose comes from its source location (which the text carries):
-  an all-reduce traced from jaxbn's code is a batch-norm statistics reduction
-  (its name stack says `transpose(...)` in the backward pass).
+  an all-reduce traced from jaxbn's or flax's BN code is a batch-norm
+  statistics reduction (its name stack says `transpose(...)` in the backward
+  pass).
   """
   names = _location_names(stablehlo)
   lines = stablehlo.splitlines()
@@ -296,7 +299,7 @@ def collectives(stablehlo: str) -> tuple[Collective, ...]:
     nbytes = sum(tensor_bytes(t) for t in _TENSOR.findall(operands))
     loc = re.search(r"loc\((#loc\d+)\)\s*$", signature)
     where = names.get(loc.group(1), "") if loc else ""
-    if "jaxbn/" in where:
+    if any(source in where for source in _BN_SOURCES):
       purpose = ("batch norm backward" if "transpose(" in where
                  else "batch norm forward")
     else:
