@@ -36,8 +36,9 @@ from typing import NamedTuple
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "docs" / "scaling.md"
 
-# The 8 devices of the collective measurement; must precede the first jax import.
-if "jax" not in sys.modules:
+# The 8 devices of the collective measurement; must precede the first jax import
+# (importing this module from another program changes nothing).
+if __name__ == "__main__" and "jax" not in sys.modules:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

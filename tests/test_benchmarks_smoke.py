@@ -119,3 +119,18 @@ def test_scaling_page_is_what_the_script_writes(tmp_path):
   assert "| 1024 |" in text and "53 BN layers" in text
   assert text == scaling.OUTPUT.read_text(), (
       "docs/scaling.md is stale: rerun `python -m benchmarks.scaling`.")
+
+
+def test_accelerator_tiny(capsys):
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  accelerator.main(["--tiny", "--dtypes", "bf16", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert "cpu" in out.split("\n")[0]  # the device name is in the title
+  bn = out.split("### One BN layer")[1].split("### BN of one ResNet-50 step")[0]
+  rows = _table_rows(bn, r"\(\d+(,\d+)*\)")
+  assert {(row[3], row[4]) for row in rows} == {
+      (mode, name) for mode in ("train", "infer") for name in ("jaxbn", "flax.linen")}
+  step = out.split("### tiny bottleneck ResNet")[1]
+  names = [row[0] for row in _table_rows(step, r"[a-z].*")]
+  assert names[-3:] == ["jaxbn.linen.BatchNorm", "flax.linen.BatchNorm",
+                        "no normalization (reference)"]
