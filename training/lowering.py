@@ -148,13 +148,36 @@ def _tfds_builder(config: ml_collections.ConfigDict):
                      "tensorflow-datasets image classification dataset.") from None
 
 
+# What `input_pipeline.load_dataset` gives the model when the config leaves
+# `image_size` / `num_classes` at 0: synthetic images are 32x32x3 of 10
+# classes, streamed datasets of variable-size JPEGs (imagenet2012) are cropped
+# to 224x224.
+_SYNTHETIC = "synthetic"
+_SYNTHETIC_DEFAULTS = (32, 10)
+_STREAMED_DEFAULT_IMAGE_SIZE = 224
+
+
 def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
-  """Image shape and classes of `config.dataset` from tfds' metadata (no data read)."""
+  """The model input's shape and classes for `config`, without reading any data.
+
+  From the config's `image_size` / `num_classes` when set (and present), else
+  from tfds' metadata of `config.dataset`, as the input pipeline resolves them.
+  """
+  image_size = config.get("image_size", 0)
+  num_classes = config.get("num_classes", 0)
+  if config.dataset == _SYNTHETIC:
+    side = image_size or _SYNTHETIC_DEFAULTS[0]
+    return input_pipeline.DatasetInfo(_SYNTHETIC, (side, side, 3),
+                                      num_classes or _SYNTHETIC_DEFAULTS[1])
   builder = _tfds_builder(config)
   image_key, label_key = builder.info.supervised_keys
   features = builder.info.features
-  return input_pipeline.DatasetInfo(config.dataset, tuple(features[image_key].shape),
-                                    int(features[label_key].num_classes))
+  shape = tuple(features[image_key].shape)
+  if None in shape[:2]:  # streamed and cropped to a square
+    side = image_size or _STREAMED_DEFAULT_IMAGE_SIZE
+    shape = (side, side, shape[-1] or 3)
+  return input_pipeline.DatasetInfo(config.dataset, shape,
+                                    num_classes or int(features[label_key].num_classes))
 
 
 def _num_train_examples(config: ml_collections.ConfigDict) -> int:
