@@ -111,24 +111,31 @@ NETWORKS = (
 )
 
 
-def _one_level_seconds(nbytes: float, devices: int, link: Link) -> float:
-  """min(ring, tree) over `devices` devices of one link (0 for one device)."""
+def _one_level_terms(nbytes: float, devices: int, link: Link) -> tuple[float, float]:
+  """`(latency, bandwidth)` seconds of the faster of ring and tree on one link."""
   if devices <= 1:
-    return 0.0
-  ring = (2 * (devices - 1) * link.alpha_s
-          + 2 * (devices - 1) / devices * nbytes / link.bytes_per_s)
-  tree = 2 * math.log2(devices) * link.alpha_s + 2 * nbytes / link.bytes_per_s
-  return min(ring, tree)
+    return 0.0, 0.0
+  ring = (2 * (devices - 1) * link.alpha_s,
+          2 * (devices - 1) / devices * nbytes / link.bytes_per_s)
+  tree = (2 * math.log2(devices) * link.alpha_s, 2 * nbytes / link.bytes_per_s)
+  return min(ring, tree, key=sum)
+
+
+def all_reduce_terms(nbytes: float, devices: int, network: Network
+                     ) -> tuple[float, float]:
+  """`(latency, bandwidth)` seconds of an all-reduce of `nbytes` (see `Network`)."""
+  latency = bandwidth = 0.0
+  span = 1
+  for link in network.links:
+    level = min(math.ceil(devices / span), link.devices)
+    terms = _one_level_terms(nbytes, level, link)
+    latency, bandwidth = latency + terms[0], bandwidth + terms[1]
+    span *= level
+  return latency, bandwidth
 
 
 def all_reduce_seconds(nbytes: float, devices: int, network: Network) -> float:
-  """Alpha-beta time of an all-reduce of `nbytes` over `devices` (see `Network`)."""
-  seconds, span = 0.0, 1
-  for link in network.links:
-    level = min(math.ceil(devices / span), link.devices)
-    seconds += _one_level_seconds(nbytes, level, link)
-    span *= level
-  return seconds
+  return sum(all_reduce_terms(nbytes, devices, network))
 
 
 def max_devices(network: Network) -> int:
@@ -352,7 +359,9 @@ def build_page(shapes: ResNetShapes, costs: dict[str, LayerCost], command: str) 
       "once per step and overlaps with the backward pass (XLA combines its per-array "
       "all-reduces). Under `gspmd` the SPMD partitioner inserts the reductions when it "
       "compiles; this page models the shard_map program. Time per step from the "
-      "alpha-beta model, one all-reduce per BN collective and one for the gradients:",
+      "alpha-beta model, one all-reduce per BN collective and one for the gradients; "
+      "'MB sent / device' is a ring's 2 (p - 1) / p x payload, 'latency share' the "
+      "alpha terms' part of the modelled time:",
       "",
   ]
   bn_messages = [jaxbn_cost.all_reduce_bytes_per_channel / jaxbn_cost.all_reduces * c
@@ -369,13 +378,21 @@ def build_page(shapes: ResNetShapes, costs: dict[str, LayerCost], command: str) 
     counts = [d for d in DEVICE_COUNTS if d <= max_devices(network)]
     rows = []
     for devices in counts:
-      bn = bn_seconds(devices, network)
+      bn_terms = [sum(t) for t in zip(*(all_reduce_terms(n, devices, network)
+                                        for n in bn_messages))]
       grouped = bn_seconds(min(group, devices), network)
-      grad = all_reduce_seconds(grad_bytes, devices, network)
-      rows.append([str(devices), str(len(bn_messages)), _ms(bn), _ms(grouped), _ms(grad)])
+      grad_terms = all_reduce_terms(grad_bytes, devices, network)
+      sent = 2 * (devices - 1) / devices  # bytes each device sends per byte reduced
+      rows.append([str(devices), str(len(bn_messages)),
+                   f"{sent * sum(bn_messages) / 1e6:.2f}", _ms(sum(bn_terms)),
+                   f"{100 * bn_terms[0] / sum(bn_terms):.0f}%", _ms(grouped),
+                   f"{sent * grad_bytes / 1e6:.1f}", _ms(sum(grad_terms)),
+                   f"{100 * grad_terms[0] / sum(grad_terms):.0f}%"])
     out += [f"### {network.name}", "", _harness.markdown_table(
-        ["devices", "BN all-reduces", "BN ms / step", f"BN ms, bn_group_size={group}",
-         "gradient all-reduce ms"], rows), ""]
+        ["devices", "BN all-reduces", "BN MB sent / device", "BN ms / step",
+         "BN latency share", f"BN ms, bn_group_size={group}",
+         "gradient MB sent / device", "gradient ms", "gradient latency share"],
+        rows), ""]
     for batch in PER_DEVICE_BATCHES:
       compute = train_flops * batch / accelerator.bf16_flops_per_s
       first = next((d for d in counts if bn_seconds(d, network) > COST_THRESHOLD * compute),
