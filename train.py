@@ -9,10 +9,15 @@ Examples:
   python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=1
 
 All the work happens in `training.train_lib.train_and_evaluate`.
+
+On SIGTERM (SLURM or TPU preemption) every process saves a checkpoint at the
+same step and exits with status 75 (EX_TEMPFAIL); rerunning the same command
+resumes exactly where it stopped.
 """
 
 import os
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -64,7 +69,11 @@ def main(argv):
   from training import train_lib  # pylint: disable=g-import-not-at-top
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
-  train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  except train_lib.Preempted as preempted:
+    print(preempted, flush=True)
+    sys.exit(train_lib.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
