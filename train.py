@@ -12,10 +12,15 @@ Examples:
   python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=1
 
 All the work happens in `training.train_lib.train_and_evaluate`.
+
+On SIGTERM (SLURM or TPU preemption) every process saves a checkpoint at the
+same step and exits with status 75 (EX_TEMPFAIL); rerunning the same command
+resumes exactly where it stopped.
 """
 
 import os
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -81,7 +86,11 @@ def main(argv):
     if jax.process_index() == 0:
       print(result.summary, flush=True)
     return
-  train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  except train_lib.Preempted as preempted:
+    print(preempted, flush=True)
+    sys.exit(train_lib.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -277,3 +277,32 @@ def test_resnet_rejects_bad_attributes():
     _tiny_resnet().clone(stem="vit").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   with pytest.raises(ValueError, match="NHWC"):
     _tiny_resnet().init(jax.random.key(0), jnp.zeros((8, 8, 1)))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "linen"])
+def test_recompute_bn_stats_pools_batches_with_equal_weight(kind):
+  if kind == "linen":
+    model = models.linen_model(_tiny_resnet(zero_init_last_bn=False), (12, 12, 1))
+    first = ("bn_init",)
+  else:
+    model = models.seed_cnn((16, 16, 1), 10, bias_before_bn=False)
+    first = ("bn1",)
+  params, state = model.init(jax.random.key(0))
+  batches = [jax.random.uniform(jax.random.key(i), (8,) + model.input_shape) + i
+             for i in (1, 2)]
+  new_state = models.recompute_bn_stats(model, params, state, iter(batches + batches),
+                                        num_batches=2)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  # The first BN layer sees the same inputs in any batch split: its pooled
+  # statistics are those of both batches together.
+  mean_of = (lambda s: s[first[0]]["mean"]) if kind == "linen" else (
+      lambda s: s[first[0]].mean)
+  var_of = (lambda s: s[first[0]]["var"]) if kind == "linen" else (
+      lambda s: s[first[0]].var)
+  together = models.recompute_bn_stats(model, params, state,
+                                       [jnp.concatenate(batches)], num_batches=1)
+  np.testing.assert_allclose(mean_of(new_state), mean_of(together), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(var_of(new_state), var_of(together), rtol=1e-4, atol=1e-6)
+  assert not np.allclose(mean_of(new_state), mean_of(state))
+  with pytest.raises(ValueError, match="needs 3 batches, got 2"):
+    models.recompute_bn_stats(model, params, state, iter(batches), num_batches=3)

@@ -23,6 +23,9 @@ interface (`params` = the `params` collection, `state` = `batch_stats`), so
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+import functools
+import itertools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -464,6 +467,105 @@ def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
 
   return MODELS[name](input_shape, num_classes, use_bn=use_bn,
                       bias_before_bn=bias_before_bn, batch_norm_layer=batch_norm_layer)
+
+
+# --- PreciseBN ----------------------------------------------------------------
+
+class _TrainingForward(NamedTuple):
+  """`(params, state, images) -> (logits, new_state)` in training mode.
+
+  A NamedTuple so that equal forwards compare equal: `jaxbn.recompute_stats`
+  jits with the forward static, and a new functools.partial per call would
+  recompile every time.
+  """
+  apply: Callable[..., tuple[jax.Array, State]]
+  compute_dtype: Any
+
+  def __call__(self, params, state, images):
+    return self.apply(params, state, images, True, compute_dtype=self.compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _linen_batch_statistics(module: nn.Module, compute_dtype, params: Params,
+                            state: State, images: jax.Array) -> State:
+  """Each BN layer's statistics of this batch (momentum 0 stores exactly them)."""
+  batch_module = module.clone(bn_momentum=0.0, dtype=compute_dtype)
+  _, updates = batch_module.apply({"params": params, "batch_stats": state}, images,
+                                  train=True, mutable=["batch_stats"])
+  return updates["batch_stats"]
+
+
+def recompute_bn_stats(model: Model, params: Params, state: State,
+                       images: Iterable[jax.typing.ArrayLike], *, num_batches: int,
+                       compute_dtype=jnp.float32) -> State:
+  """PreciseBN: running statistics replaced by population statistics.
+
+  Runs the training-mode forward pass over the first `num_batches` batches of
+  `images` with fixed `params` and pools every BN layer's batch mean and
+  variance with equal weight per batch (mean of the means; mean of the
+  variances plus the variance of the means), as `jaxbn.recompute_stats`.
+
+  Sequential models call `jaxbn.recompute_stats` itself. It finds the
+  `jaxbn.BatchNormState`s in `state`; a linen model's `batch_stats` are
+  flax's plain `{'mean', 'var'}` arrays, which `jaxbn.linen.BatchNorm` hands
+  to the core as arrays, so there is no state object to probe. For those the
+  module is cloned with `bn_momentum=0` (it must have that attribute, as
+  `training.resnet.ResNet` does), whose updated `batch_stats` are exactly each
+  layer's batch statistics, and the same pooling is applied with
+  `jaxbn.merge_moments`. Both work on batches sharded over devices (the
+  statistics are then global) and keep a feature's old values where the
+  pooled ones are not finite.
+
+  Args:
+    model: the model.
+    params: its parameters.
+    state: its BN state (`init`'s second output).
+    images: batches `(batch,) + model.input_shape`, e.g. training batches.
+    num_batches: how many batches of `images` to use (>= 1).
+    compute_dtype: activation dtype of the forward pass.
+
+  Returns:
+    `state` with new running means and variances.
+
+  Raises:
+    ValueError: fewer than `num_batches` batches.
+  """
+  compute_dtype = jnp.dtype(compute_dtype)
+  if model.module is None:
+    return jaxbn.recompute_stats(_TrainingForward(model.apply, compute_dtype), params,
+                                 state, images, num_batches=num_batches)
+  pooled, used = None, 0
+  for batch in itertools.islice(images, num_batches):
+    stats = _linen_batch_statistics(model.module, compute_dtype, params, state, batch)
+    moments = jax.tree.map(
+        lambda mean, var: jaxbn.Moments(jnp.ones((), jnp.float32), mean, var),
+        _means(stats), _variances(stats))
+    pooled = moments if pooled is None else jax.tree.map(
+        jaxbn.merge_moments, pooled, moments,
+        is_leaf=lambda node: isinstance(node, jaxbn.Moments))
+    used += 1
+  if used < num_batches:
+    raise ValueError(f"recompute_bn_stats needs {num_batches} batches, got {used}.")
+
+  def keep_finite(moments, old_mean, old_var):
+    keep = jnp.isfinite(moments.mean) & jnp.isfinite(moments.var)
+    return {"mean": jnp.where(keep, moments.mean, old_mean).astype(old_mean.dtype),
+            "var": jnp.where(keep, moments.var, old_var).astype(old_var.dtype)}
+
+  return jax.tree.map(keep_finite, pooled, _means(state), _variances(state),
+                      is_leaf=lambda node: isinstance(node, jaxbn.Moments))
+
+
+def _is_layer_stats(node) -> bool:
+  return isinstance(node, dict) and set(node) == {"mean", "var"}
+
+
+def _means(batch_stats):
+  return jax.tree.map(lambda layer: layer["mean"], batch_stats, is_leaf=_is_layer_stats)
+
+
+def _variances(batch_stats):
+  return jax.tree.map(lambda layer: layer["var"], batch_stats, is_leaf=_is_layer_stats)
 
 
 # --- parameter table ----------------------------------------------------------
