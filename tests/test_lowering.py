@@ -9,6 +9,7 @@ mesh's device count and shardings.
 """
 
 import functools
+import importlib
 import re
 import subprocess
 import textwrap
@@ -193,37 +194,33 @@ def test_counts_and_bytes_of_a_collective():
   assert lowering.tensor_bytes("3x5xbf16") == 30
 
 
-def _resnet_config(model, dataset, **overrides):
-  """A ResNet config as configs/resnet_*.py set it up, with a small batch."""
-  config = utils.tiny_config(model=model, dataset=dataset, bias_before_bn=False,
-                             optimizer="momentum", lr_schedule="cosine",
-                             weight_decay=1e-4, learning_rate=0.1, batch_size=16,
-                             eval_batch_size=16, num_train_examples=1024)
+def _config(name, **overrides):
+  """configs/<name>.py with `overrides`."""
+  config = importlib.import_module(f"configs.{name}").get_config()
   for key, value in overrides.items():
     config[key] = value
   return config
 
 
 RESNET_CASES = {
-    # ResNet-50 on ImageNet (224x224 crops): both parallelisms, both precisions.
-    "resnet50-shard_map-bf16": ("resnet50", "imagenet2012", "shard_map", True),
-    "resnet50-gspmd-f32": ("resnet50", "imagenet2012", "gspmd", False),
-    # ResNet-20 on CIFAR-10.
-    "resnet20-shard_map-f32": ("resnet20", "cifar10", "shard_map", False),
-    "resnet20-gspmd-bf16": ("resnet20", "cifar10", "gspmd", True),
+    # configs/resnet_imagenet.py: ResNet-50, 224x224 crops, global batch 1024.
+    "resnet50-shard_map-bf16": ("resnet_imagenet", "shard_map", True),
+    "resnet50-gspmd-f32": ("resnet_imagenet", "gspmd", False),
+    # configs/resnet_cifar.py: ResNet-20 on CIFAR-10, batch 128.
+    "resnet20-shard_map-f32": ("resnet_cifar", "shard_map", False),
+    "resnet20-gspmd-bf16": ("resnet_cifar", "gspmd", True),
 }
 
 
 @pytest.mark.parametrize("case", list(RESNET_CASES))
 def test_resnets_lower_for_cuda_and_tpu(case):
-  model_name, dataset, parallelism, half_precision = RESNET_CASES[case]
-  config = _resnet_config(model_name, dataset, parallelism=parallelism,
-                          half_precision=half_precision)
+  config_name, parallelism, half_precision = RESNET_CASES[case]
+  config = _config(config_name, parallelism=parallelism, half_precision=half_precision)
   result = lowering.lower_for_platforms(config, None, ACCELERATORS)
   info = lowering.dataset_info(config)
   model = train_lib.create_model(config, info)
   bn_state = jax.eval_shape(model.init, jax.random.key(0))[1]
   check_lowered(result, config, bn_state)
   expected = {"resnet50": (53, 25_557_032, (224, 224, 3)),
-              "resnet20": (19, 269_722, (32, 32, 3))}[model_name]
+              "resnet20": (19, 269_722, (32, 32, 3))}[config.model]
   assert (_num_bn_layers(bn_state), result.num_parameters, info.image_shape) == expected
