@@ -18,7 +18,8 @@ machine without an accelerator it measures the CPU). On the first device of
    number of layers that have it: the BN time of one ResNet-50 step.
 2. The ResNet-50 bf16 training step (`training.resnet.ResNet50`, SGD with
    momentum, `benchmarks/train_step_resnet.make_step`) with
-   jaxbn.linen.BatchNorm vs flax.linen.BatchNorm vs no normalization:
+   jaxbn.linen.BatchNorm vs flax.linen.BatchNorm vs no normalization
+   (`benchmarks/train_step_resnet.NORMS`):
    images/s, the compiled program's memory (`memory_analysis()`) and the
    device's peak memory (`memory_stats()`, where the platform reports it).
 """
@@ -29,7 +30,6 @@ import argparse
 import collections
 import math
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,32 +40,9 @@ from benchmarks import _impls
 from benchmarks import bn_op
 from benchmarks import scaling
 from benchmarks import train_step_resnet
-from jaxbn import linen as jaxbn_linen
 from training import resnet
 
 DTYPES = ("f32", "bf16")
-
-
-class NoNormalization(nn.Module):
-  """An identity with a BN module's attributes (the no-BN reference)."""
-  use_running_average: bool | None = None
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: object = None
-  axis_name: object = None
-  axis_index_groups: object = None
-  scale_init: object = None
-
-  @nn.compact
-  def __call__(self, x):
-    return x
-
-
-NORMS = {
-    "jaxbn.linen.BatchNorm": jaxbn_linen.BatchNorm,
-    "flax.linen.BatchNorm": nn.BatchNorm,
-    "no normalization (reference)": NoNormalization,
-}
 
 
 def device_name() -> str:
@@ -197,7 +174,7 @@ def resnet_rows(batch: int, image_size: int, repeats: int, model_kwargs: dict):
   labels = jax.random.randint(jax.random.key(2), (batch,), 0,
                               model_kwargs["num_classes"])
   cases, memory = {}, {}
-  for name, norm in NORMS.items():
+  for name, norm in train_step_resnet.NORMS.items():
     cases[name], compiled = build_step(norm, images, labels, model_kwargs)
     analysis = compiled.memory_analysis()
     memory[name] = (None if analysis is None else

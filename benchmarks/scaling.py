@@ -25,7 +25,6 @@ with their source:
 from __future__ import annotations
 
 import argparse
-import collections
 import math
 import os
 import pathlib

@@ -50,7 +50,6 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from training import input_pipeline
-from training import models
 from training import train_lib
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
