@@ -4,15 +4,23 @@ Examples:
   python train.py                                   # configs/mnist_bn.py, ./runs/mnist_bn
   python train.py --config=configs/mnist_nobn.py --workdir=runs/nobn
   python train.py --config.parallelism=shard_map --config.num_epochs=1
+  # Export the train and eval steps for GPUs and TPUs without training
+  # (files in <workdir>/lowered/; training.lowering):
+  python train.py --lower_for=cuda,tpu --workdir=/tmp/lowered_cnn
   # Two processes (e.g. two hosts), JAX's multi-process runtime:
   python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=0
   python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=1
 
 All the work happens in `training.train_lib.train_and_evaluate`.
+
+On SIGTERM (SLURM or TPU preemption) every process saves a checkpoint at the
+same step and exits with status 75 (EX_TEMPFAIL); rerunning the same command
+resumes exactly where it stopped.
 """
 
 import os
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -37,6 +45,13 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() and let it detect the cluster (SLURM, "
     "TPU pods, ...). Default: only when --coordinator_address is given or "
     "SLURM_JOB_ID / a TPU pod environment is present.")
+_LOWER_FOR = flags.DEFINE_list(
+    "lower_for", None,
+    "Platforms (any of cpu, cuda, rocm, tpu): build the train and eval steps as for "
+    "training over the visible devices, export them with jax.export for each "
+    "platform into <workdir>/lowered/<platform>/, print a summary and exit without "
+    "training. More devices than this host has: XLA_FLAGS="
+    "--xla_force_host_platform_device_count=N on a CPU.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100,
     "With several processes: exit with an error when a peer has been silent this long.")
@@ -64,7 +79,18 @@ def main(argv):
   from training import train_lib  # pylint: disable=g-import-not-at-top
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
-  train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  if _LOWER_FOR.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    from training import lowering  # pylint: disable=g-import-not-at-top
+    result = lowering.lower_for_platforms(_CONFIG.value, workdir, _LOWER_FOR.value)
+    if jax.process_index() == 0:
+      print(result.summary, flush=True)
+    return
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  except train_lib.Preempted as preempted:
+    print(preempted, flush=True)
+    sys.exit(train_lib.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

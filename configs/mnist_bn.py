@@ -42,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_classes = 0
 
   # Model.
-  # 'cnn' (the seed's Keras CNN) or 'mlp' (the BN paper's 3x100 sigmoid MLP).
+  # 'cnn' (the seed's Keras CNN), 'mlp' (the BN paper's 3x100 sigmoid MLP),
+  # 'resnet20' / 'resnet32' / 'resnet56' (CIFAR-style) or 'resnet18' /
+  # 'resnet34' / 'resnet50' (ImageNet-style v1.5): training/resnet.py.
   config.model = "cnn"
   config.use_bn = True
   # Keep the conv/dense bias in front of each BN (the seed's Keras model does;
@@ -51,6 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Keras' BatchNormalization defaults, as in the seed.
   config.bn_momentum = 0.99
   config.bn_epsilon = 1e-3
+  # ResNets: zero scale on the last BN of each residual branch (Goyal et al.
+  # 2017), so every block starts as the identity.
+  config.zero_init_last_bn = True
+  # PreciseBN: before each evaluation and checkpoint, recompute the BN running
+  # statistics as the population statistics of this many training batches
+  # (with the current weights; jaxbn.recompute_stats); 0 = off (the EMA).
+  config.precise_bn_batches = 0
   # bfloat16 activations and matmuls; params, optimizer and BN state float32.
   config.half_precision = False
 
@@ -61,7 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = "adam"  # 'sgd', 'momentum' or 'adam'
   config.learning_rate = 0.01  # peak value of the schedule
   config.momentum = 0.9  # for optimizer='momentum'
-  config.weight_decay = 0.0  # decoupled (AdamW-style for adam)
+  config.nesterov = False  # Nesterov momentum, for optimizer='momentum'
+  # 'adam': decoupled (AdamW); 'sgd' / 'momentum': L2, i.e. weight_decay * w
+  # added to the gradient before momentum (as the ResNet papers).
+  config.weight_decay = 0.0
+  # Training targets (1 - s) * one_hot + s / num_classes; 0 = off.
+  config.label_smoothing = 0.0
   # 'constant', 'cosine' (linear warmup, cosine decay to 0) or 'onecycle'.
   config.lr_schedule = "onecycle"
   config.warmup_epochs = 0.3  # warmup of 'cosine'; rise phase of 'onecycle'
@@ -82,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Steps with a non-finite loss or gradient are skipped; this many in a row
   # stop the run.
   config.max_consecutive_nonfinite = 20
+  # On SIGTERM (SLURM, TPU preemption) all processes agree, at the next step
+  # that is a multiple of this, to save a checkpoint there and exit (code 75).
+  config.preemption_check_every_steps = 10
   # Testing hook: 0-based global steps whose batch is replaced with NaN.
   config.inject_nan_at_steps = ()
 

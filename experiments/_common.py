@@ -19,9 +19,10 @@ import time
 
 import numpy as np
 
-# TensorFlow (tfds) must not take accelerators or spam logs.
+# TensorFlow (tfds) must not spam logs. It leaves accelerators to JAX
+# (training.input_pipeline hides GPUs from TensorFlow only; an environment
+# variable such as CUDA_VISIBLE_DEVICES would hide them from JAX as well).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 DEFAULT_SEEDS = (0, 1, 2)
 

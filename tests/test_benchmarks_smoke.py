@@ -93,11 +93,13 @@ def test_accuracy_tiny(capsys):
 
 @pytest.mark.parametrize("args", [["--tiny", "--malloc", "default"]])
 def test_train_step_resnet_tiny(capsys, args):
-  train_step_resnet.main(args)
+  verdicts = train_step_resnet.main(args)
   out = capsys.readouterr().out
-  names = [row[0] for row in _table_rows(out, r"[a-z].*")]
-  assert names[-3:] == ["jaxbn.linen.BatchNorm", "flax.linen.BatchNorm",
-                        "no normalization (reference)"]
+  names = [row[0] for row in _table_rows(out, r"[a-z].*") if row[0] != "normalization"]
+  assert names == ["jaxbn.linen.BatchNorm", "flax.linen.BatchNorm",
+                   "no normalization (reference)"] * 2
+  assert len(verdicts) == 2 and all(v["wall_ratio"] > 0 for v in verdicts.values())
+  assert out.count("(rule: both <= 1.05x)") == 2
 
 
 def test_seed_cnn_train_step_tiny(capsys):
@@ -108,3 +110,29 @@ def test_seed_cnn_train_step_tiny(capsys):
   assert {"jaxbn", "flax.linen"} <= set(result["examples_per_sec"])
   out = capsys.readouterr().out
   assert "jaxbn" in out and "flax.linen" in out
+
+
+def test_scaling_page_is_what_the_script_writes(tmp_path):
+  """docs/scaling.md holds the numbers `python -m benchmarks.scaling` computes now."""
+  from benchmarks import scaling  # pylint: disable=g-import-not-at-top
+  page = tmp_path / "scaling.md"
+  scaling.main(["--output", str(page)])
+  text = page.read_text()
+  assert "| 1024 |" in text and "53 BN layers" in text
+  assert text == scaling.OUTPUT.read_text(), (
+      "docs/scaling.md is stale: rerun `python -m benchmarks.scaling`.")
+
+
+def test_accelerator_tiny(capsys):
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  accelerator.main(["--tiny", "--dtypes", "bf16", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert "cpu" in out.split("\n")[0]  # the device name is in the title
+  bn = out.split("### One BN layer")[1].split("### BN of one ResNet-50 step")[0]
+  rows = _table_rows(bn, r"\(\d+(,\d+)*\)")
+  assert {(row[3], row[4]) for row in rows} == {
+      (mode, name) for mode in ("train", "infer") for name in ("jaxbn", "flax.linen")}
+  step = out.split("### tiny bottleneck ResNet")[1]
+  names = [row[0] for row in _table_rows(step, r"[a-z].*")]
+  assert names[-3:] == ["jaxbn.linen.BatchNorm", "flax.linen.BatchNorm",
+                        "no normalization (reference)"]

@@ -9,6 +9,7 @@ faster.
 import functools
 import json
 import shutil
+import signal
 
 import jax
 from jax.sharding import NamedSharding
@@ -21,6 +22,7 @@ import pytest
 
 from tests import _train_utils as utils
 from training import input_pipeline
+from training import models
 from training import train_lib
 
 
@@ -183,6 +185,14 @@ def test_bn_groups_pool_statistics_per_group():
                                                       r"divide the number of devices"),
     (dict(bn_group_size=4), "bn_group_size needs parallelism='shard_map'"),
     (dict(num_devices=9), r"num_devices must be in \[0, 8\]"),
+    (dict(model="resnet20", bias_before_bn=True),
+     r"set use_bn=True and bias_before_bn=False"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+    (dict(nesterov=True), "nesterov=True needs optimizer='momentum'"),
+    (dict(precise_bn_batches=-1), "precise_bn_batches must be >= 0"),
+    (dict(precise_bn_batches=9, num_devices=1), r"precise_bn_batches=9 is more than "
+                                                r"the 8 training batches per epoch"),
+    (dict(preemption_check_every_steps=0), "preemption_check_every_steps must be >= 1"),
 ])
 def test_bad_configs_fail_at_start(overrides, message, tmp_path):
   config = utils.tiny_config(**overrides)
@@ -222,3 +232,112 @@ def test_half_precision_trains_with_float32_state():
   assert int(state.epoch_sums.steps) == 2 and np.isfinite(state.epoch_sums.loss)
   for leaf in jax.tree.leaves((state.params, state.opt_state, state.bn_state)):
     assert leaf.dtype in (np.float32, np.int32), leaf.dtype
+
+
+def test_nesterov_and_l2_weight_decay_before_momentum():
+  config = utils.tiny_config(optimizer="momentum", nesterov=True, weight_decay=1e-2,
+                             learning_rate=0.1)
+  tx = train_lib.create_optimizer(config, steps_per_epoch=8)
+  expected = optax.chain(optax.add_decayed_weights(1e-2),
+                         optax.sgd(0.1, momentum=0.9, nesterov=True))
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.5, 0.5, -1.0])}
+  state, expected_state = tx.init(params), expected.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    expected_updates, expected_state = expected.update(grads, expected_state, params)
+    np.testing.assert_allclose(updates["w"], expected_updates["w"], rtol=1e-6)
+  plain = train_lib.create_optimizer(utils.tiny_config(optimizer="momentum"), 8)
+  plain_updates, plain_state = plain.update(grads, plain.init(params), params)
+  plain_updates, _ = plain.update(grads, plain_state, params)
+  assert not np.allclose(plain_updates["w"], updates["w"])
+
+
+def test_label_smoothing_trains_on_smoothed_targets():
+  config = utils.tiny_config(num_devices=1, model="mlp", label_smoothing=0.2)
+  state, step, batch, model, mesh = _state_and_step(config, num_devices=1)
+  params, bn_state = jax.device_get((state.params, state.bn_state))
+  new_state = jax.device_get(step(state, input_pipeline.to_global(
+      batch, NamedSharding(mesh, P("data")), 64)))
+  logits, _ = model.apply(params, bn_state, batch.images, True)
+  targets = 0.8 * jax.nn.one_hot(batch.labels, 10) + 0.2 / 10
+  expected = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+  np.testing.assert_allclose(new_state.epoch_sums.loss, expected, rtol=1e-5)
+  plain = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels).mean()
+  assert abs(float(plain) - float(expected)) > 1e-3
+
+
+def test_precise_bn_recomputes_the_statistics_before_evaluation_and_saving(tmp_path):
+  config = utils.tiny_config(num_devices=1, model="mlp", precise_bn_batches=3,
+                             num_epochs=1, checkpoint_every_steps=0)
+  train_lib.train_and_evaluate(config, tmp_path / "precise")
+  ema = utils.tiny_config(num_devices=1, model="mlp", num_epochs=1,
+                          checkpoint_every_steps=0)
+  train_lib.train_and_evaluate(ema, tmp_path / "ema")
+  precise_record = utils.read_metrics(tmp_path / "precise")[0]
+  ema_record = utils.read_metrics(tmp_path / "ema")[0]
+  # Training is the same; only the statistics used by evaluation differ.
+  assert precise_record["train_loss"] == ema_record["train_loss"]
+  assert precise_record["val_loss"] != ema_record["val_loss"]
+  # The saved statistics are those of the first 3 batches of the epoch, pooled.
+  train, info = _mnist_tiny()
+  model = train_lib.create_model(config, info)
+  abstract = jax.eval_shape(functools.partial(
+      train_lib.create_train_state, model, train_lib.create_optimizer(config, 8)),
+      jax.random.key(0))
+  manager = train_lib.create_checkpoint_manager(tmp_path / "precise", config)
+  saved = manager.restore(8, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract))).state
+  manager.close()
+  batches = [batch.images for batch in input_pipeline.train_batches(
+      train, global_batch_size=64, seed=0, epoch=0, rows=slice(None))]
+  # Three batches of 64 examples each weigh the same: the first BN layer's
+  # statistics are those of the 192 examples.
+  expected = models.recompute_bn_stats(model, saved.params, saved.bn_state,
+                                       [np.concatenate(batches[:3])], num_batches=1)
+  np.testing.assert_allclose(saved.bn_state["bn1"].mean, expected["bn1"].mean,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(saved.bn_state["bn1"].var, expected["bn1"].var,
+                             rtol=1e-4, atol=1e-6)
+
+
+class _SigtermAtSecondCheck(train_lib._StopRequest):  # pylint: disable=protected-access
+  """Delivers a real SIGTERM to this process just before the second check."""
+  checks = 0
+
+  def agreed(self):
+    type(self).checks += 1
+    if type(self).checks == 2:
+      signal.raise_signal(signal.SIGTERM)
+    return super().agreed()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_uninterrupted(
+    one_device_run, tmp_path, monkeypatch):
+  reference_dir, final = one_device_run
+  monkeypatch.setattr(train_lib, "_StopRequest", _SigtermAtSecondCheck)
+  previous_handler = signal.getsignal(signal.SIGTERM)
+  config = utils.tiny_config(num_devices=1, preemption_check_every_steps=2)
+  with pytest.raises(train_lib.Preempted, match="checkpoint saved at step 4") as caught:
+    train_lib.train_and_evaluate(config, tmp_path)
+  assert caught.value.step == 4
+  assert signal.getsignal(signal.SIGTERM) is previous_handler  # handler restored
+  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  assert manager.latest_step() == 4  # not a periodic step (every 3)
+  manager.close()
+  monkeypatch.undo()
+  again = train_lib.train_and_evaluate(config, tmp_path)
+  assert utils.compared([again]) == utils.compared([final])
+  assert (utils.compared(utils.read_metrics(tmp_path))
+          == utils.compared(utils.read_metrics(reference_dir)))
+
+
+def test_resnet_trains_under_shard_map_with_precise_bn(tmp_path):
+  config = utils.tiny_config(model="resnet20", bn_momentum=0.9, bn_epsilon=1e-5,
+                             parallelism="shard_map", num_epochs=1, batch_size=32,
+                             eval_batch_size=64, num_train_examples=64,
+                             precise_bn_batches=2, optimizer="momentum",
+                             learning_rate=0.05, weight_decay=1e-4, label_smoothing=0.1)
+  final = train_lib.train_and_evaluate(config, tmp_path)
+  assert final["step"] == 2 and np.isfinite(final["train_loss"])
+  assert 0.0 <= final["test_accuracy"] <= 1.0

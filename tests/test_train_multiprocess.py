@@ -1,4 +1,4 @@
-"""train.py as users run it: two processes, dying peers, SIGKILL and resume.
+"""train.py as users run it: two processes, dying peers, SIGKILL, SIGTERM and resume.
 
 Every run is `python train.py --config=configs/tiny.py ...` in subprocesses.
 They share a JAX compilation cache (also across pytest-xdist workers), so the
@@ -159,3 +159,44 @@ def test_train_py_with_bad_config_fails_with_a_clear_message(tmp_path):
   assert "batch_size=50 must be a positive multiple of the number of devices (8)" in (
       result.stderr)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resumes(
+    cache_env, tmp_path):
+  # Only process 1 gets SIGTERM (as when one host is preempted): process 0
+  # learns it from the agreement at the next check and saves the same step.
+  del cache_env
+  workdir = tmp_path / "run"
+  flags = ("--config.checkpoint_every_steps=2", "--config.preemption_check_every_steps=5")
+  processes = _start_two_processes(workdir, tmp_path, "--config.num_epochs=1000", *flags)
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while not _latest_complete_step(workdir / "checkpoints"):  # both train
+      assert time.monotonic() < deadline, _log(tmp_path, "process0.log")
+      assert all(p.poll() is None for p in processes), _log(tmp_path, "process0.log")
+      time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)
+    returncodes = [_wait(process, timeout=120) for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  logs = [_log(tmp_path, f"process{i}.log", None) for i in range(2)]
+  assert returncodes == [75, 75], logs[0][-3000:] + logs[1][-3000:]
+  steps = [int(re.search(r"checkpoint saved at step (\d+)", log).group(1)) for log in logs]
+  assert steps[0] == steps[1] and steps[0] % 5 == 0, steps
+  assert _latest_complete_step(workdir / "checkpoints") == steps[0]
+
+  # Resuming to the end of the next epoch gives the uninterrupted curve.
+  num_epochs = steps[0] // 8 + 1
+  processes = _start_two_processes(workdir, tmp_path, f"--config.num_epochs={num_epochs}",
+                                   *flags)
+  for i, process in enumerate(processes):
+    assert _wait(process) == 0, _log(tmp_path, f"process{i}.log")
+  assert f"Resuming from step {steps[0]}" in _log(tmp_path, "process0.log", None)
+  reference = utils.start_train(tmp_path / "reference", f"--config.num_epochs={num_epochs}",
+                                *flags, log_path=tmp_path / "reference.log")
+  assert _wait(reference) == 0, _log(tmp_path, "reference.log")
+  utils.assert_same_curve(utils.read_metrics(workdir),
+                          utils.read_metrics(tmp_path / "reference"))

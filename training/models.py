@@ -1,6 +1,6 @@
 """Models as pure functions over parameter and batch-norm-state pytrees.
 
-A model is a `Model(init, apply, layers, input_shape)`:
+A model is a `Model(init, apply, layers, input_shape, module)`:
 
 ```python
 model = models.seed_cnn(input_shape=(28, 28, 1), num_classes=10)
@@ -13,20 +13,29 @@ logits, new_state = model.apply(params, state, images, training=True)
 `params` and `jaxbn.BatchNormState` (float32 running statistics) in `state`.
 Images are NHWC; logits are float32 of shape `(batch, num_classes)`.
 
-Models are built from `Layer`s (a small sequential stack), which also gives
-the Keras-style parameter table (`parameter_table`).
+The seed CNN and the MLP are built from `Layer`s (a small sequential stack of
+pure functions), which also gives the Keras-style parameter table
+(`parameter_table`). The ResNets (`training.resnet`) are flax.linen modules
+with `jaxbn.linen.BatchNorm`; `linen_model` wraps one into the same `Model`
+interface (`params` = the `params` collection, `state` = `batch_stats`), so
+`train_lib` drives both kinds the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+import functools
+import itertools
 import math
 from typing import Any, Callable, NamedTuple
 
+from flax import linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
 
 import jaxbn
+from training import resnet
 
 Params = dict[str, Any]
 State = dict[str, Any]
@@ -76,11 +85,19 @@ class Model(NamedTuple):
   bn_axis_index_groups=None, compute_dtype=jnp.float32)`: `x` is a float batch
   of shape `(batch,) + input_shape`; returns float32 logits and the new state
   (equal to `state` when `training=False`).
+
+  Attributes:
+    init: `key -> (params, state)`.
+    apply: as above.
+    layers: the `Layer`s of a sequential model; `()` for a linen model.
+    input_shape: `(height, width, channels)` of one example.
+    module: the flax.linen module of a `linen_model`, else None.
   """
   init: Callable[[jax.Array], tuple[Params, State]]
   apply: Callable[..., tuple[jax.Array, State]]
   layers: tuple[Layer, ...]
   input_shape: tuple[int, ...]
+  module: Any = None
 
 
 class TableRow(NamedTuple):
@@ -105,12 +122,14 @@ def _broadcast_features(vector: jax.Array, like: jax.Array) -> jax.Array:
 def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid (unpadded) stride-1 convolution of NHWC `x` with an HWIO `kernel`.
 
-  On CPU it is computed as im2col by shifted slices followed by one matmul:
-  XLA:CPU's convolution is 5-8x slower than that for the few channels of the
-  seed CNN (measured on the seed CNN's training step, batch 32-128), and the
-  slices' transposes are pads, so the backward pass stays cheap. Elsewhere it
-  is `lax.conv_general_dilated` (cuDNN / the TPU convolution units). Both give
-  the same numbers up to float rounding (tests/test_train_models.py).
+  The platform the program is compiled for picks the algorithm, when it is
+  lowered (`lax.platform_dependent`), not the machine that traces it: a
+  program lowered on a CPU for GPUs or TPUs (`jax.export`, `train.py
+  --lower_for`) holds `lax.conv_general_dilated` (cuDNN / the TPU convolution
+  units), and one compiled for CPU holds `conv_valid_im2col`: XLA:CPU's
+  convolution is 5-8x slower than that for the few channels of the seed CNN
+  (measured on the seed CNN's training step, batch 32-128). Both give the same
+  numbers up to float rounding (tests/test_train_models.py).
 
   Args:
     x: `(batch, height, width, in_features)`.
@@ -120,9 +139,21 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     `(batch, height - kernel_height + 1, width - kernel_width + 1,
     out_features)`.
   """
-  if jax.default_backend() != "cpu":
-    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding="VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return lax.platform_dependent(x, kernel, cpu=conv_valid_im2col,
+                                default=conv_valid_xla)
+
+
+def conv_valid_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_valid` as one `lax.conv_general_dilated` (GPUs, TPUs)."""
+  return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding="VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_valid_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_valid` as im2col by shifted slices and one matmul (CPU).
+
+  The slices' transposes are pads, so the backward pass stays cheap.
+  """
   kernel_height, kernel_width, in_features, out_features = kernel.shape
   out_height = x.shape[1] - kernel_height + 1
   out_width = x.shape[2] - kernel_width + 1
@@ -350,26 +381,191 @@ def bn_paper_mlp(input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 
   return sequential(layers, input_shape)
 
 
-MODELS = {"cnn": seed_cnn, "mlp": bn_paper_mlp}
+def linen_model(module: nn.Module, input_shape: tuple[int, ...]) -> Model:
+  """Wraps a flax.linen classifier into the `Model` interface.
+
+  `params` is the module's `params` collection and `state` its `batch_stats`
+  (flax's `{'mean', 'var'}` per BN layer). `apply` clones the module with
+  `dtype=compute_dtype`, `axis_name=bn_axis_name` and
+  `axis_index_groups=bn_axis_index_groups`, so the module must have these
+  attributes (as `training.resnet.ResNet` does) and call it as
+  `module(x, train=...)`.
+
+  Args:
+    module: the linen module, e.g. `resnet.ResNet20(num_classes=10)`.
+    input_shape: `(height, width, channels)` of one example.
+  """
+  input_shape = tuple(int(d) for d in input_shape)
+
+  def init(key: jax.Array) -> tuple[Params, State]:
+    variables = module.init(key, jnp.zeros((1,) + input_shape, jnp.float32),
+                            train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+  def apply(params: Params, state: State, x: jax.typing.ArrayLike, training: bool,
+            *, bn_axis_name=None, bn_axis_index_groups=None,
+            compute_dtype=jnp.float32) -> tuple[jax.Array, State]:
+    x = jnp.asarray(x)
+    if x.shape[1:] != input_shape:
+      raise ValueError(f"x must have shape (batch,) + {input_shape}, got {x.shape}.")
+    configured = module.clone(dtype=jnp.dtype(compute_dtype), axis_name=bn_axis_name,
+                              axis_index_groups=bn_axis_index_groups)
+    variables = {"params": params, "batch_stats": state}
+    if not training:
+      return configured.apply(variables, x, train=False).astype(jnp.float32), state
+    logits, updates = configured.apply(variables, x, train=True, mutable=["batch_stats"])
+    return logits.astype(jnp.float32), updates["batch_stats"]
+
+  return Model(init, apply, (), input_shape, module)
+
+
+MODELS = {"cnn": seed_cnn, "mlp": bn_paper_mlp, **resnet.RESNETS}
 
 
 def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
                  use_bn: bool = True, bias_before_bn: bool = True,
                  bn_momentum: float = KERAS_BN_MOMENTUM,
-                 bn_epsilon: float = KERAS_BN_EPSILON) -> Model:
-  """Builds a model by name ('cnn': the seed CNN, 'mlp': the BN paper's MLP).
+                 bn_epsilon: float = KERAS_BN_EPSILON,
+                 zero_init_last_bn: bool = True) -> Model:
+  """Builds a model by name.
+
+  'cnn': the seed CNN, 'mlp': the BN paper's MLP (sequential, pure
+  functions); 'resnet20', 'resnet32', 'resnet56' (CIFAR-style), 'resnet18',
+  'resnet34', 'resnet50' (ImageNet-style): `training.resnet` linen modules
+  with `jaxbn.linen.BatchNorm`, wrapped by `linen_model`.
+
+  Args:
+    name: a key of `MODELS`.
+    input_shape: `(height, width, channels)` of one example.
+    num_classes: number of logits.
+    use_bn: False removes batch norm (sequential models only).
+    bias_before_bn: keep the conv/dense bias in front of each BN (sequential
+      models only; the ResNets have none).
+    bn_momentum, bn_epsilon: of every BN layer.
+    zero_init_last_bn: ResNets only: zero scale on the last BN of each
+      residual branch.
 
   Raises:
-    ValueError: unknown `name`.
+    ValueError: unknown `name`, or a ResNet with `use_bn=False` or
+      `bias_before_bn=True`.
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}.")
+  if name in resnet.RESNETS:
+    if not use_bn or bias_before_bn:
+      raise ValueError(
+          f"model {name!r} has batch norm after every convolution and no bias in "
+          f"front of it; got use_bn={use_bn}, bias_before_bn={bias_before_bn} "
+          "(set use_bn=True, bias_before_bn=False).")
+    module = resnet.RESNETS[name](num_classes=num_classes, bn_momentum=bn_momentum,
+                                  bn_epsilon=bn_epsilon,
+                                  zero_init_last_bn=zero_init_last_bn)
+    return linen_model(module, input_shape)
 
   def batch_norm_layer(layer_name):
     return batch_norm(layer_name, momentum=bn_momentum, epsilon=bn_epsilon)
 
   return MODELS[name](input_shape, num_classes, use_bn=use_bn,
                       bias_before_bn=bias_before_bn, batch_norm_layer=batch_norm_layer)
+
+
+# --- PreciseBN ----------------------------------------------------------------
+
+class _TrainingForward(NamedTuple):
+  """`(params, state, images) -> (logits, new_state)` in training mode.
+
+  A NamedTuple so that equal forwards compare equal: `jaxbn.recompute_stats`
+  jits with the forward static, and a new functools.partial per call would
+  recompile every time.
+  """
+  apply: Callable[..., tuple[jax.Array, State]]
+  compute_dtype: Any
+
+  def __call__(self, params, state, images):
+    return self.apply(params, state, images, True, compute_dtype=self.compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _linen_batch_statistics(module: nn.Module, compute_dtype, params: Params,
+                            state: State, images: jax.Array) -> State:
+  """Each BN layer's statistics of this batch (momentum 0 stores exactly them)."""
+  batch_module = module.clone(bn_momentum=0.0, dtype=compute_dtype)
+  _, updates = batch_module.apply({"params": params, "batch_stats": state}, images,
+                                  train=True, mutable=["batch_stats"])
+  return updates["batch_stats"]
+
+
+def recompute_bn_stats(model: Model, params: Params, state: State,
+                       images: Iterable[jax.typing.ArrayLike], *, num_batches: int,
+                       compute_dtype=jnp.float32) -> State:
+  """PreciseBN: running statistics replaced by population statistics.
+
+  Runs the training-mode forward pass over the first `num_batches` batches of
+  `images` with fixed `params` and pools every BN layer's batch mean and
+  variance with equal weight per batch (mean of the means; mean of the
+  variances plus the variance of the means), as `jaxbn.recompute_stats`.
+
+  Sequential models call `jaxbn.recompute_stats` itself. It finds the
+  `jaxbn.BatchNormState`s in `state`; a linen model's `batch_stats` are
+  flax's plain `{'mean', 'var'}` arrays, which `jaxbn.linen.BatchNorm` hands
+  to the core as arrays, so there is no state object to probe. For those the
+  module is cloned with `bn_momentum=0` (it must have that attribute, as
+  `training.resnet.ResNet` does), whose updated `batch_stats` are exactly each
+  layer's batch statistics, and the same pooling is applied with
+  `jaxbn.merge_moments`. Both work on batches sharded over devices (the
+  statistics are then global) and keep a feature's old values where the
+  pooled ones are not finite.
+
+  Args:
+    model: the model.
+    params: its parameters.
+    state: its BN state (`init`'s second output).
+    images: batches `(batch,) + model.input_shape`, e.g. training batches.
+    num_batches: how many batches of `images` to use (>= 1).
+    compute_dtype: activation dtype of the forward pass.
+
+  Returns:
+    `state` with new running means and variances.
+
+  Raises:
+    ValueError: fewer than `num_batches` batches.
+  """
+  compute_dtype = jnp.dtype(compute_dtype)
+  if model.module is None:
+    return jaxbn.recompute_stats(_TrainingForward(model.apply, compute_dtype), params,
+                                 state, images, num_batches=num_batches)
+  pooled, used = None, 0
+  for batch in itertools.islice(images, num_batches):
+    stats = _linen_batch_statistics(model.module, compute_dtype, params, state, batch)
+    moments = jax.tree.map(
+        lambda mean, var: jaxbn.Moments(jnp.ones((), jnp.float32), mean, var),
+        _means(stats), _variances(stats))
+    pooled = moments if pooled is None else jax.tree.map(
+        jaxbn.merge_moments, pooled, moments,
+        is_leaf=lambda node: isinstance(node, jaxbn.Moments))
+    used += 1
+  if used < num_batches:
+    raise ValueError(f"recompute_bn_stats needs {num_batches} batches, got {used}.")
+
+  def keep_finite(moments, old_mean, old_var):
+    keep = jnp.isfinite(moments.mean) & jnp.isfinite(moments.var)
+    return {"mean": jnp.where(keep, moments.mean, old_mean).astype(old_mean.dtype),
+            "var": jnp.where(keep, moments.var, old_var).astype(old_var.dtype)}
+
+  return jax.tree.map(keep_finite, pooled, _means(state), _variances(state),
+                      is_leaf=lambda node: isinstance(node, jaxbn.Moments))
+
+
+def _is_layer_stats(node) -> bool:
+  return isinstance(node, dict) and set(node) == {"mean", "var"}
+
+
+def _means(batch_stats):
+  return jax.tree.map(lambda layer: layer["mean"], batch_stats, is_leaf=_is_layer_stats)
+
+
+def _variances(batch_stats):
+  return jax.tree.map(lambda layer: layer["var"], batch_stats, is_leaf=_is_layer_stats)
 
 
 # --- parameter table ----------------------------------------------------------
@@ -389,8 +585,11 @@ def parameter_table(model: Model) -> list[TableRow]:
   """Per-layer output shapes and number counts, like Keras' `model.summary()`.
 
   Trainable numbers are the leaves of `params`; non-trainable ones are the BN
-  running means and variances. Nothing is computed (`jax.eval_shape`).
+  running means and variances. Nothing is computed (`jax.eval_shape`). A
+  linen model has one row per top-level submodule (e.g. a residual block).
   """
+  if model.module is not None:
+    return _linen_parameter_table(model)
   shapes = [model.input_shape]
 
   def init_layer(key, layer):
@@ -407,16 +606,39 @@ def parameter_table(model: Model) -> list[TableRow]:
   return rows
 
 
+def _linen_parameter_table(model: Model) -> list[TableRow]:
+  example = jnp.zeros((1,) + model.input_shape, jnp.float32)
+
+  def run(key):
+    variables = model.module.init(key, example, train=False)
+    _, captured = model.module.apply(variables, example, train=False,
+                                     capture_intermediates=True, mutable=["intermediates"])
+    return variables, captured["intermediates"]
+
+  variables, intermediates = jax.eval_shape(run, jax.random.key(0))
+  kinds = {path: type(module).__name__ for path, module in
+           model.module.module_paths(jax.random.key(0), example, train=False).items()}
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  rows = []
+  for name, kind in kinds.items():  # in the order the modules ran
+    if name and "/" not in name:
+      rows.append(TableRow(name, kind, tuple(intermediates[name]["__call__"][0].shape[1:]),
+                           _size(params.get(name, {})), _size(stats.get(name, {}))))
+  return rows
+
+
 def format_parameter_table(rows: list[TableRow]) -> str:
   """Renders `parameter_table` rows with Keras' three totals."""
-  lines = [f"{'Layer (type)':<26}{'Output shape':<22}{'Numbers':>10}", "-" * 58]
-  for row in rows:
+  names = [f"{row.layer} ({row.kind})" for row in rows]
+  width = max([26] + [len(name) + 2 for name in names])
+  lines = [f"{'Layer (type)':<{width}}{'Output shape':<22}{'Numbers':>10}",
+           "-" * (width + 32)]
+  for name, row in zip(names, rows):
     shape = "(None, " + ", ".join(str(d) for d in row.output_shape) + ")"
-    lines.append(f"{row.layer + ' (' + row.kind + ')':<26}{shape:<22}"
-                 f"{row.trainable + row.non_trainable:>10,}")
+    lines.append(f"{name:<{width}}{shape:<22}{row.trainable + row.non_trainable:>10,}")
   trainable = sum(row.trainable for row in rows)
   non_trainable = sum(row.non_trainable for row in rows)
-  lines += ["-" * 58,
+  lines += ["-" * (width + 32),
             f"Total numbers: {trainable + non_trainable:,}",
             f"Trainable: {trainable:,}",
             f"Non-trainable (BN running statistics): {non_trainable:,}"]

@@ -13,6 +13,21 @@ A step whose loss, gradient or new parameters are not finite is skipped as a
 whole (parameters, optimizer state and BN statistics unchanged) and counted.
 Checkpoints (orbax, atomic) hold the train state and the data position, so a
 killed run resumes where it stopped and ends with the same metrics.
+
+Preemption: on SIGTERM (what SLURM and TPU maintenance send before killing a
+job) the processes agree, at the next step that is a multiple of
+`preemption_check_every_steps` (or at the end of the epoch), to save a
+checkpoint at that same step; `train_and_evaluate` then raises `Preempted`
+and `train.py` exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: rerun the
+same command to resume; the resumed run ends with the same metrics as an
+uninterrupted one).
+
+PreciseBN (`precise_bn_batches > 0`): before each evaluation and each
+checkpoint the BN running statistics are recomputed with the current weights
+over that many training batches (`models.recompute_bn_stats`), replacing the
+exponential moving average, which lags behind the weights (most visibly at a
+high learning rate). The preemption checkpoint is saved without it, so that
+resuming is exact.
 """
 
 from __future__ import annotations
@@ -22,13 +37,16 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, NamedTuple
 
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -39,6 +57,7 @@ import orbax.checkpoint as ocp
 
 from training import input_pipeline
 from training import models
+from training import resnet
 
 AXIS = "data"
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -46,6 +65,18 @@ LR_SCHEDULES = ("constant", "cosine", "onecycle")
 PARALLELISMS = ("gspmd", "shard_map")
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+# sysexits.h EX_TEMPFAIL ("try again later"): the run was preempted after
+# saving a checkpoint; rerunning the same command resumes it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """SIGTERM was received; every process saved a checkpoint at `step`."""
+
+  def __init__(self, step: int):
+    super().__init__(f"Preempted (SIGTERM): checkpoint saved at step {step}; rerun "
+                     "the same command to resume.")
+    self.step = step
 
 
 class EpochSums(NamedTuple):
@@ -162,6 +193,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         "checkpoint_every_steps must be >= 0 and log_every_steps >= 1.")
   check(config.max_consecutive_nonfinite >= 1,
         f"max_consecutive_nonfinite must be >= 1, got {config.max_consecutive_nonfinite}.")
+  if config.model in resnet.RESNETS:
+    check(config.use_bn and not config.bias_before_bn,
+          f"model {config.model!r} has batch norm after every convolution and no "
+          "bias before it: set use_bn=True and bias_before_bn=False.")
+  check(0.0 <= config.label_smoothing < 1.0,
+        f"label_smoothing must be in [0, 1), got {config.label_smoothing}.")
+  check(not config.nesterov or config.optimizer == "momentum",
+        f"nesterov=True needs optimizer='momentum', got {config.optimizer!r}.")
+  check(config.precise_bn_batches >= 0 and (config.precise_bn_batches == 0
+                                            or config.use_bn),
+        f"precise_bn_batches must be >= 0 (0 = off) and needs use_bn=True, got "
+        f"{config.precise_bn_batches}.")
+  check(config.preemption_check_every_steps >= 1,
+        f"preemption_check_every_steps must be >= 1, got "
+        f"{config.preemption_check_every_steps}.")
 
 
 def create_model(config: ml_collections.ConfigDict,
@@ -169,7 +215,8 @@ def create_model(config: ml_collections.ConfigDict,
   return models.create_model(
       config.model, input_shape=info.image_shape, num_classes=info.num_classes,
       use_bn=config.use_bn, bias_before_bn=config.bias_before_bn,
-      bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+      bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon,
+      zero_init_last_bn=config.zero_init_last_bn)
 
 
 def create_learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -193,9 +240,11 @@ def create_optimizer(config: ml_collections.ConfigDict,
     if config.weight_decay:
       return optax.adamw(schedule, weight_decay=config.weight_decay)
     return optax.adam(schedule)
+  # SGD: L2 regularization (the gradient of weight_decay / 2 * |w|^2 added
+  # before momentum), as in the ResNet papers and flax's ImageNet example.
   momentum = config.momentum if config.optimizer == "momentum" else None
   return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=momentum))
+                     optax.sgd(schedule, momentum=momentum, nesterov=config.nesterov))
 
 
 def create_train_state(model: models.Model, tx: optax.GradientTransformation,
@@ -218,7 +267,7 @@ def _all_finite(tree) -> jax.Array:
 def train_step(state: TrainState, batch: input_pipeline.Batch, *,
                model: models.Model, tx: optax.GradientTransformation,
                compute_dtype=jnp.float32, axis_name: str | None = None,
-               bn_axis_index_groups=None) -> TrainState:
+               bn_axis_index_groups=None, label_smoothing: float = 0.0) -> TrainState:
   """One optimization step on a batch (global under jit, local under shard_map).
 
   Args:
@@ -229,6 +278,8 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     compute_dtype: activation dtype (bfloat16 for half precision).
     axis_name: the mapped batch axis under shard_map, else None.
     bn_axis_index_groups: groups of devices that pool BN statistics.
+    label_smoothing: the training loss's targets are
+      `optax.smooth_labels(one_hot, label_smoothing)` (0 = plain labels).
 
   Returns:
     The new state; on a non-finite loss, gradient or update it keeps the old
@@ -238,8 +289,13 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     logits, new_bn_state = model.apply(
         params, state.bn_state, batch.images, True, bn_axis_name=axis_name,
         bn_axis_index_groups=bn_axis_index_groups, compute_dtype=compute_dtype)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        logits, batch.labels))
+    if label_smoothing:
+      targets = optax.smooth_labels(
+          jax.nn.one_hot(batch.labels, logits.shape[-1]), label_smoothing)
+      loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    else:
+      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+          logits, batch.labels))
     return loss, (logits, new_bn_state)
 
   (loss, (logits, new_bn_state)), grads = jax.value_and_grad(
@@ -301,7 +357,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   batch_sharding = NamedSharding(mesh, P(AXIS))
   if config.parallelism == "gspmd":
     step = functools.partial(train_step, model=model, tx=tx,
-                             compute_dtype=compute_dtype)
+                             compute_dtype=compute_dtype,
+                             label_smoothing=config.label_smoothing)
     return jax.jit(step, in_shardings=(replicated, batch_sharding),
                    out_shardings=replicated, donate_argnums=0)
   num_devices = mesh.devices.size
@@ -311,7 +368,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     groups = [list(range(start, start + group_size))
               for start in range(0, num_devices, group_size)]
   step = functools.partial(train_step, model=model, tx=tx, compute_dtype=compute_dtype,
-                           axis_name=AXIS, bn_axis_index_groups=groups)
+                           axis_name=AXIS, bn_axis_index_groups=groups,
+                           label_smoothing=config.label_smoothing)
   # check_vma=False: the pmap-style contract (per-device gradients, averaged
   # explicitly with pmean), which is what axis_index_groups supports.
   sharded_step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
@@ -426,6 +484,67 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
           "bias_before_bn": config.bias_before_bn}
 
 
+# --- preemption and PreciseBN --------------------------------------------------
+
+class _StopRequest:
+  """SIGTERM sets a flag; processes agree on it at the same steps.
+
+  Python runs signal handlers in the main thread only, so the handler is
+  installed only when `train_and_evaluate` runs there; elsewhere SIGTERM keeps
+  its previous meaning.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._installed = False
+
+  def install(self) -> None:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+
+  def uninstall(self) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed = False
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True on every process if any process got SIGTERM (a collective).
+
+    Every process must call this at the same steps.
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
+
+
+def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
+  """PreciseBN: the state with BN statistics over `precise_bn_batches` batches.
+
+  The batches are the first ones of `epoch`'s training order (global batches,
+  sharded as in training, so the statistics are global).
+  """
+  config = run.config
+  batch_sharding = NamedSharding(run.mesh, P(AXIS))
+  images = (input_pipeline.to_global(batch, batch_sharding, config.batch_size).images
+            for batch in input_pipeline.train_batches(
+                run.train, global_batch_size=config.batch_size, seed=config.seed,
+                epoch=epoch, rows=run.rows))
+  bn_state = models.recompute_bn_stats(
+      run.model, state.params, state.bn_state, images,
+      num_batches=config.precise_bn_batches,
+      compute_dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+  replicated = NamedSharding(run.mesh, P())
+  return state._replace(bn_state=jax.jit(lambda tree: tree,
+                                         out_shardings=replicated)(bn_state))
+
+
 # --- the loop -------------------------------------------------------------------
 
 class _Progress:
@@ -468,6 +587,8 @@ class _Run(NamedTuple):
   history: list[dict]
   progress: _Progress
   is_main: bool
+  model: models.Model
+  stop: _StopRequest
 
   def progress_record(self, step: int) -> dict:
     return {"step": step, "epoch": step // self.steps_per_epoch,
@@ -525,11 +646,21 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
       run.progress.update(step - last_logged, float(sums.loss) / max(int(sums.steps), 1),
                           examples / max(elapsed, 1e-9))
       last_logged = step
+    saved = False
     if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
         and not end_of_epoch):
       save_started = time.perf_counter()
+      if config.precise_bn_batches:
+        state = recompute_bn_state(run, state, epoch)
       save_checkpoint(run.manager, state, run.progress_record(step))
       saving_time += time.perf_counter() - save_started
+      saved = True
+    if (not end_of_epoch and step % config.preemption_check_every_steps == 0
+        and run.stop.agreed()):
+      if not saved:
+        save_checkpoint(run.manager, state, run.progress_record(step))
+      run.progress.close()
+      raise Preempted(step)
   jax.block_until_ready(state)
   run.progress.close()
   train_time = time.perf_counter() - start_time - saving_time
@@ -600,6 +731,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ValueError: a bad config, or a checkpoint from an incompatible run.
     FileNotFoundError: a dataset archive is missing.
     FloatingPointError: `max_consecutive_nonfinite` steps in a row were skipped.
+    Preempted: SIGTERM was received; all processes saved a checkpoint at the
+      same step (rerun to resume).
   """
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_main = jax.process_index() == 0
@@ -611,6 +744,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if steps_per_epoch == 0:
     raise ValueError(f"Bad config: batch_size={config.batch_size} is larger than the "
                      f"{num_train} training examples.")
+  if config.precise_bn_batches > steps_per_epoch:
+    raise ValueError(f"Bad config: precise_bn_batches={config.precise_bn_batches} is "
+                     f"more than the {steps_per_epoch} training batches per epoch.")
 
   model = create_model(config, info)
   tx = create_optimizer(config, steps_per_epoch)
@@ -627,8 +763,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
              rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
              manager=create_checkpoint_manager(workdir, config),
              signature=_run_signature(config, steps_per_epoch), history=[],
-             progress=_Progress(is_main), is_main=is_main)
+             progress=_Progress(is_main), is_main=is_main, model=model,
+             stop=_StopRequest())
   try:
+    run.stop.install()
     abstract_state = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
         jax.eval_shape(init_fn, key))
@@ -667,6 +805,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       eval_fn = make_eval_step(config, mesh, model)
     for epoch in range(first_epoch, config.num_epochs):
       state, examples_per_sec = train_epoch(run, step_fn, state, epoch)
+      if config.precise_bn_batches:
+        state = recompute_bn_state(run, state, epoch)
       record = evaluate_epoch(run, eval_fn, state, epoch, examples_per_sec)
       run.history.append(record)
       state = state._replace(epoch_sums=jax.device_put(zero_epoch_sums(), replicated))
@@ -675,7 +815,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         write_metrics(workdir, run.history)
         plot_curves(workdir / PLOT_FILE, run.history)
       run.log(_format_record(record, config.num_epochs))
+      if epoch + 1 < config.num_epochs and run.stop.agreed():
+        raise Preempted(record["step"])
   finally:
+    run.stop.uninstall()
     run.progress.close()
     run.manager.wait_until_finished()
     run.manager.close()
