@@ -52,7 +52,7 @@ class _BatchStatisticsProbe(BatchNormState):
   `BatchNormState`s: every jaxbn layer that receives one returns the mean and
   variance of its current batch (what momentum=0 would store, including the
   `unbiased_running_var` correction) instead of a running average, and
-  `count + 1`. Being a distinct pytree type, it also retraces a jitted model.
+  `count + 1`; a feature with no valid element in the batch returns `var = -1`. Being a distinct pytree type, it also retraces a jitted model.
   """
   __slots__ = ()
 
@@ -103,26 +103,47 @@ def _to_input_rank(value: jax.Array, x: jax.Array, layout: _Layout) -> jax.Array
   return value.reshape(_stats.feature_broadcast_shape(x.shape, layout.feature_axes))
 
 
-def _batch_statistics(x, shift, mask, layout: _Layout, compute_dtype) -> _stats.Moments:
+class Running(NamedTuple):
+  """Running statistics in the compute dtype, feature-shaped (no gradient)."""
+  mean: jax.Array
+  var: jax.Array
+
+
+def running_statistics(state: BatchNormState, compute_dtype) -> Running:
+  return Running(mean=lax.stop_gradient(state.mean.astype(compute_dtype)),
+                 var=lax.stop_gradient(state.var.astype(compute_dtype)))
+
+
+def batch_statistics(x, shift, mask, running: Running, layout: _Layout) -> _stats.Moments:
+  """The (pooled) batch moments that normalize `x` in training.
+
+  A feature with no valid element (every one masked out) has no batch
+  statistics; it is normalized with the `running` ones instead (as in
+  inference), and its `count` of 0 keeps its running statistics unchanged.
+  """
+  compute_dtype = shift.dtype
   sums = _stats.cross_replica_sum(
       _stats.shifted_sums(x, layout.reduction_axes, shift, mask, compute_dtype),
       layout.axis_name, layout.axis_index_groups)
   if mask is None:
     count = jnp.full(shift.shape, layout.static_count, compute_dtype)
     return _stats.moments_from_sums(count, sums[0], sums[1], shift)
-  return _stats.moments_from_sums(sums[0], sums[1], sums[2], shift)
+  stats = _stats.moments_from_sums(sums[0], sums[1], sums[2], shift)
+  has_data = stats.count > 0
+  return stats._replace(mean=jnp.where(has_data, stats.mean, running.mean),
+                        var=jnp.where(has_data, stats.var, running.var))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _normalize_with_batch_stats(x, scale, bias, shift, mask, layout):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _normalize_with_batch_stats(x, scale, bias, shift, mask, running, layout):
   """Returns `(y, batch_moments)`; the moments are only used under stop_gradient."""
-  outputs, _ = _normalize_fwd(x, scale, bias, shift, mask, layout)
+  outputs, _ = _normalize_fwd(x, scale, bias, shift, mask, running, layout)
   return outputs
 
 
-def _normalize_fwd(x, scale, bias, shift, mask, layout: _Layout):
+def _normalize_fwd(x, scale, bias, shift, mask, running, layout: _Layout):
   compute_dtype = shift.dtype
-  stats = _batch_statistics(x, shift, mask, layout, compute_dtype)
+  stats = batch_statistics(x, shift, mask, running, layout)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
   multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
   y = (x.astype(compute_dtype) - _to_input_rank(stats.mean, x, layout)) * _to_input_rank(
@@ -141,20 +162,28 @@ def _normalize_bwd(layout: _Layout, residuals, cotangents):
   compute_dtype = mean.dtype
   grad_out = dy.astype(compute_dtype)
   centered = x.astype(compute_dtype) - _to_input_rank(mean, x, layout)
+  dy_centered = grad_out * centered
+  if mask is not None:
+    # Masked-out outputs still depend on scale, bias and the statistics, but
+    # one whose cotangent is 0 (unused) contributes exactly 0, whatever its
+    # input holds: select, since 0 * nan is nan.
+    dy_centered = jnp.where(mask | (grad_out != 0), dy_centered, 0)
   # dbeta = sum(dy), dgamma = sum(dy * x_hat) = inv_std * sum(dy * (x - mean)):
   # one fused pass, one stacked collective. inv_std goes on the per-feature sum,
   # which keeps the full-size fusions small (measurably faster on XLA:CPU).
   sum_dy_local, sum_dy_centered_local = _stats.fused_sums(
-      (grad_out, grad_out * centered), layout.reduction_axes)
+      (grad_out, dy_centered), layout.reduction_axes)
   local = jnp.stack([sum_dy_local, sum_dy_centered_local * inv_std])
   total = _stats.cross_replica_sum(local, layout.axis_name, layout.axis_index_groups)
   sum_dy, sum_dy_xhat = total[0], total[1]
   multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
   # dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma); only valid
   # (masked-in) elements feed the statistics, so only they get the correction.
-  correction = (_to_input_rank(multiplier * sum_dy / count, x, layout)
-                + centered * _to_input_rank(multiplier * inv_std * sum_dy_xhat / count,
-                                            x, layout))
+  # A feature without any (count 0) was normalized with constant statistics.
+  safe_count = jnp.maximum(count, 1)
+  correction = (_to_input_rank(multiplier * sum_dy / safe_count, x, layout)
+                + centered * _to_input_rank(
+                    multiplier * inv_std * sum_dy_xhat / safe_count, x, layout))
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
   dx = _to_input_rank(multiplier, x, layout) * grad_out - correction
@@ -165,7 +194,7 @@ def _normalize_bwd(layout: _Layout, residuals, cotangents):
   if bias is not None:
     dbias = _stats.replicated_sum(local[0], sum_dy, bias, layout.axis_name,
                                   layout.axis_index_groups).astype(bias.dtype)
-  return dx.astype(x.dtype), dscale, dbias, None, None
+  return dx.astype(x.dtype), dscale, dbias, None, None, None
 
 
 _normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
@@ -241,6 +270,12 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
 
   Returns:
     `(y, new_state)`: `y` of `x`'s shape and dtype; `new_state` float32.
+    Masked-out elements are normalized like the others, but nothing they hold
+    (NaN, inf) reaches the valid outputs, the state or the gradients of the
+    valid elements and of `params` (for cotangents that are 0 on masked-out
+    outputs, i.e. a loss that ignores them). A feature with no valid element
+    is normalized with the running statistics, and its running statistics do
+    not change.
 
   Raises:
     TypeError: non-float `x`, non-bool `mask` or `training`.
@@ -252,14 +287,31 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
   call = parse_call(params, state, x, axis=axis, momentum=momentum, epsilon=epsilon,
                     axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   if not training:
-    return _normalize_with_running_stats(call, state), state
-  layout = call.layout(training_count(call))
+    return normalize_with_running_stats(call, state), state
+  return normalize_in_training(call, state, unbiased_running_var=unbiased_running_var,
+                               single_value_ok=False)
+
+
+def normalize_in_training(call: ParsedCall, state: BatchNormState, *,
+                          unbiased_running_var: bool, single_value_ok: bool
+                          ) -> tuple[jax.Array, BatchNormState]:
+  """The training-mode half of `batch_norm` on checked arguments.
+
+  Args:
+    call: from `parse_call`.
+    state: the running statistics (its `count` chooses the variance shift).
+    unbiased_running_var: as in `batch_norm`.
+    single_value_ok: accept one value per feature (variance 0, flax's
+      behaviour) instead of raising.
+  """
+  layout = call.layout(training_count(call, single_value_ok=single_value_ok))
   shift = _training_shift(state, call.x, call.momentum, call.reduction_axes, call.mask,
                           call.axis_name, call.compute_dtype)
   y, stats = _normalize_with_batch_stats(call.x, call.scale, call.bias, shift, call.mask,
+                                         running_statistics(state, call.compute_dtype),
                                          layout)
   stats = jax.tree.map(lax.stop_gradient, stats)
-  return y, _update_state(state, stats, call.momentum, unbiased_running_var)
+  return y, update_state(state, stats, call.momentum, unbiased_running_var)
 
 
 class ParsedCall(NamedTuple):
@@ -316,18 +368,19 @@ def parse_call(params, state, x, *, axis, momentum, epsilon, axis_name,
       compute_dtype=jnp.promote_types(x.dtype, jnp.float32))
 
 
-def training_count(call: ParsedCall) -> int | None:
+def training_count(call: ParsedCall, *, single_value_ok: bool = False) -> int | None:
   """Global element count per feature without a mask (None with one).
 
   Raises:
-    ValueError: one value per feature over the whole batch (no variance).
+    ValueError: one value per feature over the whole batch (no variance),
+      unless `single_value_ok`.
   """
   if call.mask is not None:
     return None
   x = call.x
   local_count = int(np.prod([x.shape[a] for a in call.reduction_axes]))
   count = local_count * _stats.replica_count(call.axis_name, call.axis_index_groups)
-  if count < 2:
+  if count < 2 and not single_value_ok:
     raise ValueError(
         "training=True needs more than one value per feature over the whole "
         f"batch to compute a variance; x of shape {x.shape} with feature axes "
@@ -335,7 +388,7 @@ def training_count(call: ParsedCall) -> int | None:
   return count
 
 
-def _normalize_with_running_stats(call: ParsedCall, state: BatchNormState) -> jax.Array:
+def normalize_with_running_stats(call: ParsedCall, state: BatchNormState) -> jax.Array:
   compute_dtype = call.compute_dtype
   inv_std = lax.rsqrt(state.var.astype(compute_dtype) + call.epsilon)
   multiplier = inv_std if call.scale is None else inv_std * call.scale.astype(compute_dtype)
@@ -347,7 +400,7 @@ def _normalize_with_running_stats(call: ParsedCall, state: BatchNormState) -> ja
   return y.astype(call.x.dtype)
 
 
-def _update_state(state: BatchNormState, stats: _stats.Moments,
+def update_state(state: BatchNormState, stats: _stats.Moments,
                   momentum: float | None, unbiased_running_var: bool) -> BatchNormState:
   batch_var = stats.var
   if unbiased_running_var:
@@ -358,7 +411,12 @@ def _update_state(state: BatchNormState, stats: _stats.Moments,
   batch_mean = stats.mean.astype(jnp.float32)
   batch_var = batch_var.astype(jnp.float32)
   if isinstance(state, _BatchStatisticsProbe):
-    return _BatchStatisticsProbe(mean=batch_mean, var=batch_var, count=state.count + 1)
+    # A feature without a valid element has no batch statistics: var = -1,
+    # which no variance can be, tells recompute_stats to leave it out.
+    has_data = stats.count > 0
+    return _BatchStatisticsProbe(mean=jnp.where(has_data, batch_mean, 0.0),
+                                 var=jnp.where(has_data, batch_var, -1.0),
+                                 count=state.count + 1)
   if momentum is None:
     weight = 1.0 / (state.count.astype(jnp.float32) + 1.0)
     new_mean = old_mean + weight * (batch_mean - old_mean)

@@ -70,17 +70,24 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   if use_running_average or initializing:
     if not use_running_average:
       # Like flax: batch statistics without axis_name (init usually runs
-      # outside the mapped context, flax#1250) and any batch size, even 1.
+      # outside the mapped context, flax#1250) and any batch size, even 1. A
+      # feature without a valid element uses the stored statistics, as in
+      # training.
       batch = _stats.moments(x, axis=feature_axes, mask=mask)
-      state = state._replace(mean=batch.mean, var=batch.var)
+      has_data = batch.count > 0
+      state = state._replace(mean=jnp.where(has_data, batch.mean, mean),
+                             var=jnp.where(has_data, batch.var, var))
     y, _ = _batch_norm.batch_norm(params, state, x, training=False, axis=feature_axes,
                                   epsilon=epsilon)
     return y.astype(out_dtype), None, None
 
-  y, new_state = _batch_norm.batch_norm(
-      params, state, x, training=True, axis=feature_axes, momentum=momentum,
-      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      mask=mask)
+  call = _batch_norm.parse_call(
+      params, state, x, axis=feature_axes, momentum=momentum, epsilon=epsilon,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
+  # One value per feature is flax's variance 0 (the output is `bias`), not an
+  # error: flax code paths such as nnx.tabulate and per-example vmap do it.
+  y, new_state = _batch_norm.normalize_in_training(
+      call, state, unbiased_running_var=False, single_value_ok=True)
   new_mean = lax.stop_gradient(new_state.mean).astype(jnp.result_type(mean))
   new_var = lax.stop_gradient(new_state.var).astype(jnp.result_type(var))
   return y.astype(out_dtype), new_mean, new_var

@@ -57,13 +57,21 @@ def _accumulate(apply_fn, params, probes, batch, pooled):
           "rebuild it with state._replace(...), not BatchNormState(...).")
     updates.append(new.count - old.count)
   # Each batch weighs the same: a batch is one "element" whose mean and
-  # variance merge exactly (law of total variance) with those seen so far.
-  pooled = [
-      _stats.merge_moments(total, _stats.Moments(
-          count=jnp.ones((), jnp.float32), mean=new.mean.astype(jnp.float32),
-          var=new.var.astype(jnp.float32)))
-      for total, new in zip(pooled, new_leaves)]
+  # variance merge exactly (law of total variance) with those seen so far. A
+  # feature the batch has no valid element of (probe var -1) is left out.
+  pooled = [_stats.merge_moments(total, _batch_moments(new))
+            for total, new in zip(pooled, new_leaves)]
   return pooled, jnp.stack(updates)
+
+
+def _batch_moments(probe) -> _stats.Moments:
+  """One batch's statistics from a probe, as a count-1 (or empty: 0) element."""
+  mean = probe.mean.astype(jnp.float32)
+  var = probe.var.astype(jnp.float32)
+  present = ~(var < 0)  # NaN stays present, and poisons the result as it should
+  return _stats.Moments(count=present.astype(jnp.float32),
+                        mean=jnp.where(present, mean, 0.0),
+                        var=jnp.where(present, var, 0.0))
 
 
 def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
@@ -108,8 +116,9 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
 
   Returns:
     `state` with every `BatchNormState`'s `mean` and `var` replaced by the
-    pooled statistics. A feature whose pooled statistics are not finite keeps
-    its old values.
+    pooled statistics. A feature whose pooled statistics are not finite, or
+    that has no valid (masked-in) element in any batch, keeps its old values;
+    batches without a valid element of a feature do not count for it.
 
   Raises:
     ValueError: `state` holds no `BatchNormState`; fewer batches than
@@ -130,7 +139,7 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
       lambda leaf: _batch_norm._BatchStatisticsProbe(*leaf) if _is_state(leaf) else leaf,
       state, is_leaf=_is_state)
   originals = [l for l in jax.tree.leaves(state, is_leaf=_is_state) if _is_state(l)]
-  pooled = [_stats.Moments(count=jnp.zeros((), jnp.float32),
+  pooled = [_stats.Moments(count=jnp.zeros(jnp.shape(s.mean), jnp.float32),
                            mean=jnp.zeros(jnp.shape(s.mean), jnp.float32),
                            var=jnp.zeros(jnp.shape(s.var), jnp.float32))
             for s in originals]
@@ -151,7 +160,7 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
           "every layer of the state exactly once with training=True.")
   recomputed = []
   for original, total in zip(originals, pooled):
-    keep = jnp.isfinite(total.mean) & jnp.isfinite(total.var)
+    keep = (total.count > 0) & jnp.isfinite(total.mean) & jnp.isfinite(total.var)
     recomputed.append(original._replace(
         mean=jnp.where(keep, total.mean, original.mean).astype(original.mean.dtype),
         var=jnp.where(keep, total.var, original.var).astype(original.var.dtype)))

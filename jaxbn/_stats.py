@@ -227,13 +227,19 @@ def shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], shift: jax.Array
                                         if a not in reduction_axes]))
   if mask is None:
     return jnp.stack(fused_sums((centered, centered * centered), reduction_axes))
-  weight = jnp.broadcast_to(mask, x.shape).astype(compute_dtype)
-  weighted = weight * centered
-  return jnp.stack(fused_sums((weight, weighted, weighted * centered), reduction_axes))
+  mask = jnp.broadcast_to(mask, x.shape)
+  # Select, never multiply: 0 * nan is nan, and padding may hold anything.
+  valid_centered = jnp.where(mask, centered, 0)
+  return jnp.stack(fused_sums((mask.astype(compute_dtype), valid_centered,
+                               valid_centered * valid_centered), reduction_axes))
 
 
 def moments_from_sums(count, sum_centered, sum_squares, shift) -> Moments:
-  """Mean and biased variance from shifted sums; empty features get var 0."""
+  """Mean and biased variance from shifted sums.
+
+  A feature with no valid element (`count == 0`) gets `mean = shift` and
+  `var = 0`: finite values that `merge_moments` weighs by their zero count.
+  """
   safe_count = jnp.maximum(count, 1)
   mean_minus_shift = sum_centered / safe_count
   var = jnp.maximum(sum_squares / safe_count - mean_minus_shift * mean_minus_shift, 0)
@@ -250,7 +256,8 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
   Args:
     x: floating-point array of any shape.
     axis: feature axis or axes (int or tuple); the rest are reduced.
-    mask: optional boolean array broadcastable to `x`; only True elements count.
+    mask: optional boolean array broadcastable to `x`; only True elements count,
+      and what the others hold (NaN, inf) does not matter.
     shift: optional feature-shaped value near the mean that improves accuracy
       of the one-pass variance (it does not change the result mathematically).
       Default: the local mean (one extra pass over `x`). Under `axis_name` the
@@ -261,7 +268,9 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
 
   Returns:
     `Moments(count, mean, var)` in float32 (or float64 for float64 input), of
-    shape `feature_shape`.
+    shape `feature_shape`. A feature with no valid element has `count` 0,
+    `var` 0 and `mean` equal to the shift (0 by default), so that pooling it
+    with `merge_moments` changes nothing.
   """
   x = jnp.asarray(x)
   _validation.check_floating(x)
@@ -297,9 +306,9 @@ def data_shift(x: jax.Array, reduction_axes: tuple[int, ...],
   """
   if mask is None:
     return jnp.mean(x, reduction_axes, dtype=jnp.float32)
-  weight = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
-  total = jnp.sum(weight * x.astype(jnp.float32), reduction_axes)
-  return total / jnp.maximum(jnp.sum(weight, reduction_axes), 1)
+  mask = jnp.broadcast_to(mask, x.shape)
+  total = jnp.sum(jnp.where(mask, x.astype(jnp.float32), 0), reduction_axes)
+  return total / jnp.maximum(jnp.sum(mask, reduction_axes, dtype=jnp.float32), 1)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

@@ -11,7 +11,9 @@ What changes is the arithmetic, which is `jaxbn.batch_norm`'s: accurate
 statistics whatever `use_fast_variance` says, count-weighted statistics under
 `axis_name` with `mask`, one cross-replica reduction in the forward pass and
 one in the closed-form backward pass, running statistics that never take NaN,
-and a clear error for a training-mode batch with one value per feature. See
+masked-out slots that may hold NaN or inf, and a feature without any valid
+element normalized with the running statistics (flax: NaN). Like flax, a
+training batch with one value per feature has variance 0. See
 `jaxbn._flax_adapter` for how the variance shift is chosen without a step
 counter.
 """
