@@ -97,6 +97,16 @@ class _Layout(NamedTuple):
   axis_name: tuple | None
   axis_index_groups: tuple | None
   static_count: int | None  # global element count per feature, when no mask
+  # Redo the sums with the batch's own mean when the shift is too far from it
+  # (see `batch_statistics`); only without axis_name.
+  check_shift: bool = False
+
+
+# How far (in batch standard deviations) the shift of the one-pass variance
+# may be from the batch mean before `check_shift` redoes the sums: the
+# relative error of the variance is about 6e-8 * distance**2 in float32, so
+# at most ~4e-6 here.
+_MAX_SHIFT_DISTANCE = 8.0
 
 
 def _to_input_rank(value: jax.Array, x: jax.Array, layout: _Layout) -> jax.Array:
@@ -120,15 +130,36 @@ def batch_statistics(x, shift, mask, running: Running, layout: _Layout) -> _stat
   A feature with no valid element (every one masked out) has no batch
   statistics; it is normalized with the `running` ones instead (as in
   inference), and its `count` of 0 keeps its running statistics unchanged.
+
+  With `layout.check_shift`, if the shift is more than `_MAX_SHIFT_DISTANCE`
+  batch standard deviations from the batch mean of any feature, the sums are
+  redone around the batch's own mean (two more reads of `x`, inside a
+  `lax.cond`, so only on the steps that need it).
   """
   compute_dtype = shift.dtype
-  sums = _stats.cross_replica_sum(
-      _stats.shifted_sums(x, layout.reduction_axes, shift, mask, compute_dtype),
-      layout.axis_name, layout.axis_index_groups)
+
+  def moments_around(shift):
+    sums = _stats.cross_replica_sum(
+        _stats.shifted_sums(x, layout.reduction_axes, shift, mask, compute_dtype),
+        layout.axis_name, layout.axis_index_groups)
+    if mask is None:
+      count = jnp.full(shift.shape, layout.static_count, compute_dtype)
+      return _stats.moments_from_sums(count, sums[0], sums[1], shift)
+    return _stats.moments_from_sums(sums[0], sums[1], sums[2], shift)
+
+  stats = moments_around(shift)
+  if layout.check_shift:
+    distance = stats.mean - shift
+    too_far = distance * distance > _MAX_SHIFT_DISTANCE**2 * (stats.var + layout.epsilon)
+    if mask is not None:
+      too_far = too_far & (stats.count > 0)
+    stats = lax.cond(
+        jnp.any(too_far),
+        lambda: moments_around(
+            _stats.data_shift(x, layout.reduction_axes, mask).astype(compute_dtype)),
+        lambda: stats)
   if mask is None:
-    count = jnp.full(shift.shape, layout.static_count, compute_dtype)
-    return _stats.moments_from_sums(count, sums[0], sums[1], shift)
-  stats = _stats.moments_from_sums(sums[0], sums[1], sums[2], shift)
+    return stats
   has_data = stats.count > 0
   return stats._replace(mean=jnp.where(has_data, stats.mean, running.mean),
                         var=jnp.where(has_data, stats.var, running.var))
@@ -180,13 +211,15 @@ def _normalize_bwd(layout: _Layout, residuals, cotangents):
   # dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma); only valid
   # (masked-in) elements feed the statistics, so only they get the correction.
   # A feature without any (count 0) was normalized with constant statistics.
+  # The multiplier goes on last: dy - correction cancels exactly where it
+  # should (one value per feature: dx = 0, as autodiff of the forward gives).
   safe_count = jnp.maximum(count, 1)
-  correction = (_to_input_rank(multiplier * sum_dy / safe_count, x, layout)
-                + centered * _to_input_rank(
-                    multiplier * inv_std * sum_dy_xhat / safe_count, x, layout))
+  correction = (_to_input_rank(sum_dy / safe_count, x, layout)
+                + centered * _to_input_rank(inv_std * sum_dy_xhat / safe_count,
+                                            x, layout))
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
-  dx = _to_input_rank(multiplier, x, layout) * grad_out - correction
+  dx = _to_input_rank(multiplier, x, layout) * (grad_out - correction)
   dscale = dbias = None
   if scale is not None:
     dscale = _stats.replicated_sum(local[1], sum_dy_xhat, scale, layout.axis_name,
@@ -289,24 +322,35 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
   if not training:
     return normalize_with_running_stats(call, state), state
   return normalize_in_training(call, state, unbiased_running_var=unbiased_running_var,
-                               single_value_ok=False)
+                               single_value_ok=False, countless_state=False)
 
 
 def normalize_in_training(call: ParsedCall, state: BatchNormState, *,
-                          unbiased_running_var: bool, single_value_ok: bool
-                          ) -> tuple[jax.Array, BatchNormState]:
+                          unbiased_running_var: bool, single_value_ok: bool,
+                          countless_state: bool) -> tuple[jax.Array, BatchNormState]:
   """The training-mode half of `batch_norm` on checked arguments.
 
   Args:
     call: from `parse_call`.
-    state: the running statistics (its `count` chooses the variance shift).
+    state: the running statistics.
     unbiased_running_var: as in `batch_norm`.
     single_value_ok: accept one value per feature (variance 0, flax's
       behaviour) instead of raising.
+    countless_state: `state.count` means nothing (flax's variables hold no
+      step count). The shift of the one-pass variance is then the stored
+      running mean as it is, and without `axis_name` the sums are redone
+      around the batch's own mean on the steps where that running mean is
+      far from it (a fresh state on data with |mean| >> std). Otherwise
+      `state.count` chooses: the debiased running mean once it is > 0, and
+      before that (without `axis_name`) the batch's own mean.
   """
   layout = call.layout(training_count(call, single_value_ok=single_value_ok))
-  shift = _training_shift(state, call.x, call.momentum, call.reduction_axes, call.mask,
-                          call.axis_name, call.compute_dtype)
+  if countless_state:
+    layout = layout._replace(check_shift=call.axis_name is None)
+    shift = lax.stop_gradient(state.mean.astype(call.compute_dtype))
+  else:
+    shift = _training_shift(state, call.x, call.momentum, call.reduction_axes, call.mask,
+                            call.axis_name, call.compute_dtype)
   y, stats = _normalize_with_batch_stats(call.x, call.scale, call.bias, shift, call.mask,
                                          running_statistics(state, call.compute_dtype),
                                          layout)
