@@ -45,16 +45,35 @@ class BatchNormState(NamedTuple):
   count: jax.Array
 
 
-class _BatchStatisticsProbe(BatchNormState):
+class BatchStatisticsProbe(BatchNormState):
   """A state whose training-mode update records the batch statistics.
 
   `jaxbn.recompute_stats` threads these through a model in place of its
   `BatchNormState`s: every jaxbn layer that receives one returns the mean and
   variance of its current batch (what momentum=0 would store, including the
   `unbiased_running_var` correction) instead of a running average, and
-  `count + 1`; a feature with no valid element in the batch returns `var = -1`. Being a distinct pytree type, it also retraces a jitted model.
+  `count + 1`; a feature with no valid element in the batch returns
+  `var = -1`. Being a distinct pytree type, it also retraces a jitted model.
   """
   __slots__ = ()
+
+
+def is_state(node) -> bool:
+  """Whether a pytree node is a `BatchNormState` (treat it as a leaf)."""
+  return isinstance(node, BatchNormState)
+
+
+def states_in(tree) -> list[BatchNormState]:
+  """The `BatchNormState`s of a pytree, in leaf order."""
+  return [leaf for leaf in jax.tree.leaves(tree, is_leaf=is_state) if is_state(leaf)]
+
+
+def replace_states(tree, new_states):
+  """`tree` with its `BatchNormState`s (in `states_in` order) replaced by `new_states`."""
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_state)
+  replacements = iter(new_states)
+  return treedef.unflatten([next(replacements) if is_state(leaf) else leaf
+                            for leaf in leaves])
 
 
 def init(num_features: int | tuple[int, ...], *,
@@ -73,13 +92,7 @@ def init(num_features: int | tuple[int, ...], *,
   Raises:
     ValueError: `num_features` is not a positive int or tuple of them.
   """
-  shape = (num_features,) if isinstance(num_features, (int, np.integer)) else num_features
-  if (isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list))
-      or not shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer))
-                          or d <= 0 for d in shape)):
-    raise ValueError(
-        f"num_features must be a positive int or a tuple of them, got {num_features!r}.")
-  shape = tuple(int(d) for d in shape)
+  shape = _validation.feature_shape_of(num_features)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.")
   params = BatchNormParams(scale=jnp.ones(shape, dtype), bias=jnp.zeros(shape, dtype))
@@ -89,7 +102,7 @@ def init(num_features: int | tuple[int, ...], *,
   return params, state
 
 
-class _Layout(NamedTuple):
+class Layout(NamedTuple):
   """Static description of one training-mode call (hashable, for custom_vjp)."""
   feature_axes: tuple[int, ...]
   reduction_axes: tuple[int, ...]
@@ -109,7 +122,7 @@ class _Layout(NamedTuple):
 _MAX_SHIFT_DISTANCE = 8.0
 
 
-def _to_input_rank(value: jax.Array, x: jax.Array, layout: _Layout) -> jax.Array:
+def to_input_rank(value: jax.Array, x: jax.Array, layout: Layout) -> jax.Array:
   return value.reshape(_stats.feature_broadcast_shape(x.shape, layout.feature_axes))
 
 
@@ -124,7 +137,7 @@ def running_statistics(state: BatchNormState, compute_dtype) -> Running:
                  var=lax.stop_gradient(state.var.astype(compute_dtype)))
 
 
-def batch_statistics(x, shift, mask, running: Running, layout: _Layout) -> _stats.Moments:
+def batch_statistics(x, shift, mask, running: Running, layout: Layout) -> _stats.Moments:
   """The (pooled) batch moments that normalize `x` in training.
 
   A feature with no valid element (every one masked out) has no batch
@@ -166,33 +179,33 @@ def batch_statistics(x, shift, mask, running: Running, layout: _Layout) -> _stat
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _normalize_with_batch_stats(x, scale, bias, shift, mask, running, layout):
+def normalize_with_batch_stats(x, scale, bias, shift, mask, running, layout):
   """Returns `(y, batch_moments)`; the moments are only used under stop_gradient."""
   outputs, _ = _normalize_fwd(x, scale, bias, shift, mask, running, layout)
   return outputs
 
 
-def _normalize_fwd(x, scale, bias, shift, mask, running, layout: _Layout):
+def _normalize_fwd(x, scale, bias, shift, mask, running, layout: Layout):
   compute_dtype = shift.dtype
   stats = batch_statistics(x, shift, mask, running, layout)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
   multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
-  y = (x.astype(compute_dtype) - _to_input_rank(stats.mean, x, layout)) * _to_input_rank(
+  y = (x.astype(compute_dtype) - to_input_rank(stats.mean, x, layout)) * to_input_rank(
       multiplier, x, layout)
   if bias is not None:
-    y = y + _to_input_rank(bias.astype(compute_dtype), x, layout)
+    y = y + to_input_rank(bias.astype(compute_dtype), x, layout)
   residuals = (x, scale, bias, mask, stats.mean, inv_std, stats.count)
   return (y.astype(x.dtype), stats), residuals
 
 
-def _normalize_bwd(layout: _Layout, residuals, cotangents):
+def normalize_bwd(layout: Layout, residuals, cotangents):
   # The moments output is consumed under stop_gradient only (see batch_norm), so
   # its cotangent is zero and ignored here.
   x, scale, bias, mask, mean, inv_std, count = residuals
   dy, _ = cotangents
   compute_dtype = mean.dtype
   grad_out = dy.astype(compute_dtype)
-  centered = x.astype(compute_dtype) - _to_input_rank(mean, x, layout)
+  centered = x.astype(compute_dtype) - to_input_rank(mean, x, layout)
   dy_centered = grad_out * centered
   if mask is not None:
     # Masked-out outputs still depend on scale, bias and the statistics, but
@@ -214,12 +227,12 @@ def _normalize_bwd(layout: _Layout, residuals, cotangents):
   # The multiplier goes on last: dy - correction cancels exactly where it
   # should (one value per feature: dx = 0, as autodiff of the forward gives).
   safe_count = jnp.maximum(count, 1)
-  correction = (_to_input_rank(sum_dy / safe_count, x, layout)
-                + centered * _to_input_rank(inv_std * sum_dy_xhat / safe_count,
+  correction = (to_input_rank(sum_dy / safe_count, x, layout)
+                + centered * to_input_rank(inv_std * sum_dy_xhat / safe_count,
                                             x, layout))
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
-  dx = _to_input_rank(multiplier, x, layout) * (grad_out - correction)
+  dx = to_input_rank(multiplier, x, layout) * (grad_out - correction)
   dscale = dbias = None
   if scale is not None:
     dscale = _stats.replicated_sum(local[1], sum_dy_xhat, scale, layout.axis_name,
@@ -230,7 +243,7 @@ def _normalize_bwd(layout: _Layout, residuals, cotangents):
   return dx.astype(x.dtype), dscale, dbias, None, None, None
 
 
-_normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
+normalize_with_batch_stats.defvjp(_normalize_fwd, normalize_bwd)
 
 
 def _shift_estimate(state: BatchNormState, momentum: float | None) -> jax.Array:
@@ -247,7 +260,7 @@ def _shift_estimate(state: BatchNormState, momentum: float | None) -> jax.Array:
   return jnp.where(started, mean / jnp.where(started, debias, 1.0), mean)
 
 
-def _training_shift(state: BatchNormState, x: jax.Array, momentum: float | None,
+def training_shift(state: BatchNormState, x: jax.Array, momentum: float | None,
                     reduction_axes: tuple[int, ...], mask, names: tuple | None,
                     compute_dtype) -> jax.Array:
   """The replicated per-feature shift of a training step's one-pass moments."""
@@ -257,7 +270,7 @@ def _training_shift(state: BatchNormState, x: jax.Array, momentum: float | None,
     # pass over x, only on that step (lax.cond runs one branch). With axis_name
     # this would cost a second collective, so there the first step shifts by the
     # state's mean as is (see the README's "Numerics" section).
-    data_axes = tuple(_stats._varying_axes(x) - _stats._varying_axes(shift))
+    data_axes = tuple(_stats.varying_axes(x) - _stats.varying_axes(shift))
     if data_axes:
       # Per-device statistics under shard_map(check_vma=True): both branches
       # must vary over the same mesh axes.
@@ -349,9 +362,9 @@ def normalize_in_training(call: ParsedCall, state: BatchNormState, *,
     layout = layout._replace(check_shift=call.axis_name is None)
     shift = lax.stop_gradient(state.mean.astype(call.compute_dtype))
   else:
-    shift = _training_shift(state, call.x, call.momentum, call.reduction_axes, call.mask,
+    shift = training_shift(state, call.x, call.momentum, call.reduction_axes, call.mask,
                             call.axis_name, call.compute_dtype)
-  y, stats = _normalize_with_batch_stats(call.x, call.scale, call.bias, shift, call.mask,
+  y, stats = normalize_with_batch_stats(call.x, call.scale, call.bias, shift, call.mask,
                                          running_statistics(state, call.compute_dtype),
                                          layout)
   stats = jax.tree.map(lax.stop_gradient, stats)
@@ -373,8 +386,8 @@ class ParsedCall(NamedTuple):
   momentum: float | None
   compute_dtype: jnp.dtype
 
-  def layout(self, static_count: int | None) -> _Layout:
-    return _Layout(self.feature_axes, self.reduction_axes, self.epsilon, self.axis_name,
+  def layout(self, static_count: int | None) -> Layout:
+    return Layout(self.feature_axes, self.reduction_axes, self.epsilon, self.axis_name,
                    self.axis_index_groups, static_count)
 
 
@@ -385,13 +398,9 @@ def parse_call(params, state, x, *, axis, momentum, epsilon, axis_name,
   Raises:
     TypeError / ValueError: as documented in `batch_norm`, naming the argument.
   """
-  x = jnp.asarray(x)
-  _validation.check_floating(x)
+  x, feature_axes, reduction_axes, feature_shape = _validation.parse_input(x, axis)
   epsilon = _validation.check_epsilon(epsilon)
   momentum = _validation.check_momentum(momentum)
-  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
   if params is not None:
     _validation.check_feature_shape(params, feature_shape, tree_name="params",
                                     field_names=("scale", "bias"), x_shape=x.shape,
@@ -454,11 +463,11 @@ def update_state(state: BatchNormState, stats: _stats.Moments,
   old_var = state.var.astype(jnp.float32)
   batch_mean = stats.mean.astype(jnp.float32)
   batch_var = batch_var.astype(jnp.float32)
-  if isinstance(state, _BatchStatisticsProbe):
+  if isinstance(state, BatchStatisticsProbe):
     # A feature without a valid element has no batch statistics: var = -1,
     # which no variance can be, tells recompute_stats to leave it out.
     has_data = stats.count > 0
-    return _BatchStatisticsProbe(mean=jnp.where(has_data, batch_mean, 0.0),
+    return BatchStatisticsProbe(mean=jnp.where(has_data, batch_mean, 0.0),
                                  var=jnp.where(has_data, batch_var, -1.0),
                                  count=state.count + 1)
   if momentum is None:

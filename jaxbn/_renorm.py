@@ -136,7 +136,7 @@ def batch_renorm(params: _batch_norm.BatchNormParams | None,
       axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   layout = call.layout(_batch_norm.training_count(call))
   compute_dtype = call.compute_dtype
-  shift = _batch_norm._training_shift(state, call.x, call.momentum, call.reduction_axes,
+  shift = _batch_norm.training_shift(state, call.x, call.momentum, call.reduction_axes,
                                       call.mask, call.axis_name, compute_dtype)
   running = _batch_norm.running_statistics(state, compute_dtype)
   corrections = _Corrections(
@@ -186,7 +186,7 @@ def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
     effective_scale = scale.astype(compute_dtype) * r
     effective_bias = scale.astype(compute_dtype) * d + bias.astype(compute_dtype)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
-  to_input_rank = functools.partial(_batch_norm._to_input_rank, x=x, layout=layout)
+  to_input_rank = functools.partial(_batch_norm.to_input_rank, x=x, layout=layout)
   y = (x.astype(compute_dtype) - to_input_rank(stats.mean)) * to_input_rank(
       inv_std * effective_scale) + to_input_rank(effective_bias)
   core_residuals = (x, effective_scale, effective_bias, mask, stats.mean, inv_std,
@@ -196,7 +196,7 @@ def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
 
 def _renormalize_bwd(layout, residuals, cotangents):
   core_residuals, scale, bias, r, d = residuals
-  dx, d_effective_scale, d_effective_bias, *_ = _batch_norm._normalize_bwd(
+  dx, d_effective_scale, d_effective_bias, *_ = _batch_norm.normalize_bwd(
       layout, core_residuals, cotangents)
   dscale = dbias = None
   if scale is not None:

@@ -43,7 +43,7 @@ def replica_count(axis_name: tuple | None, axis_index_groups) -> int:
   return int(lax.axis_size(axis_name))
 
 
-def _varying_axes(value) -> frozenset:
+def varying_axes(value) -> frozenset:
   """Mesh axes over which `value` varies under shard_map(check_vma=True)."""
   aval = jax.typeof(value)
   vma = getattr(aval, "vma", None)
@@ -117,7 +117,7 @@ def replicated_sum(local: jax.Array, reduced: jax.Array, like: jax.Array,
   """
   # Every mesh axis the data varies over and the parameter does not, also axes
   # not in axis_name (per-device statistics, or a second mesh axis).
-  need = _varying_axes(local) - _varying_axes(like)
+  need = varying_axes(local) - varying_axes(like)
   if not need:
     return local
   if (axis_name is not None and need == frozenset(axis_name)
@@ -272,11 +272,7 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
     `var` 0 and `mean` equal to the shift (0 by default), so that pooling it
     with `merge_moments` changes nothing.
   """
-  x = jnp.asarray(x)
-  _validation.check_floating(x)
-  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  x, _, reduction_axes, feature_shape = _validation.parse_input(x, axis)
   names = _validation.normalize_axis_name(axis_name)
   groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
   if mask is not None:

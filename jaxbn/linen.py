@@ -98,9 +98,8 @@ class BatchNorm(nn.Module):
     """
     use_running_average = nn.merge_param("use_running_average",
                                          self.use_running_average, use_running_average)
-    x = jnp.asarray(x)
-    feature_axes = _validation.canonicalize_axes(self.axis, x.ndim)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    x, feature_axes, _, feature_shape = _validation.parse_input(
+        x, self.axis, require_floating=False)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     running_mean = self.variable("batch_stats", "mean",
                                  lambda s: jnp.zeros(s, stats_dtype), feature_shape)

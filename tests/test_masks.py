@@ -39,7 +39,8 @@ def _params(features, seed=1):
 def _warm_state(features):
   # count > 0: the shift is the (debiased, here ~unchanged) running mean, not
   # a pass over the batch.
-  return jaxbn.BatchNormState(mean=_data((features,), 7), var=1.0 + _data((features,), 8) ** 2,
+  return jaxbn.BatchNormState(mean=_data((features,), 7),
+                              var=1.0 + _data((features,), 8) ** 2,
                               count=jnp.asarray(1000, jnp.int32))
 
 
