@@ -425,8 +425,9 @@ def test_nnx_dtype_and_errors():
     jaxbn_nnx.BatchNorm(4, rngs=nnx.Rngs(0))(x)
   with pytest.raises(ValueError, match="use_running_average"):
     jaxbn_nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))(x)
-  with pytest.raises(ValueError, match="num_features"):
-    jaxbn_nnx.BatchNorm(0, rngs=nnx.Rngs(0))
+  for num_features in (0, "3", 2.7, (2, 3)):
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+      jaxbn_nnx.BatchNorm(num_features, rngs=nnx.Rngs(0))
 
 
 def test_adapters_are_reachable_from_the_package():

@@ -253,7 +253,7 @@ def test_nnx_train_state_helpers():
         y, (_, new_state) = state.apply(params, batch_stats)(x)
         return jnp.sum(y * jnp.arange(1.0, y.size + 1).reshape(y.shape)), new_state
       (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      _, new_batch_stats = new_state.split(nnx.Param, nnx.BatchStat)
+      _, new_batch_stats = nnx.split_state(new_state, nnx.Param, nnx.BatchStat)
       return loss, state.apply_gradients(grads, batch_stats=new_batch_stats)
 
     for _ in range(2):
