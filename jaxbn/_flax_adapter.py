@@ -2,13 +2,15 @@
 
 The adapters keep flax's variables exactly (`scale`, `bias`, `mean`, `var`; no
 step counter) so checkpoints are interchangeable, and delegate the arithmetic
-to `jaxbn.batch_norm`, whose `state.count` only chooses the shift of the
-one-pass variance. With no stored counter the adapters pass `count=0`, the
-"no estimate of the mean yet" case: without `axis_name` the shift then comes
-from the batch itself (one extra read of `x` per step), which keeps the
-variance exact at any mean/std ratio on every step, whereas the stored running
-mean, undebiased, can be far from the data for hundreds of steps. Under
-`axis_name` a per-replica value cannot be the shared shift without a second
+to `jaxbn.batch_norm`'s training kernel, where a step count would only choose
+the shift of the one-pass variance. Without one, the shift is the stored
+running mean as it is (no extra read of `x`). Without `axis_name`, a step on
+which that running mean is more than 8 batch standard deviations from some
+feature's batch mean (a fresh state on data with |mean| >> std: the running
+mean, undebiased, can be far from the data for hundreds of steps) redoes the
+sums around the batch's own mean inside a `lax.cond`, so the variance is
+accurate at any mean/std ratio on every step and the steady state reads `x`
+as often as `jaxbn.batch_norm`. Under `axis_name` that would cost a second
 collective, so the stored running mean is used as it is.
 """
 
@@ -64,23 +66,30 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
         bias=jnp.zeros_like(like) if bias is None else bias)
   if mask is not None:
     mask = jnp.asarray(mask, jnp.bool_)  # flax accepts 0/1 masks too
-  # count=0: see the module docstring.
+  # flax's variables hold no step count; see the module docstring.
   state = _batch_norm.BatchNormState(mean=mean, var=var, count=jnp.zeros((), jnp.int32))
 
   if use_running_average or initializing:
     if not use_running_average:
       # Like flax: batch statistics without axis_name (init usually runs
-      # outside the mapped context, flax#1250) and any batch size, even 1.
+      # outside the mapped context, flax#1250) and any batch size, even 1. A
+      # feature without a valid element uses the stored statistics, as in
+      # training.
       batch = _stats.moments(x, axis=feature_axes, mask=mask)
-      state = state._replace(mean=batch.mean, var=batch.var)
+      has_data = batch.count > 0
+      state = state._replace(mean=jnp.where(has_data, batch.mean, mean),
+                             var=jnp.where(has_data, batch.var, var))
     y, _ = _batch_norm.batch_norm(params, state, x, training=False, axis=feature_axes,
                                   epsilon=epsilon)
     return y.astype(out_dtype), None, None
 
-  y, new_state = _batch_norm.batch_norm(
-      params, state, x, training=True, axis=feature_axes, momentum=momentum,
-      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      mask=mask)
+  call = _batch_norm.parse_call(
+      params, state, x, axis=feature_axes, momentum=momentum, epsilon=epsilon,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
+  # One value per feature is flax's variance 0 (the output is `bias`), not an
+  # error: flax code paths such as nnx.tabulate and per-example vmap do it.
+  y, new_state = _batch_norm.normalize_in_training(
+      call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
   new_mean = lax.stop_gradient(new_state.mean).astype(jnp.result_type(mean))
   new_var = lax.stop_gradient(new_state.var).astype(jnp.result_type(var))
   return y.astype(out_dtype), new_mean, new_var

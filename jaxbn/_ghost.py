@@ -109,7 +109,7 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
         f"batch_axis={batch_axis} is also a feature axis (axis={axis!r}); the "
         "batch axis must be one of the reduced axes.")
   if not training:
-    return _batch_norm._normalize_with_running_stats(call, state), state
+    return _batch_norm.normalize_with_running_stats(call, state), state
   batch_size = x.shape[batch_axis]
   if batch_size % virtual_batch_size:
     raise ValueError(
@@ -147,23 +147,26 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
           f"batch; virtual_batch_size={virtual_batch_size} with x of shape "
           f"{x.shape} and feature axes {feature_axes} gives {static_count}.")
   # Statistics per ghost batch only: no axis_name in the normalization.
-  layout = _batch_norm._Layout(ghost_feature_axes, ghost_reduction_axes, call.epsilon,
+  layout = _batch_norm.Layout(ghost_feature_axes, ghost_reduction_axes, call.epsilon,
                                None, None, static_count)
   mask_ghost = None if call.mask is None else _ghost_mask(
       call.mask, x.ndim, batch_axis, num_ghosts, virtual_batch_size)
   # Each ghost batch is shifted by the running mean, or on the first step by its
   # own mean (a local pass): the normalization never needs another device.
-  ghost_shift = _batch_norm._training_shift(
+  ghost_shift = _batch_norm.training_shift(
       state._replace(mean=per_ghost(state.mean)), x_ghost, call.momentum,
       ghost_reduction_axes, mask_ghost, None, call.compute_dtype)
   scale = None if call.scale is None else per_ghost(call.scale)
   bias = None if call.bias is None else per_ghost(call.bias)
-  y_ghost, ghost_stats = _batch_norm._normalize_with_batch_stats(
-      x_ghost, scale, bias, ghost_shift, mask_ghost, layout)
+  running = _batch_norm.running_statistics(
+      state._replace(mean=per_ghost(state.mean), var=per_ghost(state.var)),
+      call.compute_dtype)
+  y_ghost, ghost_stats = _batch_norm.normalize_with_batch_stats(
+      x_ghost, scale, bias, ghost_shift, mask_ghost, running, layout)
   ghost_stats = jax.tree.map(lax.stop_gradient, ghost_stats)
   batch_stats = _pool_ghost_statistics(ghost_stats, ghost_position, call.axis_name,
                                        call.axis_index_groups)
-  new_state = _batch_norm._update_state(state, batch_stats, call.momentum,
+  new_state = _batch_norm.update_state(state, batch_stats, call.momentum,
                                         unbiased_running_var)
   return y_ghost.reshape(x.shape), new_state
 

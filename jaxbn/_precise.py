@@ -5,7 +5,7 @@ most weight on the last few batches. PreciseBN replaces them, for fixed
 weights, by population statistics computed over many batches with equal
 weight. Here every jaxbn state in a model's state pytree is swapped for a
 probe state that makes the layer return its batch statistics (see
-`_batch_norm._BatchStatisticsProbe`), so any model built from jaxbn functions
+`_batch_norm.BatchStatisticsProbe`), so any model built from jaxbn functions
 works unchanged, jitted or not, sharded or not.
 """
 
@@ -25,31 +25,28 @@ from jaxbn import _batch_norm
 from jaxbn import _stats
 
 
-def _is_state(node) -> bool:
-  return isinstance(node, _batch_norm.BatchNormState)
-
-
 def _state_paths(state) -> list[str]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_state)
-  return ["state" + jax.tree_util.keystr(path) for path, leaf in leaves if _is_state(leaf)]
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_batch_norm.is_state)
+  return ["state" + jax.tree_util.keystr(path) for path, leaf in leaves
+          if _batch_norm.is_state(leaf)]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _accumulate(apply_fn, params, probes, batch, pooled):
   """Runs one batch and folds each layer's batch statistics into `pooled`."""
   _, new_state = apply_fn(params, probes, batch)
-  expected = jax.tree.structure(probes, is_leaf=_is_state)
-  if jax.tree.structure(new_state, is_leaf=_is_state) != expected:
+  expected = jax.tree.structure(probes, is_leaf=_batch_norm.is_state)
+  if jax.tree.structure(new_state, is_leaf=_batch_norm.is_state) != expected:
     raise ValueError(
         "apply_fn must return (output, new_state) with new_state structured like "
         f"the state it was given; expected {expected}, got "
-        f"{jax.tree.structure(new_state, is_leaf=_is_state)}.")
-  old_leaves = [l for l in jax.tree.leaves(probes, is_leaf=_is_state) if _is_state(l)]
-  new_leaves = [l for l in jax.tree.leaves(new_state, is_leaf=_is_state) if _is_state(l)]
+        f"{jax.tree.structure(new_state, is_leaf=_batch_norm.is_state)}.")
+  old_leaves = _batch_norm.states_in(probes)
+  new_leaves = _batch_norm.states_in(new_state)
   paths = _state_paths(probes)
   updates = []
   for path, old, new in zip(paths, old_leaves, new_leaves):
-    if not isinstance(new, _batch_norm._BatchStatisticsProbe):
+    if not isinstance(new, _batch_norm.BatchStatisticsProbe):
       raise ValueError(
           f"The BatchNormState apply_fn returned at {path} is not the one jaxbn "
           "returned to it: pass each layer's new state from jaxbn "
@@ -57,13 +54,21 @@ def _accumulate(apply_fn, params, probes, batch, pooled):
           "rebuild it with state._replace(...), not BatchNormState(...).")
     updates.append(new.count - old.count)
   # Each batch weighs the same: a batch is one "element" whose mean and
-  # variance merge exactly (law of total variance) with those seen so far.
-  pooled = [
-      _stats.merge_moments(total, _stats.Moments(
-          count=jnp.ones((), jnp.float32), mean=new.mean.astype(jnp.float32),
-          var=new.var.astype(jnp.float32)))
-      for total, new in zip(pooled, new_leaves)]
+  # variance merge exactly (law of total variance) with those seen so far. A
+  # feature the batch has no valid element of (probe var -1) is left out.
+  pooled = [_stats.merge_moments(total, _batch_moments(new))
+            for total, new in zip(pooled, new_leaves)]
   return pooled, jnp.stack(updates)
+
+
+def _batch_moments(probe) -> _stats.Moments:
+  """One batch's statistics from a probe, as a count-1 (or empty: 0) element."""
+  mean = probe.mean.astype(jnp.float32)
+  var = probe.var.astype(jnp.float32)
+  present = ~(var < 0)  # NaN stays present, and poisons the result as it should
+  return _stats.Moments(count=present.astype(jnp.float32),
+                        mean=jnp.where(present, mean, 0.0),
+                        var=jnp.where(present, var, 0.0))
 
 
 def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
@@ -108,8 +113,9 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
 
   Returns:
     `state` with every `BatchNormState`'s `mean` and `var` replaced by the
-    pooled statistics. A feature whose pooled statistics are not finite keeps
-    its old values.
+    pooled statistics. A feature whose pooled statistics are not finite, or
+    that has no valid (masked-in) element in any batch, keeps its old values;
+    batches without a valid element of a feature do not count for it.
 
   Raises:
     ValueError: `state` holds no `BatchNormState`; fewer batches than
@@ -126,11 +132,10 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
     raise ValueError(
         "state holds no jaxbn.BatchNormState; recompute_stats recomputes the "
         "statistics of jaxbn layers only.")
-  probes = jax.tree.map(
-      lambda leaf: _batch_norm._BatchStatisticsProbe(*leaf) if _is_state(leaf) else leaf,
-      state, is_leaf=_is_state)
-  originals = [l for l in jax.tree.leaves(state, is_leaf=_is_state) if _is_state(l)]
-  pooled = [_stats.Moments(count=jnp.zeros((), jnp.float32),
+  originals = _batch_norm.states_in(state)
+  probes = _batch_norm.replace_states(
+      state, [_batch_norm.BatchStatisticsProbe(*s) for s in originals])
+  pooled = [_stats.Moments(count=jnp.zeros(jnp.shape(s.mean), jnp.float32),
                            mean=jnp.zeros(jnp.shape(s.mean), jnp.float32),
                            var=jnp.zeros(jnp.shape(s.var), jnp.float32))
             for s in originals]
@@ -151,11 +156,8 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
           "every layer of the state exactly once with training=True.")
   recomputed = []
   for original, total in zip(originals, pooled):
-    keep = jnp.isfinite(total.mean) & jnp.isfinite(total.var)
+    keep = (total.count > 0) & jnp.isfinite(total.mean) & jnp.isfinite(total.var)
     recomputed.append(original._replace(
         mean=jnp.where(keep, total.mean, original.mean).astype(original.mean.dtype),
         var=jnp.where(keep, total.var, original.var).astype(original.var.dtype)))
-  leaves, treedef = jax.tree.flatten(state, is_leaf=_is_state)
-  replacements = iter(recomputed)
-  return treedef.unflatten([next(replacements) if _is_state(leaf) else leaf
-                            for leaf in leaves])
+  return _batch_norm.replace_states(state, recomputed)

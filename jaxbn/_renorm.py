@@ -136,17 +136,17 @@ def batch_renorm(params: _batch_norm.BatchNormParams | None,
       axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   layout = call.layout(_batch_norm.training_count(call))
   compute_dtype = call.compute_dtype
-  shift = _batch_norm._training_shift(state, call.x, call.momentum, call.reduction_axes,
+  shift = _batch_norm.training_shift(state, call.x, call.momentum, call.reduction_axes,
                                       call.mask, call.axis_name, compute_dtype)
+  running = _batch_norm.running_statistics(state, compute_dtype)
   corrections = _Corrections(
-      running_mean=lax.stop_gradient(state.mean.astype(compute_dtype)),
-      running_var=lax.stop_gradient(state.var.astype(compute_dtype)),
+      running_mean=running.mean, running_var=running.var,
       r_max=_bound_value(r_max, state.count, "r_max", 1.0, compute_dtype),
       d_max=_bound_value(d_max, state.count, "d_max", 0.0, compute_dtype))
   y, stats = _renormalize(call.x, call.scale, call.bias, shift, call.mask, corrections,
                           layout)
   stats = jax.tree.map(lax.stop_gradient, stats)
-  return y, _batch_norm._update_state(state, stats, call.momentum, unbiased_running_var)
+  return y, _batch_norm.update_state(state, stats, call.momentum, unbiased_running_var)
 
 
 class _Corrections(NamedTuple):
@@ -174,7 +174,9 @@ def _renormalize(x, scale, bias, shift, mask, corrections, layout):
 
 def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
   compute_dtype = shift.dtype
-  stats = _batch_norm._batch_statistics(x, shift, mask, layout, compute_dtype)
+  stats = _batch_norm.batch_statistics(
+      x, shift, mask, _batch_norm.Running(corrections.running_mean,
+                                          corrections.running_var), layout)
   r, d = _r_and_d(stats, corrections, layout.epsilon)
   # scale * (x_hat * r + d) + bias is batch norm with scale * r and
   # scale * d + bias: the core's backward applies unchanged (r, d constant).
@@ -184,7 +186,7 @@ def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
     effective_scale = scale.astype(compute_dtype) * r
     effective_bias = scale.astype(compute_dtype) * d + bias.astype(compute_dtype)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
-  to_input_rank = functools.partial(_batch_norm._to_input_rank, x=x, layout=layout)
+  to_input_rank = functools.partial(_batch_norm.to_input_rank, x=x, layout=layout)
   y = (x.astype(compute_dtype) - to_input_rank(stats.mean)) * to_input_rank(
       inv_std * effective_scale) + to_input_rank(effective_bias)
   core_residuals = (x, effective_scale, effective_bias, mask, stats.mean, inv_std,
@@ -194,7 +196,7 @@ def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
 
 def _renormalize_bwd(layout, residuals, cotangents):
   core_residuals, scale, bias, r, d = residuals
-  dx, d_effective_scale, d_effective_bias, _, _ = _batch_norm._normalize_bwd(
+  dx, d_effective_scale, d_effective_bias, *_ = _batch_norm.normalize_bwd(
       layout, core_residuals, cotangents)
   dscale = dbias = None
   if scale is not None:

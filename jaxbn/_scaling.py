@@ -6,13 +6,13 @@ Statistics can also be accumulated over a stream of batches (`init_*`,
 `update_*`, `merge_*`) and pooled across replicas under `axis_name`, with the
 same conventions as `jaxbn.moments`: `axis` names the feature axis (or axes)
 and every other axis is reduced, so `(num_examples, num_features)` data uses
-the default `axis=-1`, like `numpy.mean(x, axis=0)` in the seed's code.
+the default `axis=-1`, like `numpy.mean(x, axis=0)`.
 
 Standardization keeps the count-weighted `Moments` (count, mean, biased
 variance) so that merging batches or replicas is exact; the degrees-of-freedom
 correction is chosen when the statistics are applied (`ddof`, default 0 as in
 `sklearn.preprocessing.StandardScaler` and `numpy.std`; `ddof=1` gives the
-n - 1 sample standard deviation of the seed's formula).
+n - 1 sample standard deviation, as `pandas.DataFrame.std`).
 """
 
 from __future__ import annotations
@@ -52,28 +52,6 @@ class MinMaxStats(NamedTuple):
   max: jax.Array
 
 
-def _feature_shape(num_features) -> tuple[int, ...]:
-  shape = (num_features,) if isinstance(num_features, (int, np.integer)) else num_features
-  try:
-    shape = tuple(int(d) for d in shape)
-  except (TypeError, ValueError):
-    shape = ()
-  if isinstance(num_features, bool) or not shape or any(d <= 0 for d in shape):
-    raise ValueError(
-        f"num_features must be a positive int or a tuple of them, got {num_features!r}.")
-  return shape
-
-
-def _layout(x, axis):
-  """Validated `(x, feature_axes, reduction_axes, feature_shape)` for `x`."""
-  x = jnp.asarray(x)
-  _validation.check_floating(x)
-  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  return x, feature_axes, reduction_axes, feature_shape
-
-
 def _check_stats(stats, fields, stats_type, x, feature_axes, feature_shape):
   if not isinstance(stats, stats_type):
     raise TypeError(
@@ -102,7 +80,7 @@ def init_standardize(num_features: int | tuple[int, ...]) -> StandardizeStats:
   Returns:
     `StandardizeStats` of float32 zeros of shape `feature_shape`.
   """
-  zeros = jnp.zeros(_feature_shape(num_features), jnp.float32)
+  zeros = jnp.zeros(_validation.feature_shape_of(num_features), jnp.float32)
   return StandardizeStats(count=zeros, mean=zeros, var=zeros)
 
 
@@ -147,7 +125,7 @@ def update_standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis
     The statistics of all data seen so far, as one fit on their concatenation
     would give.
   """
-  x, feature_axes, reduction_axes, feature_shape = _layout(x, axis)
+  x, feature_axes, reduction_axes, feature_shape = _validation.parse_input(x, axis)
   _check_stats(stats, ("count", "mean", "var"), StandardizeStats, x, feature_axes,
                feature_shape)
   # Shifting by the running mean keeps the one-pass variance accurate for data
@@ -188,7 +166,7 @@ def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
   Returns:
     Array of `x`'s shape and dtype.
   """
-  x, feature_axes, _, feature_shape = _layout(x, axis)
+  x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)
   _check_stats(stats, ("count", "mean", "var"), StandardizeStats, x, feature_axes,
                feature_shape)
   compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -201,7 +179,7 @@ def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
 def unstandardize(stats: StandardizeStats, y: jax.typing.ArrayLike, *, axis=-1,
                   ddof: int = 0) -> jax.Array:
   """Inverse of `standardize`: `y * std + mean` per feature (same arguments)."""
-  y, feature_axes, _, feature_shape = _layout(y, axis)
+  y, feature_axes, _, feature_shape = _validation.parse_input(y, axis)
   _check_stats(stats, ("count", "mean", "var"), StandardizeStats, y, feature_axes,
                feature_shape)
   compute_dtype = jnp.promote_types(y.dtype, jnp.float32)
@@ -216,7 +194,7 @@ def unstandardize(stats: StandardizeStats, y: jax.typing.ArrayLike, *, axis=-1,
 
 def init_min_max(num_features: int | tuple[int, ...]) -> MinMaxStats:
   """Empty statistics (min=+inf, max=-inf) to start a streaming fit."""
-  shape = _feature_shape(num_features)
+  shape = _validation.feature_shape_of(num_features)
   return MinMaxStats(min=jnp.full(shape, jnp.inf, jnp.float32),
                      max=jnp.full(shape, -jnp.inf, jnp.float32))
 
@@ -236,7 +214,7 @@ def fit_min_max(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=None,
     `MinMaxStats` of shape `feature_shape` in float32 (float64 for float64
     input); features without a valid element have min=+inf, max=-inf.
   """
-  x, _, reduction_axes, _ = _layout(x, axis)
+  x, _, reduction_axes, _ = _validation.parse_input(x, axis)
   names = _validation.normalize_axis_name(axis_name)
   groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
   compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -260,7 +238,7 @@ def merge_min_max(a: MinMaxStats, b: MinMaxStats) -> MinMaxStats:
 def update_min_max(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1, mask=None,
                    axis_name=None, axis_index_groups=None) -> MinMaxStats:
   """Folds one more batch `x` into streaming min-max statistics."""
-  x, feature_axes, _, feature_shape = _layout(x, axis)
+  x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)
   _check_stats(stats, ("min", "max"), MinMaxStats, x, feature_axes, feature_shape)
   return merge_min_max(stats, fit_min_max(x, axis=axis, mask=mask, axis_name=axis_name,
                                           axis_index_groups=axis_index_groups))
@@ -291,13 +269,13 @@ def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1,
     x: floating-point data whose feature axes (`axis`) have `feature_shape`.
     axis: feature axis or axes of `x`.
     feature_range: `(low, high)` target interval of the fitted data, default
-      `(0, 1)` as in the seed and sklearn's MinMaxScaler. Constant features
+      `(0, 1)` as in sklearn's MinMaxScaler. Constant features
       (range below `10 * finfo(dtype).eps`) are only shifted, to `low`.
 
   Returns:
     Array of `x`'s shape and dtype.
   """
-  x, feature_axes, _, feature_shape = _layout(x, axis)
+  x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)
   _check_stats(stats, ("min", "max"), MinMaxStats, x, feature_axes, feature_shape)
   compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
   data_min, data_range, low, high = _offset_and_range(stats, feature_range, compute_dtype)
@@ -309,7 +287,7 @@ def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1,
 def min_max_unscale(stats: MinMaxStats, y: jax.typing.ArrayLike, *, axis=-1,
                     feature_range=(0.0, 1.0)) -> jax.Array:
   """Inverse of `min_max_scale` (same arguments)."""
-  y, feature_axes, _, feature_shape = _layout(y, axis)
+  y, feature_axes, _, feature_shape = _validation.parse_input(y, axis)
   _check_stats(stats, ("min", "max"), MinMaxStats, y, feature_axes, feature_shape)
   compute_dtype = jnp.promote_types(y.dtype, jnp.float32)
   data_min, data_range, low, high = _offset_and_range(stats, feature_range, compute_dtype)

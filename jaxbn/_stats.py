@@ -43,7 +43,7 @@ def replica_count(axis_name: tuple | None, axis_index_groups) -> int:
   return int(lax.axis_size(axis_name))
 
 
-def _varying_axes(value) -> frozenset:
+def varying_axes(value) -> frozenset:
   """Mesh axes over which `value` varies under shard_map(check_vma=True)."""
   aval = jax.typeof(value)
   vma = getattr(aval, "vma", None)
@@ -117,7 +117,7 @@ def replicated_sum(local: jax.Array, reduced: jax.Array, like: jax.Array,
   """
   # Every mesh axis the data varies over and the parameter does not, also axes
   # not in axis_name (per-device statistics, or a second mesh axis).
-  need = _varying_axes(local) - _varying_axes(like)
+  need = varying_axes(local) - varying_axes(like)
   if not need:
     return local
   if (axis_name is not None and need == frozenset(axis_name)
@@ -227,13 +227,19 @@ def shifted_sums(x: jax.Array, reduction_axes: tuple[int, ...], shift: jax.Array
                                         if a not in reduction_axes]))
   if mask is None:
     return jnp.stack(fused_sums((centered, centered * centered), reduction_axes))
-  weight = jnp.broadcast_to(mask, x.shape).astype(compute_dtype)
-  weighted = weight * centered
-  return jnp.stack(fused_sums((weight, weighted, weighted * centered), reduction_axes))
+  mask = jnp.broadcast_to(mask, x.shape)
+  # Select, never multiply: 0 * nan is nan, and padding may hold anything.
+  valid_centered = jnp.where(mask, centered, 0)
+  return jnp.stack(fused_sums((mask.astype(compute_dtype), valid_centered,
+                               valid_centered * valid_centered), reduction_axes))
 
 
 def moments_from_sums(count, sum_centered, sum_squares, shift) -> Moments:
-  """Mean and biased variance from shifted sums; empty features get var 0."""
+  """Mean and biased variance from shifted sums.
+
+  A feature with no valid element (`count == 0`) gets `mean = shift` and
+  `var = 0`: finite values that `merge_moments` weighs by their zero count.
+  """
   safe_count = jnp.maximum(count, 1)
   mean_minus_shift = sum_centered / safe_count
   var = jnp.maximum(sum_squares / safe_count - mean_minus_shift * mean_minus_shift, 0)
@@ -250,7 +256,8 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
   Args:
     x: floating-point array of any shape.
     axis: feature axis or axes (int or tuple); the rest are reduced.
-    mask: optional boolean array broadcastable to `x`; only True elements count.
+    mask: optional boolean array broadcastable to `x`; only True elements count,
+      and what the others hold (NaN, inf) does not matter.
     shift: optional feature-shaped value near the mean that improves accuracy
       of the one-pass variance (it does not change the result mathematically).
       Default: the local mean (one extra pass over `x`). Under `axis_name` the
@@ -261,13 +268,11 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
 
   Returns:
     `Moments(count, mean, var)` in float32 (or float64 for float64 input), of
-    shape `feature_shape`.
+    shape `feature_shape`. A feature with no valid element has `count` 0,
+    `var` 0 and `mean` equal to the shift (0 by default), so that pooling it
+    with `merge_moments` changes nothing.
   """
-  x = jnp.asarray(x)
-  _validation.check_floating(x)
-  feature_axes = _validation.canonicalize_axes(axis, x.ndim)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  x, _, reduction_axes, feature_shape = _validation.parse_input(x, axis)
   names = _validation.normalize_axis_name(axis_name)
   groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
   if mask is not None:
@@ -297,9 +302,9 @@ def data_shift(x: jax.Array, reduction_axes: tuple[int, ...],
   """
   if mask is None:
     return jnp.mean(x, reduction_axes, dtype=jnp.float32)
-  weight = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
-  total = jnp.sum(weight * x.astype(jnp.float32), reduction_axes)
-  return total / jnp.maximum(jnp.sum(weight, reduction_axes), 1)
+  mask = jnp.broadcast_to(mask, x.shape)
+  total = jnp.sum(jnp.where(mask, x.astype(jnp.float32), 0), reduction_axes)
+  return total / jnp.maximum(jnp.sum(mask, reduction_axes, dtype=jnp.float32), 1)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

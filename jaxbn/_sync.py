@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +9,6 @@ import numpy as np
 from jaxbn import _batch_norm
 from jaxbn import _stats
 from jaxbn import _validation
-
-
-def _is_state(node) -> bool:
-  return isinstance(node, _batch_norm.BatchNormState)
 
 
 def sync_stats(state, axis_name):
@@ -60,8 +55,7 @@ def sync_stats(state, axis_name):
     raise ValueError(
         "sync_stats needs axis_name, the mapped axis (vmap / shard_map) whose "
         "replicas hold the statistics to pool.")
-  leaves, treedef = jax.tree.flatten(state, is_leaf=_is_state)
-  states = [leaf for leaf in leaves if _is_state(leaf)]
+  states = _batch_norm.states_in(state)
   if not states:
     raise ValueError("state holds no jaxbn.BatchNormState to synchronize.")
   num_replicas = _stats.replica_count(names, None)
@@ -81,6 +75,4 @@ def sync_stats(state, axis_name):
         mean=pooled_mean[layer].reshape(jnp.shape(s.mean)).astype(s.mean.dtype),
         var=pooled_var[layer].reshape(jnp.shape(s.var)).astype(s.var.dtype),
         count=counts[i].astype(jnp.asarray(s.count).dtype)))
-  replacements = iter(synced)
-  return treedef.unflatten([next(replacements) if _is_state(leaf) else leaf
-                            for leaf in leaves])
+  return _batch_norm.replace_states(state, synced)

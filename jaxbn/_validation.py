@@ -1,14 +1,16 @@
-"""Argument checks shared by every jaxbn entry point.
+"""Argument checks and input parsing shared by every jaxbn entry point.
 
 Each check runs at trace time on static information (shapes, dtypes, Python
 numbers), so a bad call fails before anything is compiled, with a message that
-names the argument and what was expected.
+names the argument and what was expected. Every module parses `(x, axis)` with
+`parse_input` and `num_features` with `feature_shape_of`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,62 @@ def canonicalize_axes(axis: int | Sequence[int], ndim: int, *,
   if len(set(canonical)) != len(canonical):
     raise ValueError(f"{name}={axis!r} names the same axis more than once.")
   return tuple(sorted(canonical))
+
+
+class ParsedInput(NamedTuple):
+  """An input array and the split of its axes into features and reduced axes.
+
+  Attributes:
+    x: the input as a `jax.Array`.
+    feature_axes: sorted non-negative feature axes.
+    reduction_axes: every other axis, sorted.
+    feature_shape: `x`'s sizes on `feature_axes`.
+  """
+  x: jax.Array
+  feature_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  feature_shape: tuple[int, ...]
+
+
+def parse_input(x: jax.typing.ArrayLike, axis: int | Sequence[int], *,
+                require_floating: bool = True) -> ParsedInput:
+  """Converts `x` to an array and splits its axes at the feature `axis`.
+
+  Args:
+    x: the input.
+    axis: feature axis or axes (int or sequence; negative allowed).
+    require_floating: raise unless `x` has a floating-point dtype (the flax
+      adapters check later, after their dtype promotion).
+
+  Raises:
+    TypeError: non-float `x` (with `require_floating`), non-integer axes.
+    ValueError: axes out of range, repeated or empty.
+  """
+  x = jnp.asarray(x)
+  if require_floating:
+    check_floating(x)
+  feature_axes = canonicalize_axes(axis, x.ndim)
+  return ParsedInput(
+      x=x, feature_axes=feature_axes,
+      reduction_axes=tuple(a for a in range(x.ndim) if a not in feature_axes),
+      feature_shape=tuple(x.shape[a] for a in feature_axes))
+
+
+def feature_shape_of(num_features) -> tuple[int, ...]:
+  """`num_features` (a positive int, or a tuple/list of them) as a shape tuple.
+
+  Raises:
+    ValueError: anything else, e.g. `"34"`, `2.7`, `True`, `0` or `()`.
+  """
+  shape = ((num_features,) if isinstance(num_features, (numbers.Integral, np.integer))
+           else num_features)
+  if (isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list))
+      or not shape or any(isinstance(d, (bool, np.bool_))
+                          or not isinstance(d, (numbers.Integral, np.integer))
+                          or d <= 0 for d in shape)):
+    raise ValueError(
+        f"num_features must be a positive int or a tuple of them, got {num_features!r}.")
+  return tuple(int(d) for d in shape)
 
 
 def check_floating(x: jax.Array, name: str = "x") -> None:

@@ -11,7 +11,9 @@ What changes is the arithmetic, which is `jaxbn.batch_norm`'s: accurate
 statistics whatever `use_fast_variance` says, count-weighted statistics under
 `axis_name` with `mask`, one cross-replica reduction in the forward pass and
 one in the closed-form backward pass, running statistics that never take NaN,
-and a clear error for a training-mode batch with one value per feature. See
+masked-out slots that may hold NaN or inf, and a feature without any valid
+element normalized with the running statistics (flax: NaN). Like flax, a
+training batch with one value per feature has variance 0. See
 `jaxbn._flax_adapter` for how the variance shift is chosen without a step
 counter.
 """
@@ -96,9 +98,8 @@ class BatchNorm(nn.Module):
     """
     use_running_average = nn.merge_param("use_running_average",
                                          self.use_running_average, use_running_average)
-    x = jnp.asarray(x)
-    feature_axes = _validation.canonicalize_axes(self.axis, x.ndim)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    x, feature_axes, _, feature_shape = _validation.parse_input(
+        x, self.axis, require_floating=False)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     running_mean = self.variable("batch_stats", "mean",
                                  lambda s: jnp.zeros(s, stats_dtype), feature_shape)

@@ -91,10 +91,11 @@ class BatchNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    if (isinstance(num_features, bool)
-        or not isinstance(num_features, (int, np.integer)) or num_features <= 0):
-      raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
-    feature_shape = (int(num_features),)
+    feature_shape = _validation.feature_shape_of(num_features)
+    if len(feature_shape) != 1 or not isinstance(num_features, (int, np.integer)):
+      raise ValueError(
+          f"num_features must be a positive int (flax.nnx's convention; the "
+          f"product of the feature sizes for a tuple axis), got {num_features!r}.")
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
     # The rng draws happen in flax's order (scale, then bias) so that the same
@@ -151,9 +152,8 @@ class BatchNorm(nnx.Module):
       raise ValueError(
           "No use_running_average was given to BatchNorm: pass it to the "
           "constructor, to __call__, or switch with model.train() / model.eval().")
-    x = jnp.asarray(x)
-    feature_axes = _validation.canonicalize_axes(self.axis, x.ndim)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    x, feature_axes, _, feature_shape = _validation.parse_input(
+        x, self.axis, require_floating=False)
     if int(np.prod(feature_shape)) != self.num_features:
       raise ValueError(
           f"x of shape {x.shape} has feature shape {feature_shape} on axis="
