@@ -43,7 +43,7 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 
 def _initialize_distributed() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   explicit = _COORDINATOR.value is not None
   detected = "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ
   if not (_DISTRIBUTED.value or (_DISTRIBUTED.value is None and (explicit or detected))):
@@ -61,7 +61,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   _initialize_distributed()
-  from training import train_lib  # pylint: disable=g-import-not-at-top
+  from training import train_lib
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
   train_lib.train_and_evaluate(_CONFIG.value, workdir)

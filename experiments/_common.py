@@ -46,8 +46,8 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
   os.makedirs(args.workdir, exist_ok=True)
   args.name = name
   args.suffix = f"_{args.tag}" if args.tag else ""
-  args.command = "python -m experiments.{} {}".format(
-      name, shlex.join(sys.argv[1:] if argv is None else list(argv)))
+  flags = sys.argv[1:] if argv is None else list(argv)
+  args.command = f"python -m experiments.{name} {shlex.join(flags)}"
   args.start_time = time.time()
   # The code that produces the numbers is the code at the start of the run.
   args.git_commit = _git_commit()

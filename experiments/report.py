@@ -518,7 +518,7 @@ class Report:
                f"{_num(run['median_drift_all'], '{:.3f}')} | "
                f"{_num(run['median_drift_after_10pct'], '{:.3f}')} | "
                f"{_num(run['median_total_shift_after_10pct'], '{:.3f}')} |")
-    self.add("", f"Test accuracy (%) over training, mean ± std:", "",
+    self.add("", "Test accuracy (%) over training, mean ± std:", "",
              "| step | " + " | ".join(runs) + " |", "|---:|" + "---:|" * len(runs))
     steps = next(iter(runs.values()))["steps"]
     # Early steps densely (where the curves differ), then every tenth of the run.
@@ -790,7 +790,7 @@ class Report:
       self.add("**Warning: smoke-test (--quick) numbers, not results:** "
                + ", ".join(quick), "")
     for section in SECTIONS:
-      for stem, record in records.items():
+      for record in records.values():
         if record["experiment"] == section:
           getattr(self, section)(record)
     os.makedirs(os.path.dirname(self.output) or ".", exist_ok=True)

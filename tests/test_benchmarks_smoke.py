@@ -103,7 +103,7 @@ def test_train_step_resnet_tiny(capsys, args):
 def test_seed_cnn_train_step_tiny(capsys):
   # benchmarks/train_step.py belongs to train.py's owner; run here so every
   # benchmark script has a smoke test.
-  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import train_step
   result = train_step.main(["--tiny"])
   assert {"jaxbn", "flax.linen"} <= set(result["examples_per_sec"])
   out = capsys.readouterr().out

@@ -11,9 +11,9 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -24,7 +24,7 @@ from training import input_pipeline
 from training import train_lib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mnist_tiny():
   splits, info = input_pipeline.load_dataset("mnist", ["train[:50000]"])
   return input_pipeline.take(splits["train[:50000]"], 512), info
