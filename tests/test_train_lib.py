@@ -202,10 +202,21 @@ def test_unknown_dataset_fails_at_start(tmp_path):
 def test_optimizers_and_schedules(name, schedule):
   config = utils.tiny_config(optimizer=name, lr_schedule=schedule, learning_rate=0.1)
   tx = train_lib.create_optimizer(config, steps_per_epoch=8)
-  params = {"w": jnp.ones(3)}
-  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
-  assert np.all(np.asarray(updates["w"]) <= 0)
   lr = train_lib.create_learning_rate_schedule(config, 8)
+  params = grads = {"w": jnp.ones(3)}
+  opt_state = tx.init(params)
+  # The warm-up of 'cosine' starts at 0 (a zero update); the steps after it must
+  # move against the gradient, and sgd by exactly lr * gradient.
+  for step in range(3):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    update = np.asarray(updates["w"])
+    if float(lr(step)) == 0:
+      np.testing.assert_array_equal(update, 0)
+    else:
+      assert np.all(update < 0), (step, update)
+    if name == "sgd":
+      np.testing.assert_allclose(update, -float(lr(step)), rtol=1e-6)
+  assert float(lr(2)) > 0
   peak = max(float(lr(i)) for i in range(16))
   np.testing.assert_allclose(peak, 0.1, rtol=0.05)
   if schedule != "constant":
