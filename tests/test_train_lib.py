@@ -95,7 +95,11 @@ def test_resume_refuses_a_different_run(one_device_run, tmp_path):
   reference_dir, _ = one_device_run
   shutil.copytree(reference_dir, tmp_path / "run")
   config = utils.tiny_config(num_devices=1, batch_size=32)
-  with pytest.raises(ValueError, match="different run"):
+  with pytest.raises(ValueError, match=r"different run .*batch_size=64 there, 32 here"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  # Another model: caught by the same check before orbax compares the state trees.
+  config = utils.tiny_config(num_devices=1, model="mlp")
+  with pytest.raises(ValueError, match=r"model='cnn' there, 'mlp' here"):
     train_lib.train_and_evaluate(config, tmp_path / "run")
 
 
