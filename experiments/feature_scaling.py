@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _common
 import jaxbn
+from experiments import _common
 
 NAME = "feature_scaling"
 INCOME_MEAN, INCOME_STD = 3000.0, 400.0  # dollars

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import time
 
+import jaxbn
 from experiments import _common
 from experiments import _mnist
-import jaxbn
 from training import input_pipeline
 from training import models
 

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _common
 import jaxbn
+from experiments import _common
 
 NAME = "scale_invariance"
 SCALES = (1e-3, 1e-2, 0.1, 0.5, 2.0, 10.0, 100.0, 1000.0)

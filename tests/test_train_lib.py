@@ -11,9 +11,9 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
