@@ -10,6 +10,7 @@ in tests/test_verdicts.py.
 
 import importlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,6 +87,12 @@ def test_report_has_every_section_and_the_quick_warning(quick_run):
   assert "`python -m experiments.feature_scaling --workdir" in text
   assert "smoke-test (--quick) numbers" in text
   assert "Not run" not in text
+  # Every verdict names its outcome and the rule (with thresholds) that decided it.
+  summary = text.split("## Summary")[1].split("\n## ")[0]
+  rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+  assert len(rows) == 1 + 11  # the header and eleven claims
+  for row in rows[1:]:
+    assert re.search(r"\| \*\*[a-z ]+\*\*.*\(rule: .+\) \|$", row), row
 
 
 def test_report_lists_missing_experiments(tmp_path):
