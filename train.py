@@ -18,14 +18,21 @@ same step and exits with status 75 (EX_TEMPFAIL); rerunning the same command
 resumes exactly where it stopped.
 """
 
+import logging as python_logging
 import os
 import pathlib
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+# Before anything imports TensorFlow (tfds, on the run that prepares the dataset):
+# TensorFlow only decodes files here, so its oneDNN kernels are off, and with them
+# the start-up notices that also set off absl's "log messages before InitializeLog".
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parent
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,7 +65,7 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 
 def _initialize_distributed() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   explicit = _COORDINATOR.value is not None
   detected = "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ
   if not (_DISTRIBUTED.value or (_DISTRIBUTED.value is None and (explicit or detected))):
@@ -70,13 +77,19 @@ def _initialize_distributed() -> None:
       process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
 
 
+def _hide_tfds_warnings(record: python_logging.LogRecord) -> bool:
+  """tfds warns about its own cache layout when it prepares a dataset; keep its errors."""
+  return record.levelno >= python_logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    python_logging.getLogger("absl").addFilter(_hide_tfds_warnings)  # tfds logs via absl
   _initialize_distributed()
-  from training import train_lib  # pylint: disable=g-import-not-at-top
+  from training import train_lib
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
   if _LOWER_FOR.value:

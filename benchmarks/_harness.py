@@ -176,7 +176,7 @@ def add_malloc_flag(parser) -> None:
 
 def print_header(title: str) -> None:
   """Prints the title, the reproducing command and the machine state."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
   print(f"## {title}\n")
   print(f"Command: `{command_line()}`\n")

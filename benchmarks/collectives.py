@@ -31,7 +31,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -104,13 +103,13 @@ def count_for(impl, mesh, shape):
       row["shard_map"] = (_harness.count_collectives(fwd),
                           _harness.count_collectives(step), check_vma)
       break
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:
       row["shard_map"] = (_error_text(
           error, f"{impl.name}, shard_map check_vma={check_vma}"), "", check_vma)
   try:
     fwd, step = _jit_programs(impl, mesh, params, state, x, ct)
     row["jit"] = (_harness.count_collectives(fwd), _harness.count_collectives(step))
-  except Exception as error:  # pylint: disable=broad-except
+  except Exception as error:
     row["jit"] = (_error_text(error, f"{impl.name}, jit over sharded arrays"), "")
   return row
 

@@ -47,8 +47,8 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
   os.makedirs(args.workdir, exist_ok=True)
   args.name = name
   args.suffix = f"_{args.tag}" if args.tag else ""
-  args.command = "python -m experiments.{} {}".format(
-      name, shlex.join(sys.argv[1:] if argv is None else list(argv)))
+  flags = sys.argv[1:] if argv is None else list(argv)
+  args.command = f"python -m experiments.{name} {shlex.join(flags)}"
   args.start_time = time.time()
   # The code that produces the numbers is the code at the start of the run.
   args.git_commit = _git_commit()
@@ -159,3 +159,14 @@ def mean_std(values) -> dict:
       "n": int(values.size),
       "n_finite": int(finite.size),
   }
+
+
+def first_reaching(history, key: str, threshold: float):
+  """Per instance, the first `(step, epoch)` whose `key` >= threshold (None if never)."""
+  values = np.stack([np.asarray(h[key], float) for h in history])  # (evals, instances)
+  out = []
+  for i in range(values.shape[1]):
+    hits = np.nonzero(np.nan_to_num(values[:, i], nan=-1.0) >= threshold)[0]
+    out.append(None if not hits.size else
+               {"step": history[hits[0]]["step"], "epoch": history[hits[0]]["epoch"]})
+  return out

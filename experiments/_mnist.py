@@ -300,13 +300,3 @@ def train_with_evaluations(trainer: Trainer, seeds, learning_rates, *, eval_step
     step += stop - start
   return carry, history
 
-
-def first_reaching(history, key: str, threshold: float):
-  """Per instance, the first `(step, epoch)` whose `key` >= threshold (None if never)."""
-  values = np.stack([np.asarray(h[key], float) for h in history])  # (evals, instances)
-  out = []
-  for i in range(values.shape[1]):
-    hits = np.nonzero(np.nan_to_num(values[:, i], nan=-1.0) >= threshold)[0]
-    out.append(None if not hits.size else
-               {"step": history[hits[0]]["step"], "epoch": history[hits[0]]["epoch"]})
-  return out

@@ -75,7 +75,7 @@ def run(args) -> dict:
           evaluate=lambda c, t=trainer: {"validation_accuracy":
                                          t.accuracy(c, data.validation)},
           log=lambda msg, label=label: print(label, msg, flush=True))
-      reach = {str(t): _mnist.first_reaching(history, "validation_accuracy", t)
+      reach = {str(t): _common.first_reaching(history, "validation_accuracy", t)
                for t in THRESHOLDS}
       runs[label] = {
           "optimizer": optimizer, "learning_rate": OPTIMIZERS[optimizer],

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import time
 
-import jax
-import numpy as np
-
 import jaxbn
 from experiments import _common
 from experiments import _mnist
@@ -118,7 +115,7 @@ def run(args) -> dict:
                                 (m for m, _ in VARIANTS))}
 
   variants = {}
-  for k, (momentum, unbiased) in enumerate(VARIANTS):
+  for momentum, unbiased in VARIANTS:
     accuracy = history[-1][_variant_name(momentum, unbiased)]
     variants[_variant_name(momentum, unbiased)] = {
         "momentum": momentum, "unbiased_running_var": unbiased,

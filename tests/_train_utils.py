@@ -23,7 +23,7 @@ def tiny_config(**overrides):
   """configs/tiny.py with `overrides`."""
   sys.path.insert(0, str(REPO))
   try:
-    from configs import tiny  # pylint: disable=g-import-not-at-top
+    from configs import tiny
   finally:
     sys.path.remove(str(REPO))
   config = tiny.get_config()
@@ -80,7 +80,7 @@ def train_command(workdir, *flags) -> list[str]:
 
 def start_train(workdir, *flags, num_devices: int = 1, log_path=None) -> subprocess.Popen:
   """Starts train.py with the tiny config in a subprocess."""
-  log = open(log_path, "w") if log_path else subprocess.DEVNULL  # pylint: disable=consider-using-with
+  log = open(log_path, "w") if log_path else subprocess.DEVNULL
   return subprocess.Popen(train_command(workdir, *flags), cwd=REPO,
                           env=subprocess_env(num_devices), stdout=log,
                           stderr=subprocess.STDOUT)

@@ -4,12 +4,13 @@ Quick mode trains a few steps on a few hundred MNIST images with one seed; the
 numbers are meaningless, the plumbing (data, training, evaluation, JSON, plots,
 the report) is what is tested. `experiments.run_all --quick` runs the whole
 list once in this process (module fixture); the tests then check each output.
-The report's arithmetic (epochs-to-accuracy ratios and their verdicts) is
-checked on hand-made histories.
+The report's arithmetic and its verdict rules are checked on hand-made numbers
+in tests/test_verdicts.py.
 """
 
 import importlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,6 +87,12 @@ def test_report_has_every_section_and_the_quick_warning(quick_run):
   assert "`python -m experiments.feature_scaling --workdir" in text
   assert "smoke-test (--quick) numbers" in text
   assert "Not run" not in text
+  # Every verdict names its outcome and the rule (with thresholds) that decided it.
+  summary = text.split("## Summary")[1].split("\n## ")[0]
+  rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+  assert len(rows) == 1 + 11  # the header and eleven claims
+  for row in rows[1:]:
+    assert re.search(r"\| \*\*[a-z ]+\*\*.*\(rule: .+\) \|$", row), row
 
 
 def test_report_lists_missing_experiments(tmp_path):
@@ -102,41 +109,3 @@ def test_evaluation_steps_hit_epoch_ends():
   assert _mnist.evaluation_steps(100, 0.5, 4) == [25, 50]
   assert _mnist.evaluation_steps(100, 0.3, 4) == [25, 30]
 
-
-def _run(optimizer, use_bn, accuracies_per_epoch):
-  """A bn_vs_nobn run whose seeds have these accuracies after epochs 1, 2, ..."""
-  history = [{"step": 10 * (e + 1), "epoch": float(e + 1), "validation_accuracy": acc}
-             for e, acc in enumerate(accuracies_per_epoch)]
-  return {f"{optimizer}_{'bn' if use_bn else 'nobn'}": {
-      "optimizer": optimizer, "use_bn": use_bn, "history": history}}
-
-
-def test_epochs_ratio_and_verdicts():
-  runs = {**_run("sgd", True, [[0.97, 0.98], [0.985, 0.985]] + [[0.99, 0.99]] * 8),
-          **_run("sgd", False, [[0.9, 0.9]] * 3 + [[0.98, 0.97]] + [[0.98, 0.98]] * 6)}
-  # BN reaches 98% after 1.5 epochs on average (seeds: 2, 1), no BN after 4.5 (4, 5).
-  ratio = report._epochs_ratio(runs, "sgd", 0.98)
-  assert ratio == report.Ratio(3.0, False, 1.5, 4.5)
-  assert report._ratio_verdict(ratio) == (
-      "3x (BN 1.5, no BN 4.5 epochs): BN faster, but not 10x")
-  # No BN never reaches 99% in 10 epochs: a lower bound, 10 / 3.
-  bound = report._epochs_ratio(runs, "sgd", 0.99)
-  assert bound.lower_bound and bound.value == pytest.approx(10 / 3)
-  assert report._ratio_text(bound) == ">= 3.3x"
-  assert report._ratio_verdict(bound).endswith("when the run ended: >= 3.3x")
-  assert report._ratio_verdict(report.Ratio(12.0, False, 1, 12)).endswith(
-      "consistent with 10x")
-  assert report._ratio_verdict(report.Ratio(1.0, False, 1, 1)).endswith("about the same")
-  assert report._ratio_verdict(report.Ratio(0.5, False, 2, 1)).endswith("no BN faster")
-  assert report._epochs_ratio(runs, "sgd", 0.999) is None  # BN never got there
-  assert report._reach_cell([None, {"epoch": 2.0, "step": 20}]) == (
-      "2.00 ± 0.00 (20 steps) (1 of 2 seeds)")
-  verdict = report._tenfold_verdict({("sgd", 0.98): ratio, ("sgd", 0.99): bound,
-                                     ("adam", 0.99): None})
-  assert verdict.startswith("does not reproduce: no BN needs 3-3x")
-  assert ">= 3.3-3.3x" in verdict
-  assert report._tenfold_verdict({("sgd", 0.98): report.Ratio(12.0, True, 1, 12)}) == (
-      "holds for every optimizer and threshold")
-  assert report._tenfold_verdict({("sgd", 0.98): report.Ratio(12.0, True, 1, 12),
-                                  ("adam", 0.98): ratio}).startswith(
-      "holds only for sgd at 98%")

@@ -1,5 +1,6 @@
 """jaxbn.batch_renorm (Ioffe, 2017) against a NumPy reference, batch_norm and autodiff."""
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -10,6 +11,7 @@ import optax
 import pytest
 
 import jaxbn
+from tests import helpers
 
 EPSILON = 1e-3
 
@@ -49,32 +51,33 @@ def _reference(params, state, x, r_max, d_max, momentum=0.9):
   return y, r, d, new_mean, new_var
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_r_max_1_d_max_0_equals_batch_norm_exactly(use_jit):
-  """r = 1 and d = 0 exactly, so the same operations run: bitwise equal eagerly.
+class RMax1DMax0Test(chex.TestCase):
 
-  Under jit XLA may fuse the two programs' reductions differently, which can
-  change the last bit of the statistics; agreement is then to rounding.
-  """
-  params, state, x = _setup((8, 3, 3, 4))
-  cotangent = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_equals_batch_norm_exactly(self):
+    """r = 1 and d = 0 exactly, so the same operations run: bitwise equal eagerly.
 
-  def run(norm):
-    def loss(params, x):
-      y, new_state = norm(params, state, x)
-      return jnp.sum(y * cotangent), (y, new_state)
-    value_and_grad = jax.value_and_grad(loss, (0, 1), has_aux=True)
-    (_, outputs), grads = (jax.jit(value_and_grad) if use_jit else value_and_grad)(
-        params, x)
-    return outputs, grads
+    Under jit XLA may fuse the two programs' reductions differently, which can
+    change the last bit of the statistics; agreement is then to rounding.
+    """
+    params, state, x = _setup((8, 3, 3, 4))
+    cotangent = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
 
-  got = run(lambda p, s, x: jaxbn.batch_renorm(p, s, x, training=True, r_max=1, d_max=0,
-                                               epsilon=EPSILON))
-  want = run(lambda p, s, x: jaxbn.batch_norm(p, s, x, training=True, epsilon=EPSILON))
-  if use_jit:
-    _assert_tree_close(got, want, rtol=1e-6, atol=1e-6)
-  else:
-    jax.tree.map(np.testing.assert_array_equal, got, want)
+    @self.variant
+    def run(params, x):
+      renorm = helpers.outputs_and_grads(
+          lambda p, x: jaxbn.batch_renorm(p, state, x, training=True, r_max=1, d_max=0,
+                                          epsilon=EPSILON), params, x, cotangent)
+      norm = helpers.outputs_and_grads(
+          lambda p, x: jaxbn.batch_norm(p, state, x, training=True, epsilon=EPSILON),
+          params, x, cotangent)
+      return renorm, norm
+
+    got, want = run(params, x)
+    if self.variant.type == chex.ChexVariantType.WITH_JIT:
+      chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+    else:
+      chex.assert_trees_all_equal(got, want)
 
 
 def test_forward_and_state_match_numpy_with_partial_clipping():
@@ -175,18 +178,9 @@ def test_params_none_and_mask():
 
 
 def _global_reference(params, state, x, cotangent, **kwargs):
-  def loss(params, x):
-    y, new_state = jaxbn.batch_renorm(params, state, x, training=True, r_max=1.5,
-                                      d_max=0.5, **kwargs)
-    return jnp.sum(y * cotangent), (y, new_state)
-  (_, (y, new_state)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
-  return y, new_state, grads
-
-
-def _assert_tree_close(got, want, rtol=1e-4, atol=1e-5):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol),
-               got, want)
+  return helpers.outputs_and_grads(
+      lambda p, x: jaxbn.batch_renorm(p, state, x, training=True, r_max=1.5, d_max=0.5,
+                                      **kwargs), params, x, cotangent)
 
 
 def test_shard_map_with_axis_name_equals_global_batch(mesh8):
@@ -202,7 +196,7 @@ def test_shard_map_with_axis_name_equals_global_batch(mesh8):
                                out_specs=(P("data"), P(), (P(), P("data")))))
   sharded = NamedSharding(mesh8, P("data"))
   got = step(params, jax.device_put(x, sharded), jax.device_put(cotangent, sharded))
-  _assert_tree_close(got, want)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_shard_map_without_axis_name_is_per_device_renorm(mesh8):
@@ -217,8 +211,8 @@ def test_shard_map_without_axis_name_is_per_device_renorm(mesh8):
                                 out_specs=P()))(
       params, jax.device_put(x, NamedSharding(mesh8, P("data"))))
   per_device = [jax.grad(loss)(params, chunk) for chunk in jnp.split(x, 8)]
-  _assert_tree_close(grads, jax.tree.map(lambda *g: sum(g), *per_device), rtol=1e-4,
-                     atol=1e-3)
+  chex.assert_trees_all_close(grads, jax.tree.map(lambda *g: sum(g), *per_device),
+                              rtol=1e-4, atol=1e-3)
 
 
 def test_bfloat16_input_keeps_float32_statistics():
@@ -238,7 +232,7 @@ def test_jit_over_batch_sharded_array_equals_global_batch(mesh8):
   sharded = NamedSharding(mesh8, P("data"))
   got = jax.jit(_global_reference)(params, state, jax.device_put(x, sharded),
                                    jax.device_put(cotangent, sharded))
-  _assert_tree_close(got, want)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_vmap_with_axis_name_equals_global_batch():
@@ -254,7 +248,7 @@ def test_vmap_with_axis_name_equals_global_batch():
     return jnp.sum(y * cotangent), (y, new_state)
   (_, (y, new_state)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
       params, x)
-  _assert_tree_close((y, new_state, grads), want)
+  chex.assert_trees_all_close((y, new_state, grads), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bound,value,error,match", [

@@ -26,7 +26,7 @@ from training import models
 from training import train_lib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mnist_tiny():
   splits, info = input_pipeline.load_dataset("mnist", ["train[:50000]"])
   return input_pipeline.take(splits["train[:50000]"], 512), info
@@ -97,7 +97,11 @@ def test_resume_refuses_a_different_run(one_device_run, tmp_path):
   reference_dir, _ = one_device_run
   shutil.copytree(reference_dir, tmp_path / "run")
   config = utils.tiny_config(num_devices=1, batch_size=32)
-  with pytest.raises(ValueError, match="different run"):
+  with pytest.raises(ValueError, match=r"different run .*batch_size=64 there, 32 here"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  # Another model: caught by the same check before orbax compares the state trees.
+  config = utils.tiny_config(num_devices=1, model="mlp")
+  with pytest.raises(ValueError, match=r"model='cnn' there, 'mlp' here"):
     train_lib.train_and_evaluate(config, tmp_path / "run")
 
 
@@ -212,10 +216,21 @@ def test_unknown_dataset_fails_at_start(tmp_path):
 def test_optimizers_and_schedules(name, schedule):
   config = utils.tiny_config(optimizer=name, lr_schedule=schedule, learning_rate=0.1)
   tx = train_lib.create_optimizer(config, steps_per_epoch=8)
-  params = {"w": jnp.ones(3)}
-  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
-  assert np.all(np.asarray(updates["w"]) <= 0)
   lr = train_lib.create_learning_rate_schedule(config, 8)
+  params = grads = {"w": jnp.ones(3)}
+  opt_state = tx.init(params)
+  # The warm-up of 'cosine' starts at 0 (a zero update); the steps after it must
+  # move against the gradient, and sgd by exactly lr * gradient.
+  for step in range(3):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    update = np.asarray(updates["w"])
+    if float(lr(step)) == 0:
+      np.testing.assert_array_equal(update, 0)
+    else:
+      assert np.all(update < 0), (step, update)
+    if name == "sgd":
+      np.testing.assert_allclose(update, -float(lr(step)), rtol=1e-6)
+  assert float(lr(2)) > 0
   peak = max(float(lr(i)) for i in range(16))
   np.testing.assert_allclose(peak, 0.1, rtol=0.05)
   if schedule != "constant":

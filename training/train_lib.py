@@ -427,15 +427,30 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
       state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainState
-                       ) -> tuple[TrainState, dict] | None:
-  """The latest complete checkpoint as `(state, progress)`, or None."""
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainState,
+                       signature: dict | None = None) -> tuple[TrainState, dict] | None:
+  """The latest complete checkpoint as `(state, progress)`, or None.
+
+  With `signature` (see `_run_signature`), the checkpoint's own signature is
+  read first, from its small JSON item, and any difference raises a ValueError
+  naming the fields, before orbax compares the state trees.
+  """
   step = manager.latest_step()
   if step is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
-  return restored.state, restored.progress
+  progress = manager.restore(step, args=ocp.args.Composite(
+      progress=ocp.args.JsonRestore())).progress
+  if signature is not None:
+    differ = [f"{key}={progress['signature'].get(key)!r} there, {signature.get(key)!r} here"
+              for key in sorted(signature.keys() | progress["signature"].keys())
+              if progress["signature"].get(key) != signature.get(key)]
+    if differ:
+      raise ValueError(
+          f"workdir {manager.directory.parent} holds a checkpoint of a different run than "
+          f"this config ({'; '.join(differ)}); use a new --workdir or the same settings.")
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state))).state
+  return state, progress
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -770,16 +785,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     abstract_state = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
         jax.eval_shape(init_fn, key))
-    restored = restore_checkpoint(run.manager, abstract_state)
+    restored = restore_checkpoint(run.manager, abstract_state, run.signature)
     if restored is None:
       state = init_fn(key)
     else:
       state, progress = restored
-      if progress["signature"] != run.signature:
-        raise ValueError(
-            f"workdir {workdir} holds a checkpoint of a different run "
-            f"({progress['signature']}) than this config ({run.signature}); use a new "
-            "--workdir or the same settings.")
       run.history.extend(progress["history"])
       run.log(f"Resuming from step {progress['step']} (epoch {progress['epoch'] + 1}, "
               f"batch {progress['batch_in_epoch']}) in {workdir}.")

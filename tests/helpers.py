@@ -1,0 +1,21 @@
+"""What the tests share. Trees are compared with chex (`chex.assert_trees_all_close`,
+`chex.assert_trees_all_equal`); these helpers build the trees that are compared."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def outputs_and_grads(norm: Callable, params, x, cotangent):
+  """`(y, new_state, (d params, d x))` of `norm(params, x) -> (y, new_state)`.
+
+  The gradients are those of the loss `sum(y * cotangent)`, i.e. the VJP of
+  `y` with `cotangent`, so two normalizations that agree here agree in their
+  forward pass, their state update and their backward pass.
+  """
+  def loss(params, x):
+    y, new_state = norm(params, x)
+    return jnp.sum(y * cotangent), (y, new_state)
+  (_, (y, new_state)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+  return y, new_state, grads
