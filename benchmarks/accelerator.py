@@ -235,7 +235,8 @@ def main(argv=None) -> None:
     return
   model_kwargs = (dict(stage_sizes=(1,), block_cls=resnet.BottleneckBlock, num_filters=4,
                        num_classes=10) if args.tiny else
-                  dict(stage_sizes=(3, 4, 6, 3), block_cls=resnet.BottleneckBlock, num_classes=1000))
+                  dict(stage_sizes=(3, 4, 6, 3), block_cls=resnet.BottleneckBlock,
+                       num_classes=1000))
   rows, peak = resnet_rows(batch, image_size, repeats, model_kwargs)
   peak_text = (f"Device peak memory of the whole run: {_harness.fmt_bytes(peak)} "
                "(`memory_stats()['peak_bytes_in_use']`)." if peak is not None else
