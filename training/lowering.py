@@ -151,9 +151,6 @@ def _tfds_builder(config: ml_collections.ConfigDict):
 # `image_size` / `num_classes` at 0: synthetic images are 32x32x3 of 10
 # classes, streamed datasets of variable-size JPEGs (imagenet2012) are cropped
 # to 224x224.
-_SYNTHETIC = "synthetic"
-_SYNTHETIC_DEFAULTS = (32, 10)
-_STREAMED_DEFAULT_IMAGE_SIZE = 224
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
@@ -164,16 +161,17 @@ def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInf
   """
   image_size = config.get("image_size", 0)
   num_classes = config.get("num_classes", 0)
-  if config.dataset == _SYNTHETIC:
-    side = image_size or _SYNTHETIC_DEFAULTS[0]
-    return input_pipeline.DatasetInfo(_SYNTHETIC, (side, side, 3),
-                                      num_classes or _SYNTHETIC_DEFAULTS[1])
+  if config.dataset == input_pipeline.SYNTHETIC:
+    side = image_size or input_pipeline.SYNTHETIC_DEFAULT_IMAGE_SIZE
+    return input_pipeline.DatasetInfo(
+        input_pipeline.SYNTHETIC, (side, side, 3),
+        num_classes or input_pipeline.SYNTHETIC_DEFAULT_NUM_CLASSES)
   builder = _tfds_builder(config)
   image_key, label_key = builder.info.supervised_keys
   features = builder.info.features
   shape = tuple(features[image_key].shape)
   if None in shape[:2]:  # streamed and cropped to a square
-    side = image_size or _STREAMED_DEFAULT_IMAGE_SIZE
+    side = image_size or input_pipeline.DEFAULT_STREAMED_IMAGE_SIZE
     shape = (side, side, shape[-1] or 3)
   return input_pipeline.DatasetInfo(config.dataset, shape,
                                     num_classes or int(features[label_key].num_classes))
@@ -189,7 +187,8 @@ def _num_train_examples(config: ml_collections.ConfigDict) -> int:
   if config.num_train_examples:
     return config.num_train_examples
   try:
-    return _tfds_builder(config).info.splits[config.train_split].num_examples
+    train_split = config.train_split or input_pipeline.default_splits(config.dataset)[0]
+    return _tfds_builder(config).info.splits[train_split].num_examples
   except (KeyError, ValueError):
     return config.batch_size
 
