@@ -37,6 +37,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() and let it detect the cluster (SLURM, "
     "TPU pods, ...). Default: only when --coordinator_address is given or "
     "SLURM_JOB_ID / a TPU pod environment is present.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", os.path.join("~", ".cache", "jaxbn", "jax_compilation_cache"),
+    "JAX's persistent compilation cache: a rerun with the same config loads the compiled "
+    "steps instead of compiling them again (measured: 10-25 s of a 3-epoch run on a "
+    "2-core CPU). '' turns it off; the JAX_COMPILATION_CACHE_DIR environment variable, "
+    "when set, takes precedence.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100,
     "With several processes: exit with an error when a peer has been silent this long.")
@@ -61,6 +67,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   _initialize_distributed()
+  if _COMPILATION_CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(_COMPILATION_CACHE.value))
   from training import train_lib  # pylint: disable=g-import-not-at-top
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
