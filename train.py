@@ -59,6 +59,12 @@ _LOWER_FOR = flags.DEFINE_list(
     "platform into <workdir>/lowered/<platform>/, print a summary and exit without "
     "training. More devices than this host has: XLA_FLAGS="
     "--xla_force_host_platform_device_count=N on a CPU.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", os.path.join("~", ".cache", "jaxbn", "jax_compilation_cache"),
+    "JAX's persistent compilation cache: a rerun with the same config loads the compiled "
+    "steps instead of compiling them again (measured: 10-25 s of a 3-epoch run on a "
+    "2-core CPU). '' turns it off; the JAX_COMPILATION_CACHE_DIR environment variable, "
+    "when set, takes precedence.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100,
     "With several processes: exit with an error when a peer has been silent this long.")
@@ -89,12 +95,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     python_logging.getLogger("absl").addFilter(_hide_tfds_warnings)  # tfds logs via absl
   _initialize_distributed()
+  if _COMPILATION_CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import jax
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(_COMPILATION_CACHE.value))
   from training import train_lib
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
   if _LOWER_FOR.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    from training import lowering  # pylint: disable=g-import-not-at-top
+    import jax
+    from training import lowering
     result = lowering.lower_for_platforms(_CONFIG.value, workdir, _LOWER_FOR.value)
     if jax.process_index() == 0:
       print(result.summary, flush=True)

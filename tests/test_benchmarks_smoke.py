@@ -143,3 +143,20 @@ def test_accelerator_tiny(capsys):
   names = [row[0] for row in _table_rows(step, r"[a-z].*")]
   assert names[-3:] == ["jaxbn.linen.BatchNorm", "flax.linen.BatchNorm",
                         "no normalization (reference)"]
+
+
+def test_peers_tiny(capsys):
+  # train.py and PyTorch each in their own subprocess, one short epoch.
+  from benchmarks import peers  # pylint: disable=g-import-not-at-top
+  summary = peers.main(["--tiny", "--peers", "train.py,torch NCHW", "--batch_sizes", "64"])
+  out = capsys.readouterr().out
+  assert out.startswith("### Seed CNN end to end") and "`python" in out
+  rows = {row[1]: row for row in _table_rows(out, r"\d+")}
+  assert set(rows) == {"train.py (first run)", "train.py", "torch NCHW"}
+  for name in rows:
+    entry = summary[(name, 64)]
+    assert entry["runs"] == 1 and not entry["errors"], entry
+    assert entry["images_per_sec"] > 0 and entry["wall_seconds"] > 0
+  assert "vs_torch_images_per_sec" in summary[("train.py", 64)]
+  assert "vs_torch_images_per_sec" in summary[("train.py (first run)", 64)]
+  assert "Target (train.py images/s >= 1.0x" in out

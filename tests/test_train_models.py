@@ -1,6 +1,8 @@
 """training.models: the seed CNN and the BN paper's MLP as pure functions, and
 the linen ResNets of training.resnet behind the same interface."""
 
+import functools
+
 import chex
 from flax import linen as nn
 import jax
@@ -306,3 +308,42 @@ def test_recompute_bn_stats_pools_batches_with_equal_weight(kind):
   assert not np.allclose(mean_of(new_state), mean_of(state))
   with pytest.raises(ValueError, match="needs 3 batches, got 2"):
     models.recompute_bn_stats(model, params, state, iter(batches), num_batches=3)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_on_ties():
+  # Ties (a ReLU's zeros, repeated values): reduce_window's gradient picks one
+  # element per window; the reshaped max's automatic gradient would split it.
+  x = jnp.array([[1., 1., 0., 2.], [1., 0., 2., 2.], [0., 0., 3., 0.],
+                 [0., 0., 0., 3.]]).reshape(1, 4, 4, 1)
+  cotangent = jnp.array([1., 2., 3., 4.]).reshape(1, 2, 2, 1)
+  _, vjp = jax.vjp(lambda x: models.max_pool_2d(x, 2), x)
+  _, vjp_ref = jax.vjp(lambda x: lax.reduce_window(
+      x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"), x)
+  np.testing.assert_array_equal(vjp(cotangent)[0], vjp_ref(cotangent)[0])
+  assert float(vjp(cotangent)[0].sum()) == 10.0
+
+
+@pytest.mark.parametrize("shape, kernel_shape", [((3, 10, 9, 1), (5, 5, 1, 4)),
+                                                 ((2, 9, 8, 3), (3, 3, 3, 5))])
+def test_conv_valid_cpu_gradient_under_jit_and_in_bfloat16(shape, kernel_shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+
+  def loss(conv, x, kernel):
+    return jnp.sum(jnp.tanh(conv(x, kernel)))
+
+  def reference(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+  grads = jax.jit(jax.grad(functools.partial(loss, models.conv_valid_cpu),
+                           argnums=(0, 1)))(x, kernel)
+  grads_ref = jax.grad(functools.partial(loss, reference), argnums=(0, 1))(x, kernel)
+  for grad, grad_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-4 * float(jnp.abs(grad_ref).max()))
+  y16 = models.conv_valid_cpu(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  grads16 = jax.grad(lambda x, k: jnp.sum(models.conv_valid_cpu(x, k).astype(jnp.float32)),
+                     argnums=(0, 1))(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert [g.dtype for g in grads16] == [jnp.bfloat16, jnp.bfloat16]

@@ -125,11 +125,12 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   The platform the program is compiled for picks the algorithm, when it is
   lowered (`lax.platform_dependent`), not the machine that traces it: a
   program lowered on a CPU for GPUs or TPUs (`jax.export`, `train.py
-  --lower_for`) holds `lax.conv_general_dilated` (cuDNN / the TPU convolution
-  units), and one compiled for CPU holds `conv_valid_im2col`: XLA:CPU's
-  convolution is 5-8x slower than that for the few channels of the seed CNN
-  (measured on the seed CNN's training step, batch 32-128). Both give the same
-  numbers up to float rounding (tests/test_train_models.py).
+  --lower_for`) holds `conv_valid_xla` (cuDNN / the TPU convolution units),
+  and one compiled for CPU holds `conv_valid_cpu` (im2col and matmuls with a
+  hand-written backward pass): for the few channels of the seed CNN, XLA:CPU's
+  convolution and the automatic gradient of im2col are several times slower
+  (measured on its training step, batch 32-128). Both give the same numbers up
+  to float rounding (tests/test_train_models.py).
 
   Args:
     x: `(batch, height, width, in_features)`.
@@ -139,8 +140,7 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     `(batch, height - kernel_height + 1, width - kernel_width + 1,
     out_features)`.
   """
-  return lax.platform_dependent(x, kernel, cpu=conv_valid_im2col,
-                                default=conv_valid_xla)
+  return lax.platform_dependent(x, kernel, cpu=conv_valid_cpu, default=conv_valid_xla)
 
 
 def conv_valid_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -149,20 +149,68 @@ def conv_valid_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def conv_valid_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`conv_valid` as im2col by shifted slices and one matmul (CPU).
+def _shifted_windows(x: jax.Array, kernel_height: int, kernel_width: int
+                     ) -> list[jax.Array]:
+  """The `kernel_height * kernel_width` shifted views of `x`, in (kh, kw) order.
 
-  The slices' transposes are pads, so the backward pass stays cheap.
+  Each is `x[:, i:i + out_height, j:j + out_width, :]`: the input pixels that
+  kernel tap `(i, j)` multiplies.
   """
-  kernel_height, kernel_width, in_features, out_features = kernel.shape
   out_height = x.shape[1] - kernel_height + 1
   out_width = x.shape[2] - kernel_width + 1
-  # Feature order (kh, kw, in) matches the row-major reshape of the HWIO kernel.
-  patches = jnp.concatenate(
-      [x[:, i:i + out_height, j:j + out_width, :]
-       for i in range(kernel_height) for j in range(kernel_width)], axis=-1)
-  return patches @ kernel.reshape(kernel_height * kernel_width * in_features,
-                                  out_features)
+  return [x[:, i:i + out_height, j:j + out_width, :]
+          for i in range(kernel_height) for j in range(kernel_width)]
+
+
+def _conv_valid_cpu_forward(x, kernel):
+  kernel_height, kernel_width, in_features, out_features = kernel.shape
+  windows = _shifted_windows(x, kernel_height, kernel_width)
+  taps = kernel.reshape(kernel_height * kernel_width * in_features, out_features)
+  if in_features == 1:
+    # Taps on the leading axis, (taps, batch * out_height * out_width): each
+    # row is one contiguous copy of a window. The usual patch matrix with one
+    # channel per tap would be written one float at a time (measured: the
+    # concatenation alone was 9 of the step's 61 ms of op time at batch 128).
+    patches = jnp.stack([window[..., 0] for window in windows], axis=0).reshape(
+        len(windows), -1)
+    y = lax.dot_general(patches, taps, (((0,), (0,)), ((), ())))
+    return y.reshape(windows[0].shape[:3] + (out_features,)), (x, kernel, patches)
+  # im2col: feature order (kh, kw, in) matches the row-major reshape of HWIO.
+  patches = jnp.concatenate(windows, axis=-1)
+  return patches @ taps, (x, kernel, patches.reshape(-1, patches.shape[-1]))
+
+
+def _conv_valid_cpu_backward(residuals, dy):
+  x, kernel, patches = residuals
+  out_features = kernel.shape[-1]
+  flat_dy = dy.reshape(-1, out_features)
+  if kernel.shape[2] == 1:
+    dkernel = patches @ flat_dy
+  else:
+    dkernel = lax.dot_general(patches, flat_dy, (((0,), (0,)), ((), ())))
+  # The input gradient is XLA's transposed convolution: one op, where the
+  # transpose of the im2col concatenation is kh*kw slices and pads that
+  # XLA:CPU runs as separate passes (~8 of 61 ms). When `x` is data (the
+  # first layer) it is dead code and XLA removes it.
+  _, conv_vjp = jax.vjp(lambda x: conv_valid_xla(x, kernel), x)
+  (dx,) = conv_vjp(dy)
+  return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+@jax.custom_vjp
+def conv_valid_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_valid` as im2col and matmuls, with a hand-written gradient.
+
+  Forward: the patch matrix (the `kh * kw` shifted views of `x`; with one
+  input channel laid out tap-major) times the reshaped kernel. Backward: the
+  kernel gradient is one matmul of the saved patches with `dy`; the input
+  gradient is `lax.conv_general_dilated`'s transpose. Same shapes as
+  `conv_valid`.
+  """
+  return _conv_valid_cpu_forward(x, kernel)[0]
+
+
+conv_valid_cpu.defvjp(_conv_valid_cpu_forward, _conv_valid_cpu_backward)
 
 
 def conv2d(name: str, features: int, kernel_size: int, *, use_bias: bool = True,
@@ -251,22 +299,72 @@ def sigmoid(name: str) -> Layer:
   return _stateless(name, "Sigmoid", jax.nn.sigmoid)
 
 
+def _window_view(x: jax.Array, window: int) -> jax.Array:
+  """`(B, H, W, C)` -> `(B, H // w, w, W // w, w, C)`; partial windows dropped."""
+  batch, height, width, channels = x.shape
+  height, width = height // window, width // window
+  x = x[:, :height * window, :width * window, :]
+  return x.reshape(batch, height, window, width, window, channels)
+
+
+def _max_pool_forward(x, window):
+  y = _window_view(x, window).max(axis=(2, 4))
+  return y, (x, y)
+
+
+def _max_pool_backward(window, residuals, dy):
+  x, y = residuals
+  windows = _window_view(x, window)
+  batch, height, _, width, _, channels = windows.shape
+  # Only the first maximum of each window (row-major order) gets the
+  # gradient, as in lax.reduce_window's and PyTorch's max pooling.
+  position = (lax.broadcasted_iota(jnp.int32, windows.shape, 2) * window
+              + lax.broadcasted_iota(jnp.int32, windows.shape, 4))
+  first = jnp.min(jnp.where(windows == y[:, :, None, :, None, :], position,
+                            window * window), axis=(2, 4))
+  dwindows = jnp.where(position == first[:, :, None, :, None, :],
+                       dy[:, :, None, :, None, :], jnp.zeros((), dy.dtype))
+  dx = dwindows.reshape(batch, height * window, width * window, channels)
+  # Rows and columns past the last whole window get no gradient.
+  dx = jnp.pad(dx, ((0, 0), (0, x.shape[1] - height * window),
+                    (0, x.shape[2] - width * window), (0, 0)))
+  return (dx,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_2d(x: jax.Array, window: int = 2) -> jax.Array:
+  """Non-overlapping max pooling of NHWC `x` over `window x window` windows.
+
+  The same values as `lax.reduce_window(x, -inf, lax.max, ...)` with 'VALID'
+  padding (rows and columns past the last whole window are dropped, as in
+  Keras' MaxPooling2D), computed as a max over a reshaped view. The gradient
+  goes to the first maximum of each window (row-major), as reduce_window's
+  and PyTorch's; it is written by hand as one small reduction (the position
+  of that maximum) and one elementwise pass. The automatic gradient of the
+  reshaped max splits ties and counts them per window (measured: 10 of 61 ms
+  of op time in the seed CNN's step at batch 128); reduce_window's
+  select-and-scatter gradient is slower still on XLA:CPU.
+
+  Args:
+    x: `(batch, height, width, channels)`.
+    window: window size and stride.
+
+  Returns:
+    `(batch, height // window, width // window, channels)`.
+  """
+  return _max_pool_forward(x, window)[0]
+
+
+max_pool_2d.defvjp(lambda x, window: _max_pool_forward(x, window), _max_pool_backward)
+
+
 def max_pool(name: str, window: int = 2) -> Layer:
   """Non-overlapping `window x window` max pooling (Keras MaxPooling2D, valid)."""
-  def pool(x):
-    # A max over reshaped windows: the same values as lax.reduce_window, and on
-    # XLA:CPU a cheaper backward than its select-and-scatter. Rows and columns
-    # past the last whole window are dropped, as in Keras' 'valid' pooling.
-    batch, height, width, channels = x.shape
-    height, width = height // window, width // window
-    x = x[:, :height * window, :width * window, :]
-    return x.reshape(batch, height, window, width, window, channels).max(axis=(2, 4))
-
   def shape_fn(shape):
     height, width, channels = shape
     return (height // window, width // window, channels)
 
-  return _stateless(name, "MaxPool2D", pool, shape_fn)
+  return _stateless(name, "MaxPool2D", lambda x: max_pool_2d(x, window), shape_fn)
 
 
 def flatten(name: str) -> Layer:
