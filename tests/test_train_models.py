@@ -163,9 +163,11 @@ def _bn_layers(batch_stats):
 @pytest.mark.parametrize("name, input_shape, num_classes, params, bn_layers", [
     # He et al. 2016 (CIFAR, option A shortcuts): 0.27M, 0.46M, 0.85M.
     ("ResNet20", (32, 32, 3), 10, 269_722, 19),
+    ("ResNet32", (32, 32, 3), 10, 464_154, 31),
     ("ResNet56", (32, 32, 3), 10, 853_018, 55),
-    # torchvision's resnet18 / resnet50 (v1.5 has the same numbers as v1).
+    # torchvision's resnet18/34/50 (v1.5 has the same numbers as v1).
     ("ResNet18", (224, 224, 3), 1000, 11_689_512, 20),
+    ("ResNet34", (224, 224, 3), 1000, 21_797_672, 36),
     ("ResNet50", (224, 224, 3), 1000, 25_557_032, 53),
 ])
 def test_resnet_parameter_counts_and_bn_layers(name, input_shape, num_classes, params,

@@ -555,9 +555,14 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
       run.model, state.params, state.bn_state, images,
       num_batches=config.precise_bn_batches,
       compute_dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
-  replicated = NamedSharding(run.mesh, P())
-  return state._replace(bn_state=jax.jit(lambda tree: tree,
-                                         out_shardings=replicated)(bn_state))
+  # Back to the replicated layout the compiled step expects (a jit of one
+  # module-level function, so it compiles once).
+  replicate = jax.jit(_identity, out_shardings=NamedSharding(run.mesh, P()))
+  return state._replace(bn_state=replicate(bn_state))
+
+
+def _identity(tree):
+  return tree
 
 
 # --- the loop -------------------------------------------------------------------
