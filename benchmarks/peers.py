@@ -83,8 +83,9 @@ def load_mnist(num_train: int = 0, num_eval: int = 0):
   """(train, validation, test) `Split`s as train.py reads them (uint8 NHWC)."""
   from configs import mnist_bn  # pylint: disable=g-import-not-at-top
   from training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from training import train_lib  # pylint: disable=g-import-not-at-top
   config = mnist_bn.get_config()
-  names = [config.train_split, config.validation_split, config.test_split]
+  names = train_lib.split_names(config)
   splits, _ = input_pipeline.load_dataset(config.dataset, names)
   counts = (num_train, num_eval, num_eval)
   return tuple(input_pipeline.take(splits[name], n) for name, n in zip(names, counts))

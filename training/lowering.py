@@ -187,7 +187,7 @@ def _num_train_examples(config: ml_collections.ConfigDict) -> int:
   if config.num_train_examples:
     return config.num_train_examples
   try:
-    train_split = config.train_split or input_pipeline.default_splits(config.dataset)[0]
+    train_split = train_lib.split_names(config)[0]
     return _tfds_builder(config).info.splits[train_split].num_examples
   except (KeyError, ValueError):
     return config.batch_size

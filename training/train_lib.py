@@ -719,12 +719,21 @@ def _format_record(record: dict, num_epochs: int) -> str:
   return line
 
 
+def split_names(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
+  """The (train, validation, test) tfds split strings of `config`.
+
+  A '' split field takes the dataset's default (`input_pipeline.default_splits`).
+  """
+  names = (config.train_split, config.validation_split, config.test_split)
+  if all(names):
+    return names
+  defaults = input_pipeline.default_splits(config.dataset)
+  return tuple(name or default for name, default in zip(names, defaults))
+
+
 def _load_splits(config: ml_collections.ConfigDict):
-  """(train, validation, test, info); '' split fields take the dataset's defaults."""
-  names = [config.train_split, config.validation_split, config.test_split]
-  if not all(names):
-    defaults = input_pipeline.default_splits(config.dataset)
-    names = [name or default for name, default in zip(names, defaults)]
+  """(train, validation, test, info) of `config`'s dataset."""
+  names = split_names(config)
   splits, info = input_pipeline.load_dataset(
       config.dataset, names, data_dir=config.data_dir or None,
       manual_dir=config.manual_dir or None, augmentation=config.augmentation,
