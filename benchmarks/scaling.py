@@ -13,7 +13,7 @@ with their source:
 * the bytes one BN layer moves per training step (forward + backward): the
   full-size operands and results of the compiled XLA program of one jaxbn and
   one flax.linen BN layer in bf16 (`benchmarks/_impls.train_step`, counted as
-  `benchmarks/_harness.array_passes` counts passes, in bytes of their dtype);
+  `benchmarks/_harness.array_traffic` counts passes, in bytes of their dtype);
 * the all-reduces of one BN layer under `jax.shard_map` and their payload per
   channel, from the lowered StableHLO of one layer on 8 CPU devices
   (`training.lowering.collectives`);
@@ -28,7 +28,6 @@ import argparse
 import math
 import os
 import pathlib
-import re
 import sys
 from typing import NamedTuple
 
@@ -189,38 +188,6 @@ def resnet50_shapes(image_size: int = IMAGE_SIZE) -> ResNetShapes:
 
 # --- one BN layer, measured -----------------------------------------------------------
 
-def full_size_bytes(hlo_text: str, num_elements: int) -> tuple[int, int]:
-  """`(read_bytes, write_bytes)` of the full-size arrays of compiled HLO.
-
-  The rule of `_harness.array_passes` (top-level ops of the entry
-  computation, operands and results of at least `num_elements` elements;
-  parameters, tuples, bitcasts, constants and conditionals not counted), each
-  pass weighed by its array's bytes (a bf16 input read once is half an f32
-  intermediate read once).
-  """
-  bodies = _harness._computations(hlo_text)  # pylint: disable=protected-access
-  entry = next(name for name in bodies
-               if re.search(r"^ENTRY\s+%" + re.escape(name) + r"\b", hlo_text, re.M))
-  sizes, reads, writes = {}, 0, 0
-  for line in bodies[entry].splitlines():
-    match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)", line)
-    if not match:
-      continue
-    name, shape, op, rest = match.groups()
-    arrays = [(dtype, math.prod(int(d) for d in dims.split(",") if d))
-              for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape)]
-    width = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "f64": 8, "pred": 1}
-    sizes[name] = max(((e, e * width.get(t, 4)) for t, e in arrays), default=(1, 4))
-    if op in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant",
-              "conditional"):
-      continue
-    operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-    reads += sum(sizes[o][1] for o in operands
-                 if sizes.get(o, (0, 0))[0] >= num_elements)
-    writes += sum(e * width.get(t, 4) for t, e in arrays if e >= num_elements)
-  return reads, writes
-
-
 class LayerCost(NamedTuple):
   """One BN layer's training step (forward + backward), per element of x."""
   name: str
@@ -240,8 +207,9 @@ def measure_layer(impl_name: str) -> LayerCost:
   state = _impls.warm_state(impl, params, state, x)
   compiled = jax.jit(_impls.train_step(impl)).lower(params, state, x, x).compile()
   hlo = compiled.as_text()
-  passes = _harness.array_passes(hlo, elements)
-  read_bytes, write_bytes = full_size_bytes(hlo, elements)
+  traffic = _harness.array_traffic(hlo, elements)
+  passes = (traffic.reads, traffic.writes)
+  read_bytes, write_bytes = traffic.read_bytes, traffic.write_bytes
 
   mesh = jax.make_mesh((8,), ("data",))
   sharded = jax.ShapeDtypeStruct(PROBE_SHAPE, jnp.bfloat16,
