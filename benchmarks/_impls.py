@@ -44,7 +44,7 @@ def from_channels_first(y):
 
 
 def _jaxbn() -> JaxBatchNorm:
-  import jaxbn  # pylint: disable=g-import-not-at-top
+  import jaxbn
 
   def init(x):
     return jaxbn.init(x.shape[-1])
@@ -57,7 +57,7 @@ def _jaxbn() -> JaxBatchNorm:
 
 
 def _flax_linen(use_fast_variance: bool) -> JaxBatchNorm:
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn
 
   def module(x, axis_name):
     return nn.BatchNorm(momentum=MOMENTUM, epsilon=EPSILON, dtype=x.dtype,
@@ -80,7 +80,7 @@ def _flax_linen(use_fast_variance: bool) -> JaxBatchNorm:
 
 
 def _flax_nnx() -> JaxBatchNorm:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from flax import nnx
   graphdefs = {}
 
   def build(x, axis_name):
@@ -106,7 +106,7 @@ def _flax_nnx() -> JaxBatchNorm:
 
 
 def _haiku() -> JaxBatchNorm:
-  import haiku as hk  # pylint: disable=g-import-not-at-top
+  import haiku as hk
   transformed = {}
 
   def get(axis_name):
@@ -128,7 +128,7 @@ def _haiku() -> JaxBatchNorm:
 
 
 def _equinox() -> JaxBatchNorm:
-  import equinox as eqx  # pylint: disable=g-import-not-at-top
+  import equinox as eqx
   modules = {}
 
   def build(channels, axis_name):
@@ -242,7 +242,7 @@ def torch_case(x, ct, layout: str, threads: int = 2) -> TorchCase:
       have one layout and ignore it.
     threads: `torch.set_num_threads`.
   """
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   torch.set_num_threads(threads)
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[str(x.dtype)]
 

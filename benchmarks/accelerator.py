@@ -55,7 +55,7 @@ def device_name() -> str:
 def _torch_cuda_case(x, ct):
   """PyTorch's BatchNorm2d on the GPU (cuDNN), channels-last, or None."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError:
     return None
   if jax.default_backend() != "gpu" or not torch.cuda.is_available():

@@ -81,9 +81,9 @@ RESULT_PREFIX = "PEER_RESULT "
 
 def load_mnist(num_train: int = 0, num_eval: int = 0):
   """(train, validation, test) `Split`s as train.py reads them (uint8 NHWC)."""
-  from configs import mnist_bn  # pylint: disable=g-import-not-at-top
-  from training import input_pipeline  # pylint: disable=g-import-not-at-top
-  from training import train_lib  # pylint: disable=g-import-not-at-top
+  from configs import mnist_bn
+  from training import input_pipeline
+  from training import train_lib
   config = mnist_bn.get_config()
   names = train_lib.split_names(config)
   splits, _ = input_pipeline.load_dataset(config.dataset, names)
@@ -135,9 +135,9 @@ def _worker_train_py(args) -> dict:
 
 
 def _worker_torch(args, channels_last: bool) -> dict:
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-  from training import input_pipeline  # pylint: disable=g-import-not-at-top
+  import torch
+  from torch import nn
+  from training import input_pipeline
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
   train, validation, test = load_mnist(args.num_train, args.num_eval)
@@ -208,8 +208,8 @@ def _worker_torch(args, channels_last: bool) -> dict:
 
 
 def _worker_keras(args) -> dict:
-  import keras  # pylint: disable=g-import-not-at-top
-  from keras import layers  # pylint: disable=g-import-not-at-top
+  import keras
+  from keras import layers
   keras.utils.set_random_seed(0)
   train, validation, test = load_mnist(args.num_train, args.num_eval)
 
@@ -426,7 +426,7 @@ def summarize(samples, batch_sizes, peers) -> dict:
 
 def format_report(summary, batch_sizes, peers, missing, args, load_start, load_end
                   ) -> str:
-  import platform  # pylint: disable=g-import-not-at-top
+  import platform
   lines = ["### Seed CNN end to end: train.py vs PyTorch and Keras 3", "",
            f"`{_harness.command_line()}`", "",
            f"{platform.machine()}, {os.cpu_count()} CPUs, load average "

@@ -155,9 +155,9 @@ class ResNetShapes(NamedTuple):
 
 def resnet50_shapes(image_size: int = IMAGE_SIZE) -> ResNetShapes:
   """BN layer shapes and forward FLOPs of `training.resnet.ResNet50` (eval_shape)."""
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from jaxbn import linen as jaxbn_linen  # pylint: disable=g-import-not-at-top
-  from training import resnet  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn
+  from jaxbn import linen as jaxbn_linen
+  from training import resnet
   model = resnet.ResNet50(num_classes=1000)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
 
@@ -199,7 +199,7 @@ class LayerCost(NamedTuple):
 
 def measure_layer(impl_name: str) -> LayerCost:
   """Compiles (CPU) and lowers (8 CPU devices, shard_map) one bf16 BN layer."""
-  from training import lowering  # pylint: disable=g-import-not-at-top
+  from training import lowering
   (impl,) = _impls.jax_implementations((impl_name,))
   elements = math.prod(PROBE_SHAPE)
   x = jnp.linspace(-1.0, 1.0, elements).reshape(PROBE_SHAPE).astype(jnp.bfloat16)

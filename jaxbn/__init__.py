@@ -37,7 +37,7 @@ def __getattr__(name: str):
   # The flax adapters import flax; load them on first use so `import jaxbn`
   # stays light. `from jaxbn import linen` works either way.
   if name in ("linen", "nnx"):
-    import importlib  # pylint: disable=g-import-not-at-top
+    import importlib
     return importlib.import_module(f"jaxbn.{name}")
   raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 

@@ -198,7 +198,7 @@ def _split_rows_into_blocks(terms, reduction_axes):
     block_axis = 1
   try:
     return tuple(t.reshape(new_shape) for t in terms), block_axis
-  except Exception as error:  # pylint: disable=broad-except
+  except Exception as error:
     # Explicitly sharded axes cannot always be merged or split; fall back.
     if type(error).__name__ != "ShardingTypeError":
       raise

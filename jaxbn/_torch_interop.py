@@ -161,7 +161,7 @@ def to_torch(params: _batch_norm.BatchNormParams | None,
     ValueError: the entries are not all of one shape `(C,)`.
   """
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError as error:
     raise ImportError(
         "jaxbn.to_torch needs PyTorch, which jaxbn does not install; install it "

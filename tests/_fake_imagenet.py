@@ -10,7 +10,7 @@ TRAIN_SYNSETS = ("n01440764", "n01443537")
 
 
 def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   buffer = io.BytesIO()
   # 4:4:4 chroma: a crop decoded alone equals the crop of the decoded image.
   Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(

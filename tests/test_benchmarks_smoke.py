@@ -121,7 +121,7 @@ def test_seed_cnn_train_step_tiny(capsys):
 
 def test_scaling_page_is_what_the_script_writes(tmp_path):
   """docs/scaling.md holds the numbers `python -m benchmarks.scaling` computes now."""
-  from benchmarks import scaling  # pylint: disable=g-import-not-at-top
+  from benchmarks import scaling
   page = tmp_path / "scaling.md"
   scaling.main(["--output", str(page)])
   text = page.read_text()
@@ -131,7 +131,7 @@ def test_scaling_page_is_what_the_script_writes(tmp_path):
 
 
 def test_accelerator_tiny(capsys):
-  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  from benchmarks import accelerator
   accelerator.main(["--tiny", "--dtypes", "bf16", "--repeats", "1"])
   out = capsys.readouterr().out
   assert "cpu" in out.split("\n")[0]  # the device name is in the title
@@ -147,7 +147,7 @@ def test_accelerator_tiny(capsys):
 
 def test_peers_tiny(capsys):
   # train.py and PyTorch each in their own subprocess, one short epoch.
-  from benchmarks import peers  # pylint: disable=g-import-not-at-top
+  from benchmarks import peers
   summary = peers.main(["--tiny", "--peers", "train.py,torch NCHW", "--batch_sizes", "64"])
   out = capsys.readouterr().out
   # On a fresh clone tfds first prints that it prepares MNIST; the table follows.

@@ -221,7 +221,7 @@ def test_linen_redoes_the_sums_only_when_the_running_mean_is_far():
 
 def test_linen_steady_state_reads_x_as_often_as_the_core():
   """No extra pass for the shift: the adapter's step compiles to the core's passes."""
-  from benchmarks import _harness  # pylint: disable=g-import-not-at-top
+  from benchmarks import _harness
   x = _data((16, 8, 8, 8))
   bn = jaxbn_linen.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.key(0), x)

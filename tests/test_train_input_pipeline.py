@@ -259,6 +259,15 @@ def imagenet(tmp_path_factory):
   return load
 
 
+def test_first_preparation_says_one_line_on_stderr_and_nothing_on_stdout(tmp_path, capfd):
+  _fake_imagenet.write_fake_imagenet(tmp_path / "manual")
+  input_pipeline.load_dataset("imagenet2012", ("validation",), data_dir=tmp_path / "tfds",
+                              manual_dir=tmp_path / "manual", image_size=16)
+  out, err = capfd.readouterr()
+  assert out == ""  # tfds' "Downloading and preparing dataset ..." and its bars
+  assert f"Preparing 'imagenet2012' once with tfds into {tmp_path / 'tfds'}" in err
+
+
 def test_missing_imagenet_archives_name_the_files_and_folder(tmp_path):
   (tmp_path / "manual").mkdir()
   with pytest.raises(FileNotFoundError) as error:
@@ -334,7 +343,7 @@ def test_imagenet_augmentation_is_random_resized_crops_keyed_by_seed_and_epoch(i
 
 
 def test_imagenet_eval_is_the_resized_center_crop(imagenet):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   splits, _ = imagenet(["validation[:1]"])
   batch = next(input_pipeline.eval_batches(splits["validation[:1]"], global_batch_size=1,
                                            rows=slice(0, 1)))

@@ -316,7 +316,7 @@ def test_precise_bn_recomputes_the_statistics_before_evaluation_and_saving(tmp_p
                              rtol=1e-4, atol=1e-6)
 
 
-class _SigtermAtSecondCheck(train_lib._StopRequest):  # pylint: disable=protected-access
+class _SigtermAtSecondCheck(train_lib._StopRequest):
   """Delivers a real SIGTERM to this process just before the second check."""
   checks = 0
 

@@ -33,12 +33,14 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import pathlib
 import re
 import shutil
+import sys
 import tempfile
 import types
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -250,8 +252,8 @@ def _file_lock(path: pathlib.Path):
 def _import_tf():
   """TensorFlow and tfds, with every accelerator left to JAX."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")
   return tf, tfds
 
@@ -336,8 +338,15 @@ def _prepare(builder, dataset: str, data_dir: pathlib.Path,
     download_dir = tempfile.mkdtemp(prefix=f"{dataset}-extract-", dir=data_dir)
     config = tfds.download.DownloadConfig(
         manual_dir=str(manual_dir) if manual_dir is not None else None)
+    # tfds prints its own banner and progress bars to stdout; one line of ours
+    # on stderr says what happens instead (stdout stays the run's output).
+    print(f"Preparing {dataset!r} once with tfds into {data_dir}"
+          + (f" from {manual_dir}" if manual_dir is not None else "") + "...",
+          file=sys.stderr, flush=True)
     try:
-      builder.download_and_prepare(download_dir=download_dir, download_config=config)
+      tfds.disable_progress_bar()  # tfds' bars are one global switch
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_dir=download_dir, download_config=config)
     except tfds.download.download_manager.NonMatchingChecksumError as error:
       raise ValueError(f"{error}\nPut the original archives of '{dataset}' in "
                        f"{manual_dir} (--config.manual_dir=DIR).") from None

@@ -138,7 +138,7 @@ def parse_platforms(text: str | Iterable[str]) -> tuple[str, ...]:
 
 def _tfds_builder(config: ml_collections.ConfigDict):
   # tfds' metadata needs neither the data nor TensorFlow.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   data_dir = config.data_dir or str(input_pipeline.default_data_dir())
   try:
     return tfds.builder(config.dataset, data_dir=data_dir)

@@ -468,10 +468,10 @@ def write_metrics(workdir: pathlib.Path, history: list[dict]) -> None:
 
 def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
   """Loss and accuracy per epoch (train / validation / test) as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt
+  from matplotlib import ticker
   epochs = [record["epoch"] for record in history]
   figure, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, metric in zip(axes, ("loss", "accuracy")):
@@ -576,7 +576,7 @@ class _Progress:
 
   def start_epoch(self, epoch: int, num_epochs: int, total: int, initial: int):
     if self._enabled:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      from tqdm import tqdm
       self._bar = tqdm(total=total, initial=initial, unit="step", leave=False,
                        desc=f"epoch {epoch + 1}/{num_epochs}", dynamic_ncols=True)
 
