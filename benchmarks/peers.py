@@ -74,6 +74,7 @@ LEARNING_RATE = 0.01
 WARMUP_EPOCHS = 0.3  # configs/mnist_bn.py: the one-cycle rise, in epochs
 BN_MOMENTUM = 0.99  # Keras convention (PyTorch: 1 - 0.99)
 BN_EPSILON = 1e-3
+EVAL_BATCH_SIZE = 250  # configs/mnist_bn.py's eval_batch_size, for every peer
 RESULT_PREFIX = "PEER_RESULT "
 
 
@@ -118,7 +119,7 @@ def _worker_train_py(args) -> dict:
   if args.num_train:
     command += [f"--config.num_train_examples={args.num_train}",
                 f"--config.num_eval_examples={args.num_eval}",
-                f"--config.eval_batch_size={min(1000, args.num_eval)}"]
+                f"--config.eval_batch_size={min(EVAL_BATCH_SIZE, args.num_eval)}"]
   try:
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in
@@ -175,10 +176,11 @@ def _worker_torch(args, channels_last: bool) -> dict:
     model.eval()
     correct = 0
     with torch.no_grad():
-      for start in range(0, len(split.labels), 1000):
-        logits = model(to_tensor(split.images[start:start + 1000]))
+      for start in range(0, len(split.labels), EVAL_BATCH_SIZE):
+        end = start + EVAL_BATCH_SIZE
+        logits = model(to_tensor(split.images[start:end]))
         correct += int((logits.argmax(1) == torch.from_numpy(
-            split.labels[start:start + 1000]).long()).sum())
+            split.labels[start:end]).long()).sum())
     model.train()
     return correct / len(split.labels)
 
@@ -268,11 +270,11 @@ def _worker_keras(args) -> dict:
 
   class TestEvaluation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
-      test_accuracy.append(self.model.evaluate(x_test, test.labels, batch_size=1000,
+      test_accuracy.append(self.model.evaluate(x_test, test.labels, batch_size=EVAL_BATCH_SIZE,
                                                verbose=0)[1])
 
   model.fit(x_train, train.labels, batch_size=args.batch_size, epochs=args.epochs,
-            validation_data=(x_val, validation.labels), validation_batch_size=1000,
+            validation_data=(x_val, validation.labels), validation_batch_size=EVAL_BATCH_SIZE,
             shuffle=True, verbose=0, callbacks=[Clock(), TestEvaluation()])
   steady = [e for e in times if e > 0] or [0]
   images = seconds = 0

@@ -65,6 +65,9 @@ LR_SCHEDULES = ("constant", "cosine", "onecycle")
 PARALLELISMS = ("gspmd", "shard_map")
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+# curves.png is redrawn after an epoch only if this long has passed since the
+# last drawing (epochs of a long run), and always when train_and_evaluate ends.
+PLOT_EVERY_SECONDS = 300.0
 # sysexits.h EX_TEMPFAIL ("try again later"): the run was preempted after
 # saving a checkpoint; rerunning the same command resumes it.
 PREEMPTED_EXIT_CODE = 75
@@ -407,15 +410,18 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
 
 def create_checkpoint_manager(workdir: pathlib.Path,
                               config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """Orbax manager of `workdir/checkpoints`, synchronous and multi-host aware.
+  """Orbax manager of `workdir/checkpoints`, asynchronous and multi-host aware.
 
-  Orbax writes each checkpoint into a temporary directory and renames it when
-  complete, so a run killed mid-save leaves nothing that is ever restored.
+  `save` returns once the arrays are copied to host memory (so the next step
+  may overwrite the donated state) and orbax writes the files in a background
+  thread while training goes on; the next save, or `wait_until_finished`,
+  waits for it. Orbax writes each checkpoint into a temporary directory and
+  renames it when complete, so a run killed mid-save leaves nothing that is
+  ever restored.
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_checkpoints_to_keep, create=True,
-      # The train state is donated to the next step: saving must finish first.
-      enable_async_checkpointing=False, cleanup_tmp_directories=True)
+      enable_async_checkpointing=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(workdir / "checkpoints", options=options,
                                item_names=("state", "progress"))
 
@@ -468,12 +474,11 @@ def write_metrics(workdir: pathlib.Path, history: list[dict]) -> None:
 
 def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
   """Loss and accuracy per epoch (train / validation / test) as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
   from matplotlib import ticker
+  from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
   epochs = [record["epoch"] for record in history]
-  figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+  figure = Figure(figsize=(10, 4))
+  axes = figure.subplots(1, 2)
   for ax, metric in zip(axes, ("loss", "accuracy")):
     for split in ("train", "val", "test"):
       ax.plot(epochs, [record[f"{split}_{metric}"] for record in history], "o-",
@@ -487,7 +492,6 @@ def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp", suffix=".png")
   os.close(fd)
   figure.savefig(tmp, dpi=100)
-  plt.close(figure)
   os.replace(tmp, path)
 
 
@@ -794,6 +798,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
              signature=_run_signature(config, steps_per_epoch), history=[],
              progress=_Progress(is_main), is_main=is_main, model=model,
              stop=_StopRequest())
+  last_plot, plotted = time.monotonic(), 0
   try:
     run.stop.install()
     abstract_state = jax.tree.map(
@@ -837,7 +842,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       save_checkpoint(run.manager, state, run.progress_record(record["step"]))
       if is_main:
         write_metrics(workdir, run.history)
-        plot_curves(workdir / PLOT_FILE, run.history)
+        if time.monotonic() - last_plot >= PLOT_EVERY_SECONDS:
+          plot_curves(workdir / PLOT_FILE, run.history)
+          last_plot, plotted = time.monotonic(), len(run.history)
       run.log(_format_record(record, config.num_epochs))
       if epoch + 1 < config.num_epochs and run.stop.agreed():
         raise Preempted(record["step"])
@@ -846,6 +853,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     run.progress.close()
     run.manager.wait_until_finished()
     run.manager.close()
-  if is_main and run.history:
-    plot_curves(workdir / PLOT_FILE, run.history)
+    if is_main and len(run.history) > plotted:  # also when preempted or failing
+      plot_curves(workdir / PLOT_FILE, run.history)
   return dict(run.history[-1]) if run.history else {}
