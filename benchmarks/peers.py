@@ -7,7 +7,8 @@ BN -> ReLU -> Dense 10; 38,910 numbers, Keras' BN momentum 0.99 and epsilon
 train[:50000], validation train[50000:], test; pixels in [0, 1]) with the same
 hyperparameters as `configs/mnist_bn.py` (Adam, one-cycle learning rate
 peaking at 0.01 after 0.3 epochs, 3 epochs, full batches only), and
-evaluates validation and test after every epoch, as train.py does:
+evaluates validation and test after every epoch, as train.py does, in
+batches of `EVAL_BATCH_SIZE` (train.py's default `eval_batch_size`):
 
 * `train.py`: `python train.py --config.batch_size=B` in a fresh workdir (its
   own loop, checkpoints and outputs included), run twice back to back with a

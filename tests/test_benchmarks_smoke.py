@@ -163,3 +163,10 @@ def test_peers_tiny(capsys):
   assert "vs_torch_images_per_sec" in summary[("train.py", 64)]
   assert "vs_torch_images_per_sec" in summary[("train.py (first run)", 64)]
   assert "Target (train.py images/s >= 1.0x" in out
+
+
+def test_peers_evaluate_at_train_py_default_eval_batch():
+  # Every peer evaluates at the batch size train.py's default config uses.
+  from benchmarks import peers
+  from configs import mnist_bn
+  assert peers.EVAL_BATCH_SIZE == mnist_bn.get_config().eval_batch_size
