@@ -1,5 +1,6 @@
 """Single-device semantics of jaxbn.batch_norm against the seeds' NumPy reference."""
 
+import chex
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -127,7 +128,7 @@ def test_frozen_batch_norm_trains_affine_only():
       lambda p: (lambda y, s: (jnp.sum(y ** 2), s))(
           *jaxbn.batch_norm(p, state, x, training=False)), has_aux=True)(params)
   assert np.all(np.abs(grads.scale) > 0) and np.all(np.abs(grads.bias) > 0)
-  jax.tree.map(np.testing.assert_array_equal, new_state, state)
+  chex.assert_trees_all_equal(new_state, state)
 
 
 def test_momentum_none_is_cumulative_average():

@@ -9,6 +9,7 @@ import functools
 
 from flax import linen as nn
 from flax import nnx
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +41,9 @@ def _data(shape, seed=0, mean=1.5, std=2.0):
 
 
 def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual),
-                          jax.tree.leaves(expected)):
-    assert a.shape == b.shape and a.dtype == b.dtype, (path, a.shape, b.shape)
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=str(path))
+  """Same tree structure, shapes and dtypes, and values close (chex)."""
+  chex.assert_trees_all_equal_shapes_and_dtypes(actual, expected)
+  chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
 
 
 # ----------------------------------------------------------------- flax.linen

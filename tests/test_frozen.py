@@ -5,6 +5,7 @@ the running statistics are constants, so gradients reach scale and bias (and
 x, through the fixed affine map) and the state comes back unchanged.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -53,7 +54,7 @@ def test_gradients_reach_scale_and_bias_and_match_numpy():
   # No batch-statistics terms in dx: the normalization is a fixed affine map.
   np.testing.assert_allclose(dx, dy * scale * inv_std, rtol=1e-5, atol=1e-8)
   assert np.all(np.abs(grads.scale) > 0) and np.all(np.abs(grads.bias) > 0)
-  jax.tree.map(np.testing.assert_array_equal, new_state, state)
+  chex.assert_trees_all_equal(new_state, state)
 
 
 def test_fine_tuning_steps_train_affine_and_keep_statistics():
@@ -71,7 +72,7 @@ def test_fine_tuning_steps_train_affine_and_keep_statistics():
   for _ in range(5):
     params, opt_state, frozen, loss = step(params, opt_state, frozen)
     losses.append(float(loss))
-  jax.tree.map(np.testing.assert_array_equal, frozen, state)
+  chex.assert_trees_all_equal(frozen, state)
   assert losses[-1] < losses[0]
 
 
@@ -106,4 +107,4 @@ def test_frozen_under_shard_map(mesh8):
                           jax.device_put(target, sharded))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads, want)
-  jax.tree.map(np.testing.assert_array_equal, new_state, state)
+  chex.assert_trees_all_equal(new_state, state)

@@ -1,5 +1,6 @@
 """jaxbn.ghost_batch_norm against per-ghost-batch NumPy and batch_norm references."""
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -141,7 +142,7 @@ def test_inference_ignores_ghost_batches():
   state = state._replace(mean=jnp.ones(5), var=jnp.full(5, 4.0))
   got = jaxbn.ghost_batch_norm(params, state, x, training=False, virtual_batch_size=4)
   want = jaxbn.batch_norm(params, state, x, training=False)
-  jax.tree.map(np.testing.assert_array_equal, got, want)
+  chex.assert_trees_all_equal(got, want)
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])

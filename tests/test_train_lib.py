@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 
+import chex
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -129,7 +130,7 @@ def test_nonfinite_step_changes_nothing_but_the_counters(parallelism):
   poisoned.images[3, 10, 10, 0] = np.nan  # a single NaN pixel poisons the step
   after = jax.device_get(step(state, input_pipeline.to_global(poisoned, sharding, 64)))
   for name in ("params", "opt_state", "bn_state"):
-    jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
+    chex.assert_trees_all_equal(getattr(after, name), getattr(before, name))
   assert int(after.step) == 2 and int(after.consecutive_nonfinite) == 1
   assert int(after.epoch_sums.nonfinite_steps) == 1
   assert int(after.epoch_sums.steps) == int(before.epoch_sums.steps) == 1
