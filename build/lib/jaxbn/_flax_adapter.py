@@ -1,0 +1,95 @@
+"""The computation shared by the flax.linen and flax.nnx BatchNorm adapters.
+
+The adapters keep flax's variables exactly (`scale`, `bias`, `mean`, `var`; no
+step counter) so checkpoints are interchangeable, and delegate the arithmetic
+to `jaxbn.batch_norm`'s training kernel, where a step count would only choose
+the shift of the one-pass variance. Without one, the shift is the stored
+running mean as it is (no extra read of `x`). Without `axis_name`, a step on
+which that running mean is more than 8 batch standard deviations from some
+feature's batch mean (a fresh state on data with |mean| >> std: the running
+mean, undebiased, can be far from the data for hundreds of steps) redoes the
+sums around the batch's own mean inside a `lax.cond`, so the variance is
+accurate at any mean/std ratio on every step and the steady state reads `x`
+as often as `jaxbn.batch_norm`. Under `axis_name` that would cost a second
+collective, so the stored running mean is used as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from jaxbn import _batch_norm
+from jaxbn import _stats
+
+
+def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+               mean: jax.Array, var: jax.Array, *, use_running_average: bool,
+               initializing: bool, feature_axes: tuple[int, ...],
+               momentum: float, epsilon: float, axis_name: Any,
+               axis_index_groups: Any, mask: Any, out_dtype: Any
+               ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """Flax BatchNorm semantics on top of `jaxbn.batch_norm`.
+
+  Args:
+    x: input; widened to `out_dtype` first if that is wider (as flax computes).
+    scale, bias: feature-shaped parameters, or None when unused.
+    mean, var: the stored running statistics, feature-shaped.
+    use_running_average: normalize with `mean`/`var` (inference).
+    initializing: flax's `is_initializing()`: normalize with batch statistics
+      of this replica only and leave the running statistics alone.
+    feature_axes: canonical feature axes of `x`.
+    momentum, epsilon, axis_name, axis_index_groups: as flax's BatchNorm.
+    mask: optional array broadcastable to `x`, truthy where an element counts.
+    out_dtype: dtype of the result.
+
+  Returns:
+    `(y, new_mean, new_var)`; the new statistics (stop_gradient, in the dtypes
+    of `mean` and `var`) are None when the stored ones must not change.
+  """
+  if momentum is None:
+    raise TypeError(
+        "momentum must be a float in [0, 1); flax's BatchNorm variables hold no "
+        "step count, so the cumulative average (momentum=None) needs "
+        "jaxbn.batch_norm with a BatchNormState.")
+  x = jnp.asarray(x)
+  if jnp.promote_types(x.dtype, out_dtype) != x.dtype:
+    x = x.astype(out_dtype)
+  params = None
+  if scale is not None or bias is not None:
+    like = scale if scale is not None else bias
+    params = _batch_norm.BatchNormParams(
+        scale=jnp.ones_like(like) if scale is None else scale,
+        bias=jnp.zeros_like(like) if bias is None else bias)
+  if mask is not None:
+    mask = jnp.asarray(mask, jnp.bool_)  # flax accepts 0/1 masks too
+  # flax's variables hold no step count; see the module docstring.
+  state = _batch_norm.BatchNormState(mean=mean, var=var, count=jnp.zeros((), jnp.int32))
+
+  if use_running_average or initializing:
+    if not use_running_average:
+      # Like flax: batch statistics without axis_name (init usually runs
+      # outside the mapped context, flax#1250) and any batch size, even 1. A
+      # feature without a valid element uses the stored statistics, as in
+      # training.
+      batch = _stats.moments(x, axis=feature_axes, mask=mask)
+      has_data = batch.count > 0
+      state = state._replace(mean=jnp.where(has_data, batch.mean, mean),
+                             var=jnp.where(has_data, batch.var, var))
+    y, _ = _batch_norm.batch_norm(params, state, x, training=False, axis=feature_axes,
+                                  epsilon=epsilon)
+    return y.astype(out_dtype), None, None
+
+  call = _batch_norm.parse_call(
+      params, state, x, axis=feature_axes, momentum=momentum, epsilon=epsilon,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
+  # One value per feature is flax's variance 0 (the output is `bias`), not an
+  # error: flax code paths such as nnx.tabulate and per-example vmap do it.
+  y, new_state = _batch_norm.normalize_in_training(
+      call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
+  new_mean = lax.stop_gradient(new_state.mean).astype(jnp.result_type(mean))
+  new_var = lax.stop_gradient(new_state.var).astype(jnp.result_type(var))
+  return y.astype(out_dtype), new_mean, new_var

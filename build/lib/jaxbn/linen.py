@@ -1,0 +1,125 @@
+"""`jaxbn.linen.BatchNorm`: a drop-in replacement for `flax.linen.BatchNorm`.
+
+Same attributes, call signature, variable names and collections as flax's
+(`params`: `scale`, `bias`; `batch_stats`: `mean`, `var`), so an existing model
+and its checkpoints keep working after swapping the import::
+
+  from jaxbn import linen as jaxbn_linen
+  norm = jaxbn_linen.BatchNorm(use_running_average=not train, momentum=0.9)
+
+What changes is the arithmetic, which is `jaxbn.batch_norm`'s: accurate
+statistics whatever `use_fast_variance` says, count-weighted statistics under
+`axis_name` with `mask`, one cross-replica reduction in the forward pass and
+one in the closed-form backward pass, running statistics that never take NaN,
+masked-out slots that may hold NaN or inf, and a feature without any valid
+element normalized with the running statistics (flax: NaN). Like flax, a
+training batch with one value per feature has variance 0. See
+`jaxbn._flax_adapter` for how the variance shift is chosen without a step
+counter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import linen as nn
+from flax.linen import dtypes as flax_dtypes
+import jax
+import jax.numpy as jnp
+
+from jaxbn import _flax_adapter
+from jaxbn import _validation
+
+Initializer = Any
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization with flax.linen.BatchNorm's interface and jaxbn's numerics.
+
+  Attributes:
+    use_running_average: True normalizes with the stored `batch_stats`
+      (inference); False with the statistics of the batch, updating
+      `batch_stats` (which must be mutable). Set here or in `__call__`.
+    axis: feature axis or axes of the input (NHWC: -1).
+    momentum: weight of the old running value (flax/jaxbn convention; PyTorch's
+      momentum 0.1 is 0.9 here), in [0, 1).
+    epsilon: added to the variance before the square root.
+    dtype: dtype of the result (default: inferred from input and params).
+    param_dtype: dtype of `scale` and `bias`.
+    use_bias: add a learned `bias` (beta).
+    use_scale: multiply by a learned `scale` (gamma).
+    bias_init: initializer of `bias` (zeros).
+    scale_init: initializer of `scale` (ones).
+    axis_name: mapped axis name(s) (`jax.vmap` / `jax.shard_map`) over which
+      batch statistics are pooled. Not needed under `jax.jit` over sharded
+      arrays. Ignored during `init`, as in flax (flax#1250), so `model.init`
+      works outside the mapped context.
+    axis_index_groups: optional equal-size groups of replica indices of
+      `axis_name`; each group is normalized with its own statistics.
+    use_fast_variance: accepted for compatibility, no effect: jaxbn's variance
+      is always the accurate one.
+    force_float32_reductions: True (default) keeps `batch_stats` in float32;
+      False stores them in `param_dtype`, as flax does. jaxbn reduces in at
+      least float32 either way.
+  """
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = nn.initializers.zeros
+  scale_init: Initializer = nn.initializers.ones
+  axis_name: str | tuple[str, ...] | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
+               *, mask: jax.typing.ArrayLike | None = None) -> jax.Array:
+    """Normalizes `x` per feature.
+
+    During `init` the running statistics are not updated (flax's behaviour),
+    so the init input need not match the data, and `axis_name` need not be
+    bound.
+
+    Args:
+      x: floating-point input, e.g. `(N, H, W, C)`.
+      use_running_average: as the attribute; exactly one of the two must be
+        set (flax's `merge_param` rule).
+      mask: optional array broadcastable to `x`, True (or 1) where an element
+        counts toward the batch statistics; all elements are normalized.
+
+    Returns:
+      The normalized input, of `x`'s shape.
+    """
+    use_running_average = nn.merge_param("use_running_average",
+                                         self.use_running_average, use_running_average)
+    x, feature_axes, _, feature_shape = _validation.parse_input(
+        x, self.axis, require_floating=False)
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    running_mean = self.variable("batch_stats", "mean",
+                                 lambda s: jnp.zeros(s, stats_dtype), feature_shape)
+    running_var = self.variable("batch_stats", "var",
+                                lambda s: jnp.ones(s, stats_dtype), feature_shape)
+    scale = bias = None
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+
+    initializing = self.is_initializing()
+    y, new_mean, new_var = _flax_adapter.batch_norm(
+        x, scale, bias, running_mean.value, running_var.value,
+        use_running_average=use_running_average, initializing=initializing,
+        feature_axes=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
+    if new_mean is not None:
+      running_mean.value = new_mean
+      running_var.value = new_var
+    return y
