@@ -63,7 +63,7 @@ def run(args) -> dict:
     for use_bn in (True, False):
       label = f"{optimizer}_{'bn' if use_bn else 'nobn'}"
       model = models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10,
-                                  use_bn=use_bn)
+                                  use_bn=use_bn, conv=models.conv_valid_in_loops)
       trainer = _mnist.Trainer(model, optimizer, data.train, args.batch_size,
                                pixel_scale=pixel_scale)
       eval_steps = _mnist.evaluation_steps(trainer.steps_per_epoch, args.epochs,

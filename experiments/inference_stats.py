@@ -90,7 +90,8 @@ def run(args) -> dict:
     args.steps, args.test_examples, args.checkpoints = 10, 400, [5]
     running_batch_sizes, batch_stat_sizes = (1, 100), (1, 2, 100)
   test = input_pipeline.take(data.test, args.test_examples)
-  model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm)
+  model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm,
+                          conv=models.conv_valid_in_loops)
   trainer = _mnist.Trainer(model, "adam", data.train, args.batch_size)
 
   def variant_state(k, carry):

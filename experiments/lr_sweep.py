@@ -59,7 +59,7 @@ def run(args) -> dict:
     for use_bn in (True, False):
       label = f"{optimizer}_{'bn' if use_bn else 'nobn'}"
       model = models.create_model(args.model, input_shape=(28, 28, 1), num_classes=10,
-                                  use_bn=use_bn)
+                                  use_bn=use_bn, conv=models.conv_valid_in_loops)
       trainer = _mnist.Trainer(model, optimizer, data.train, args.batch_size)
       num_steps = int(round(args.epochs * trainer.steps_per_epoch))
       results["steps"] = num_steps

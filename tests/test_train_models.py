@@ -108,9 +108,11 @@ def test_32x32_rgb_inputs():
   assert [r for r in rows if r.layer == "flatten"][0].output_shape == (500,)
 
 
+@pytest.mark.parametrize("conv", [models.conv_valid, models.conv_valid_in_loops],
+                         ids=["conv_valid", "conv_valid_in_loops"])
 @pytest.mark.parametrize("shape, kernel_shape", [((3, 28, 28, 1), (5, 5, 1, 10)),
                                                  ((2, 12, 11, 10), (5, 3, 10, 20))])
-def test_conv_valid_equals_lax_convolution_values_and_gradients(shape, kernel_shape):
+def test_conv_valid_equals_lax_convolution_values_and_gradients(shape, kernel_shape, conv):
   x = jax.random.normal(jax.random.key(0), shape)
   kernel = jax.random.normal(jax.random.key(1), kernel_shape)
   cotangent = jax.random.normal(jax.random.key(2), (
@@ -122,7 +124,7 @@ def test_conv_valid_equals_lax_convolution_values_and_gradients(shape, kernel_sh
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     precision=lax.Precision.HIGHEST)
 
-  y, vjp = jax.vjp(models.conv_valid, x, kernel)
+  y, vjp = jax.vjp(conv, x, kernel)
   y_ref, vjp_ref = jax.vjp(reference, x, kernel)
   scale = float(jnp.abs(y_ref).max())
   np.testing.assert_allclose(y, y_ref, atol=1e-5 * scale)
@@ -349,3 +351,16 @@ def test_conv_valid_cpu_gradient_under_jit_and_in_bfloat16(shape, kernel_shape):
   grads16 = jax.grad(lambda x, k: jnp.sum(models.conv_valid_cpu(x, k).astype(jnp.float32)),
                      argnums=(0, 1))(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
   assert [g.dtype for g in grads16] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_seed_cnn_with_the_loop_convolution_matches_the_default_one():
+  # Same parameters, same outputs: the experiments' models differ only in speed.
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  default = models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10)
+  looped = models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10,
+                               conv=models.conv_valid_in_loops)
+  params, state = default.init(jax.random.key(1))
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, looped.init(jax.random.key(1))[0])
+  y, _ = default.apply(params, state, x, True)
+  y_looped, _ = looped.apply(params, state, x, True)
+  chex.assert_trees_all_close(y_looped, y, atol=1e-5, rtol=1e-5)
