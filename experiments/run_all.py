@@ -6,8 +6,8 @@ Each experiment runs in this process with the flags listed in `RUNS` (the
 same as running `python -m experiments.NAME --workdir DIR FLAGS` yourself,
 which is the command each JSON file records), then
 `python -m experiments.report --workdir DIR` writes docs/results.md. On the
-project's 2-core CPU the whole set took 50 minutes when idle and 86 minutes
-in a rerun that shared the CPU with the test suite.
+project's 2-core CPU the whole set took 50 minutes when idle (commit f1f09d6)
+and 86 minutes in a rerun that shared the CPU with the test suite.
 """
 
 from __future__ import annotations
