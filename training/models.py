@@ -158,9 +158,18 @@ def conv_valid_in_loops(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def conv_valid_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`conv_valid` as im2col (the shifted views, concatenated) and one matmul."""
+  patches, taps = _im2col(x, kernel)
+  return patches @ taps
+
+
+def _im2col(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(patches, taps)`: `(batch, out_h, out_w, kh*kw*in)` patches, `(kh*kw*in, out)` taps.
+
+  The patches' feature order (kh, kw, in) matches the row-major reshape of HWIO.
+  """
   kernel_height, kernel_width, in_features, out_features = kernel.shape
   patches = jnp.concatenate(_shifted_windows(x, kernel_height, kernel_width), axis=-1)
-  return patches @ kernel.reshape(kernel_height * kernel_width * in_features, out_features)
+  return patches, kernel.reshape(kernel_height * kernel_width * in_features, out_features)
 
 
 def conv_valid_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -184,9 +193,9 @@ def _shifted_windows(x: jax.Array, kernel_height: int, kernel_width: int
 
 def _conv_valid_cpu_forward(x, kernel):
   kernel_height, kernel_width, in_features, out_features = kernel.shape
-  windows = _shifted_windows(x, kernel_height, kernel_width)
-  taps = kernel.reshape(kernel_height * kernel_width * in_features, out_features)
   if in_features == 1:
+    windows = _shifted_windows(x, kernel_height, kernel_width)
+    taps = kernel.reshape(kernel_height * kernel_width, out_features)
     # Taps on the leading axis, (taps, batch * out_height * out_width): each
     # row is one contiguous copy of a window. The usual patch matrix with one
     # channel per tap would be written one float at a time (measured: the
@@ -195,8 +204,7 @@ def _conv_valid_cpu_forward(x, kernel):
         len(windows), -1)
     y = lax.dot_general(patches, taps, (((0,), (0,)), ((), ())))
     return y.reshape(windows[0].shape[:3] + (out_features,)), (x, kernel, patches)
-  # im2col: feature order (kh, kw, in) matches the row-major reshape of HWIO.
-  patches = jnp.concatenate(windows, axis=-1)
+  patches, taps = _im2col(x, kernel)
   return patches @ taps, (x, kernel, patches.reshape(-1, patches.shape[-1]))
 
 
