@@ -170,3 +170,12 @@ def test_peers_evaluate_at_train_py_default_eval_batch():
   from benchmarks import peers
   from configs import mnist_bn
   assert peers.EVAL_BATCH_SIZE == mnist_bn.get_config().eval_batch_size
+
+
+def test_cpu_paths_tiny(capsys):
+  from benchmarks import cpu_paths
+  result = cpu_paths.main(["--tiny"])
+  assert set(result["eval_images_per_sec"]) == {50, 100}
+  assert all(v > 0 for v in result["eval_images_per_sec"].values())
+  assert set(result["harness_seconds"]) == {"models.conv_valid", "models.conv_valid_in_loops"}
+  assert "| eval batch | images/s |" in capsys.readouterr().out

@@ -1,0 +1,110 @@
+"""Two CPU choices of train.py and the experiments, timed: eval batch size, harness conv.
+
+* Evaluation: images/s of train.py's eval step (`train_lib.evaluate`, the seed
+  CNN with running statistics) over 10,000 images at several eval batch
+  sizes; `configs/mnist_bn.py` uses the fastest (250 here).
+* The experiments' harness (`experiments._mnist.Trainer`, instances stepped
+  one after the other inside a `lax.scan`): seconds for 40 steps of 3
+  instances at batch 32 with `models.conv_valid` (im2col with a hand-written
+  gradient, the fastest in a plain jitted step) against
+  `models.conv_valid_in_loops` (im2col with the automatic gradient), which the
+  experiments use.
+
+Variants alternate within every repeat; the tables report medians.
+
+  python -m benchmarks.cpu_paths            # ~2 minutes on 2 cores
+  python -m benchmarks.cpu_paths --tiny     # a few seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import mnist_bn  # noqa: E402
+from experiments import _mnist  # noqa: E402
+from training import input_pipeline  # noqa: E402
+from training import models  # noqa: E402
+from training import train_lib  # noqa: E402
+
+
+def _random_split(num_examples: int) -> input_pipeline.Split:
+  rng = np.random.default_rng(0)
+  return input_pipeline.Split(
+      rng.integers(0, 256, (num_examples, 28, 28, 1)).astype(np.uint8),
+      rng.integers(0, 10, num_examples).astype(np.int32))
+
+
+def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int) -> dict[int, float]:
+  """Median images/s of train.py's evaluation at each eval batch size."""
+  config = mnist_bn.get_config()
+  mesh = train_lib.create_mesh(1)  # one device, as train.py on a CPU host
+  model = models.seed_cnn()
+  tx = train_lib.create_optimizer(config, 100)
+  state = jax.jit(lambda key: train_lib.create_train_state(model, tx, key))(
+      jax.random.key(0))
+  eval_fn = train_lib.make_eval_step(config, mesh, model)
+  split = _random_split(num_examples)
+  times = {b: [] for b in batch_sizes}
+  for repeat in range(repeats + 1):  # the first round compiles
+    for batch_size in batch_sizes:
+      start = time.perf_counter()
+      train_lib.evaluate(eval_fn, state, split, global_batch_size=batch_size, mesh=mesh)
+      if repeat:
+        times[batch_size].append(time.perf_counter() - start)
+  return {b: num_examples / statistics.median(t) for b, t in times.items()}
+
+
+def harness_seconds(num_steps: int, repeats: int) -> dict[str, float]:
+  """Median seconds for `num_steps` harness steps of 3 seed-CNN instances, batch 32."""
+  split = _random_split(4096)
+  seeds, learning_rates = [0, 1, 2], [0.01] * 3
+  variants = {"models.conv_valid": models.conv_valid,
+              "models.conv_valid_in_loops": models.conv_valid_in_loops}
+  trainers, carries, times = {}, {}, {name: [] for name in variants}
+  for name, conv in variants.items():
+    trainers[name] = _mnist.Trainer(
+        models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10, conv=conv),
+        "sgd", split, 32)
+    carries[name] = trainers[name].init(seeds)
+  for repeat in range(repeats + 1):  # the first round compiles
+    for name, trainer in trainers.items():
+      start = time.perf_counter()
+      carries[name] = jax.block_until_ready(trainer.train(
+          carries[name], seeds, learning_rates, epoch=0, start=0, stop=num_steps))
+      if repeat:
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--tiny", action="store_true", help="checks that it runs")
+  args = parser.parse_args(argv)
+  if args.tiny:
+    evals = eval_images_per_sec((50, 100), num_examples=200, repeats=1)
+    harness = harness_seconds(num_steps=2, repeats=1)
+  else:
+    evals = eval_images_per_sec((100, 250, 500, 1000, 2000), num_examples=10_000,
+                                repeats=args.repeats)
+    harness = harness_seconds(num_steps=40, repeats=args.repeats)
+  command = "python -m benchmarks.cpu_paths" + (" --tiny" if args.tiny else "")
+  lines = [f"`{command}`", "", "| eval batch | images/s |", "|---:|---:|"]
+  lines += [f"| {b} | {v:,.0f} |" for b, v in evals.items()]
+  lines += ["", "| harness conv | seconds (3 instances, batch 32) |", "|---|---:|"]
+  lines += [f"| `{name}` | {seconds:.3f} |" for name, seconds in harness.items()]
+  print("\n".join(lines))
+  return {"eval_images_per_sec": evals, "harness_seconds": harness}
+
+
+if __name__ == "__main__":
+  main()
