@@ -1,6 +1,6 @@
 """Two CPU choices of train.py and the experiments, timed: eval batch size, harness conv.
 
-* Evaluation: images/s of train.py's eval step (`train_lib.evaluate`, the seed
+* Evaluation: images/s of train.py's eval step (`train_lib.evaluate`, the MNIST
   CNN with running statistics) over 10,000 images at several eval batch
   sizes; `configs/mnist_bn.py` uses the fastest (250 here).
 * The experiments' harness (`experiments._mnist.Trainer`, instances stepped
@@ -47,7 +47,7 @@ def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int) -> dict[in
   """Median images/s of train.py's evaluation at each eval batch size."""
   config = mnist_bn.get_config()
   mesh = train_lib.create_mesh(1)  # one device, as train.py on a CPU host
-  model = models.seed_cnn()
+  model = models.mnist_cnn()
   tx = train_lib.create_optimizer(config, 100)
   state = jax.jit(lambda key: train_lib.create_train_state(model, tx, key))(
       jax.random.key(0))
@@ -64,7 +64,7 @@ def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int) -> dict[in
 
 
 def harness_seconds(num_steps: int, repeats: int) -> dict[str, float]:
-  """Median seconds for `num_steps` harness steps of 3 seed-CNN instances, batch 32."""
+  """Median seconds for `num_steps` harness steps of 3 MNIST-CNN instances, batch 32."""
   split = _random_split(4096)
   seeds, learning_rates = [0, 1, 2], [0.01] * 3
   variants = {"models.conv_valid": models.conv_valid,

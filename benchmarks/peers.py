@@ -1,6 +1,6 @@
-"""The seed CNN trained end to end by train.py, PyTorch and Keras 3, side by side.
+"""The MNIST CNN trained end to end by train.py, PyTorch and Keras 3, side by side.
 
-Every peer trains the same network (`training.models.seed_cnn`: Conv 10@5x5 ->
+Every peer trains the same network (`training.models.mnist_cnn`: Conv 10@5x5 ->
 BN -> ReLU -> MaxPool -> Conv 20@5x5 -> BN -> ReLU -> MaxPool -> Dense 100 ->
 BN -> ReLU -> Dense 10; 38,910 numbers, Keras' BN momentum 0.99 and epsilon
 1e-3, Glorot-uniform kernels, zero biases) on the same data (MNIST
@@ -430,7 +430,7 @@ def summarize(samples, batch_sizes, peers) -> dict:
 def format_report(summary, batch_sizes, peers, missing, args, load_start, load_end
                   ) -> str:
   import platform
-  lines = ["### Seed CNN end to end: train.py vs PyTorch and Keras 3", "",
+  lines = ["### MNIST CNN end to end: train.py vs PyTorch and Keras 3", "",
            f"`{_harness.command_line()}`", "",
            f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
            f"{load_start[0]:.1f} / {load_start[1]:.1f} (1 / 5 min) at start, "

@@ -1,6 +1,6 @@
-"""Examples/s of the seed CNN's training step: jaxbn vs flax.linen.BatchNorm.
+"""Examples/s of the MNIST CNN's training step: jaxbn vs flax.linen.BatchNorm.
 
-Both models are `training.models.seed_cnn` with the same convolutions, dense
+Both models are `training.models.mnist_cnn` with the same convolutions, dense
 layers, optimizer (the default config's Adam + one-cycle) and the same jitted,
 state-donating `training.train_lib.train_step`; only the three BN layers
 differ. A third row times the same CNN without BN: the difference to it is
@@ -66,7 +66,7 @@ IMPLEMENTATIONS = {"jaxbn": models.batch_norm, "flax.linen": flax_batch_norm,
 def _compiled_step(batch_norm_layer, batch_size: int, steps_per_epoch: int):
   config = mnist_bn.get_config()
   config.batch_size = batch_size
-  model = models.seed_cnn((28, 28, 1), 10, use_bn=batch_norm_layer is not None,
+  model = models.mnist_cnn((28, 28, 1), 10, use_bn=batch_norm_layer is not None,
                           batch_norm_layer=batch_norm_layer or models.batch_norm)
   tx = train_lib.create_optimizer(config, steps_per_epoch)
   mesh = train_lib.create_mesh(1)
@@ -123,7 +123,7 @@ def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 
 
 
 def format_table(result: dict) -> str:
-  lines = [f"Seed CNN training step, batch {result['batch_size']}, "
+  lines = [f"MNIST CNN training step, batch {result['batch_size']}, "
            f"{jax.device_count()} device(s) ({jax.devices()[0].platform}), median of "
            f"{result['repeats']} interleaved repeats x {result['steps']} steps",
            f"{'batch norm':<14}{'ms/step':>10}{'examples/s':>14}{'CPU ms/step':>14}"]

@@ -1,4 +1,4 @@
-"""Default config: the seed's CNN with batch normalization on MNIST.
+"""Default config: the Keras MNIST CNN with batch normalization on MNIST.
 
 Run: `python train.py --config=configs/mnist_bn.py --workdir=runs/mnist_bn`.
 Every field can be overridden from the command line: `--config.batch_size=256`.
@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.manual_dir = ""
   # Where tfds prepares datasets (a cache); '' = $TFDS_DATA_DIR or data/tfds.
   config.data_dir = ""
-  # tfds split strings; '' = the dataset's default (mnist: the seed's 50k
+  # tfds split strings; '' = the dataset's default (mnist: the Keras notes' 50k
   # train / 10k validation / 10k test; cifar: 45k / 5k / test; imagenet2012:
   # train[:99%] / train[99%:] / validation).
   config.train_split = ""
@@ -42,15 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_classes = 0
 
   # Model.
-  # 'cnn' (the seed's Keras CNN), 'mlp' (the BN paper's 3x100 sigmoid MLP),
+  # 'cnn' (the Keras MNIST CNN), 'mlp' (the BN paper's 3x100 sigmoid MLP),
   # 'resnet20' / 'resnet32' / 'resnet56' (CIFAR-style) or 'resnet18' /
   # 'resnet34' / 'resnet50' (ImageNet-style v1.5): training/resnet.py.
   config.model = "cnn"
   config.use_bn = True
-  # Keep the conv/dense bias in front of each BN (the seed's Keras model does;
+  # Keep the conv/dense bias in front of each BN (the notes' Keras model does;
   # BN's beta makes it redundant).
   config.bias_before_bn = True
-  # Keras' BatchNormalization defaults, as in the seed.
+  # Keras' BatchNormalization defaults, as in the notes' Keras model.
   config.bn_momentum = 0.99
   config.bn_epsilon = 1e-3
   # ResNets: zero scale on the last BN of each residual branch (Goyal et al.

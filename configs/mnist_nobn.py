@@ -1,4 +1,4 @@
-"""The seed's CNN without batch normalization (conv/dense keep their biases)."""
+"""The Keras MNIST CNN without batch normalization (conv/dense keep their biases)."""
 
 from configs import mnist_bn
 

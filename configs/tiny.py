@@ -1,4 +1,4 @@
-"""A tiny run for tests: seed CNN on 512 MNIST examples, 2 short epochs.
+"""A tiny run for tests: MNIST CNN on 512 MNIST examples, 2 short epochs.
 
 Two choices make runs comparable across topologies and cheap to repeat:
 no bias before BN (its true gradient is 0, so Adam turns the rounding noise

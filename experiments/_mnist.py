@@ -146,7 +146,7 @@ class Trainer:
     def train_step(carry, step_indices):
       # Instances one after the other (lax.map), not vmapped: on CPU the
       # unbatched convolutions and matmuls of one instance run 15-25% faster
-      # than their batched forms (measured on the seed CNN, 3 and 9 instances).
+      # than their batched forms (measured on the MNIST CNN, 3 and 9 instances).
       return Carry(*jax.lax.map(step, (carry.params, carry.state, carry.opt_state,
                                        carry.finite, learning_rates, step_indices)))
 

@@ -19,8 +19,8 @@ def bn_vs_nobn(page: text.Page, record):
   r = record["results"]
   runs = r["runs"]
   raw = r.get("pixel_scale") == 1.0
-  title = ("## 1b. BN vs no BN on the seed CNN, raw 0-255 pixels" if raw else
-           "## 1. BN vs no BN on the seed CNN (MNIST)")
+  title = ("## 1b. BN vs no BN on the MNIST CNN, raw 0-255 pixels" if raw else
+           "## 1. BN vs no BN on the MNIST CNN")
   first = next(iter(runs.values()))
   page.add(title, "", text.provenance(record), "",
            f"Training on {r['train_examples']:,} images, validation on "
@@ -69,7 +69,7 @@ def bn_vs_nobn(page: text.Page, record):
   page.add("", "Wall time per run of all seeds (training and evaluations): "
            + ", ".join(f"{label} {run['wall_time_s'] / 60:.1f} min"
                        for label, run in runs.items()) + ".", "")
-  page.figure(record, "Validation accuracy of the seed CNN with and without BN"
+  page.figure(record, "Validation accuracy of the MNIST CNN with and without BN"
               + (", raw pixels" if raw else ""))
 
 
@@ -77,7 +77,7 @@ def lr_sweep(page: text.Page, record):
   """Section 2a (CNN) or 2b (MLP): final accuracy per learning rate, usable rates."""
   r = record["results"]
   cells = r["cells"]
-  model = {"cnn": "the seed CNN", "mlp": "the BN paper's sigmoid MLP"}[r["model"]]
+  model = {"cnn": "the MNIST CNN", "mlp": "the BN paper's sigmoid MLP"}[r["model"]]
   page.add(f"## 2{'a' if r['model'] == 'cnn' else 'b'}. Learning-rate robustness: "
            f"{model}", "", text.provenance(record), "",
            f"{r['steps']} steps of batch {r['batch_size']} per run "
@@ -245,7 +245,7 @@ def inference_stats(page: text.Page, record):
   """Section 6: running-statistics variants, inference batch sizes, batch statistics."""
   r = record["results"]
   page.add("## 6. Inference: running vs batch statistics", "", text.provenance(record), "",
-           f"Seed CNN with BN, {r['optimizer']}, batch {r['batch_size']}, {r['steps']} "
+           f"MNIST CNN with BN, {r['optimizer']}, batch {r['batch_size']}, {r['steps']} "
            f"steps; test accuracy (%) on the first {r['test_examples']:,} test images "
            f"(batch sizes below 50 and the running-statistics sweep: first "
            f"{r['small_test_examples']:,}).", "",
@@ -277,19 +277,19 @@ def inference_stats(page: text.Page, record):
   page.figure(record, "Running vs batch statistics at inference")
 
 
-_PARAMETER_ROWS = (("seed_cnn", "seed CNN (bias before BN, as in Keras)"),
-                   ("seed_cnn_no_bias_before_bn", "seed CNN, no bias before BN"),
-                   ("seed_cnn_without_bn", "seed CNN without BN"),
+_PARAMETER_ROWS = (("cnn", "MNIST CNN (bias before BN, as in Keras)"),
+                   ("cnn_no_bias_before_bn", "MNIST CNN, no bias before BN"),
+                   ("cnn_without_bn", "MNIST CNN without BN"),
                    ("bn_paper_mlp", "BN paper MLP (3x100 sigmoid)"))
 
 
 def param_table(page: text.Page, record):
-  """Section 7: the seed CNN's Keras parameter table, layer by layer."""
+  """Section 7: the MNIST CNN's Keras parameter table, layer by layer."""
   r = record["results"]
-  cnn = r["seed_cnn"]
+  cnn = r["cnn"]
   page.add("## 7. The seed's parameter table", "", text.provenance(record), "",
            "The seed's Keras `model.summary()` says 38,910 parameters: 38,650 "
-           "trainable, 260 non-trainable. From `training.models.seed_cnn` "
+           "trainable, 260 non-trainable. From `training.models.mnist_cnn` "
            "(`models.parameter_table`):", "", "```", cnn["formatted"], "```", "",
            f"Verdict: {numbers.parameter_table_verdict(r).markdown()}. Totals "
            f"{cnn['total']:,} / {cnn['trainable']:,} / {cnn['non_trainable']:,}. "

@@ -1,9 +1,9 @@
-"""Seed 003's claim: BN vs no BN on the seed CNN (MNIST), three optimizers.
+"""Seed 003's claim: BN vs no BN on the MNIST CNN, three optimizers.
 
 The seed trains its Keras CNN with BN on 50,000 MNIST images and reports
 96.4 / 98.2 / 98.3 % validation accuracy after epochs 1-3, and says that
 without BN "it takes 10x more epochs to converge". This trains the same CNN
-(`training.models.seed_cnn`, Keras' BN momentum 0.99 and epsilon 1e-3) with
+(`training.models.mnist_cnn`, Keras' BN momentum 0.99 and epsilon 1e-3) with
 and without BN, with Keras' default batch size 32 and learning rates (SGD 0.01,
 SGD + momentum 0.9 at 0.01, Adam 1e-3, RMSprop 1e-3 -- the seed does not say
 which optimizer it used; RMSprop is the one of Keras' MNIST examples of its
@@ -123,7 +123,7 @@ def plot(args, results) -> None:
     ax.set_title(f"{optimizer}, lr={OPTIMIZERS[optimizer]:g}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
   inputs = "raw 0-255 pixels" if results["pixel_scale"] == 1.0 else "pixels in [0, 1]"
-  fig.suptitle(f"Seed CNN on MNIST, batch {results['batch_size']}, {inputs}, "
+  fig.suptitle(f"MNIST CNN, batch {results['batch_size']}, {inputs}, "
                f"mean +- std over {len(args.seeds)} seeds")
   _common.save_figure(args, fig)
 

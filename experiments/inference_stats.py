@@ -2,7 +2,7 @@
 
 The seeds say that at test time, where there may be a single example, BN uses
 the exponential moving averages of the training batches' means and variances,
-and that this is robust. This trains the seed CNN with BN (Adam 1e-3, batch 32)
+and that this is robust. This trains the MNIST CNN with BN (Adam 1e-3, batch 32)
 while tracking, in the same run, the running statistics for several momenta
 (weight of the old value: 0.9, 0.99 = Keras/flax, 0.999) with the biased
 (Keras/flax) and the unbiased n/(n-1) (PyTorch, BN paper) running variance --
@@ -90,7 +90,7 @@ def run(args) -> dict:
     args.steps, args.test_examples, args.checkpoints = 10, 400, [5]
     running_batch_sizes, batch_stat_sizes = (1, 100), (1, 2, 100)
   test = input_pipeline.take(data.test, args.test_examples)
-  model = models.seed_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm,
+  model = models.mnist_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm,
                           conv=models.conv_valid_in_loops)
   trainer = _mnist.Trainer(model, "adam", data.train, args.batch_size)
 
@@ -184,7 +184,7 @@ def plot(args, results) -> None:
   ax.set_ylabel("test accuracy (%), running statistics")
   ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   ax.set_title("running-statistics variants over training", fontsize=9)
-  fig.suptitle(f"Seed CNN with BN, Adam 1e-3, batch {results['batch_size']}, "
+  fig.suptitle(f"MNIST CNN with BN, Adam 1e-3, batch {results['batch_size']}, "
                f"mean +- std over {len(args.seeds)} seeds")
   _common.save_figure(args, fig)
 

@@ -32,7 +32,7 @@ GOOD_ACCURACY = 0.95  # "works" threshold for counting usable learning rates
 
 def _flags(parser):
   parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn",
-                      help="the seed CNN or the BN paper's sigmoid MLP")
+                      help="the MNIST CNN or the BN paper's sigmoid MLP")
   parser.add_argument("--epochs", type=float, default=1.0,
                       help="training budget per run, in epochs of 50,000 examples")
   parser.add_argument("--batch_size", type=int, default=32)

@@ -2,7 +2,7 @@
 
 The seed's `model.summary()` of its CNN lists 38,910 parameters: 38,650
 trainable and 260 non-trainable (the BN moving means and variances, 2 per
-feature). This builds `training.models.seed_cnn` and counts the leaves of its
+feature). This builds `training.models.mnist_cnn` and counts the leaves of its
 `params` (trainable) and the BN running means and variances in its `state`
 (non-trainable), layer by layer. jaxbn's state also holds one int32 update
 counter per BN layer; it is reported separately (Keras has no such number).
@@ -55,10 +55,10 @@ def run(args) -> dict:
           and r["total"] == SEED_TABLE[r["layer"]][1] for r in cnn["rows"]),
   }
   results = {
-      "seed_cnn": cnn,
-      "seed_cnn_without_bn": _table(models.create_model(
+      "cnn": cnn,
+      "cnn_without_bn": _table(models.create_model(
           "cnn", input_shape=(28, 28, 1), num_classes=10, use_bn=False)),
-      "seed_cnn_no_bias_before_bn": _table(models.create_model(
+      "cnn_no_bias_before_bn": _table(models.create_model(
           "cnn", input_shape=(28, 28, 1), num_classes=10, bias_before_bn=False)),
       "bn_paper_mlp": _table(models.create_model("mlp", input_shape=(28, 28, 1),
                                                  num_classes=10)),

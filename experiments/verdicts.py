@@ -346,7 +346,7 @@ def running_statistics(by_momentum: Mapping[float, float], initial_weight: Mappi
 
 
 def parameter_table(totals_match: bool, rows_match: bool) -> Verdict:
-  """The seed CNN's Keras parameter table, reproduced layer by layer."""
+  """The MNIST CNN's Keras parameter table, reproduced layer by layer."""
   rule = "holds when the totals and every layer's output shape and count match"
   if totals_match and rows_match:
     return Verdict(HOLDS, "identical, layer by layer", rule)

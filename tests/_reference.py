@@ -1,4 +1,4 @@
-"""NumPy (float64) reference of the seeds' batch-norm forward and closed-form backward."""
+"""NumPy (float64) reference of the batch-norm notes' forward and closed-form backward."""
 
 import numpy as np
 

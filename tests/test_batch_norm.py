@@ -1,4 +1,4 @@
-"""Single-device semantics of jaxbn.batch_norm against the seeds' NumPy reference."""
+"""Single-device semantics of jaxbn.batch_norm against the notes' NumPy reference."""
 
 import chex
 import jax

@@ -109,7 +109,7 @@ def test_train_step_resnet_tiny(capsys, args):
   assert out.count("(rule: both <= 1.05x)") == 2
 
 
-def test_seed_cnn_train_step_tiny(capsys):
+def test_mnist_cnn_train_step_tiny(capsys):
   # benchmarks/train_step.py belongs to train.py's owner; run here so every
   # benchmark script has a smoke test.
   from benchmarks import train_step
@@ -151,8 +151,8 @@ def test_peers_tiny(capsys):
   summary = peers.main(["--tiny", "--peers", "train.py,torch NCHW", "--batch_sizes", "64"])
   out = capsys.readouterr().out
   # On a fresh clone tfds first prints that it prepares MNIST; the table follows.
-  assert "### Seed CNN end to end" in out
-  out = out[out.index("### Seed CNN end to end"):]
+  assert "### MNIST CNN end to end" in out
+  out = out[out.index("### MNIST CNN end to end"):]
   assert "`python" in out
   rows = {row[1]: row for row in _table_rows(out, r"\d+")}
   assert set(rows) == {"train.py (first run)", "train.py", "torch NCHW"}

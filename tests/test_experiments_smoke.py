@@ -78,7 +78,7 @@ def test_experiment_quick_outputs(stem, quick_run):
 def test_report_has_every_section_and_the_quick_warning(quick_run):
   _, text = quick_run
   for heading in ("## Summary", "## 1. BN vs no BN", "## 1b. BN vs no BN",
-                  "## 2a. Learning-rate robustness: the seed CNN",
+                  "## 2a. Learning-rate robustness: the MNIST CNN",
                   "## 2b. Learning-rate robustness: the BN paper",
                   "## 3. The BN paper", "## 4. Feature scaling", "## 5. Scale invariance",
                   "## 6. Inference", "## 7. The seed's parameter table"):

@@ -89,7 +89,7 @@ def check_lowered(result: lowering.Lowering, config, bn_state) -> None:
 
 
 @pytest.fixture(scope="module")
-def seed_cnn_bn_state():
+def mnist_cnn_bn_state():
   config = utils.tiny_config()
   model = train_lib.create_model(config, lowering.dataset_info(config))
   return jax.eval_shape(model.init, jax.random.key(0))[1]
@@ -97,12 +97,12 @@ def seed_cnn_bn_state():
 
 @pytest.mark.parametrize("parallelism", ["gspmd", "shard_map"])
 @pytest.mark.parametrize("half_precision", [False, True])
-def test_seed_cnn_lowers_for_cuda_and_tpu(tmp_path, seed_cnn_bn_state, parallelism,
+def test_mnist_cnn_lowers_for_cuda_and_tpu(tmp_path, mnist_cnn_bn_state, parallelism,
                                           half_precision):
   config = utils.tiny_config(parallelism=parallelism, half_precision=half_precision)
   result = lowering.lower_for_platforms(config, tmp_path, "cuda,tpu")
-  check_lowered(result, config, seed_cnn_bn_state)
-  assert result.num_parameters == 38_520  # the seed CNN without biases before BN
+  check_lowered(result, config, mnist_cnn_bn_state)
+  assert result.num_parameters == 38_520  # the MNIST CNN without biases before BN
   for platform in ACCELERATORS:
     for name in lowering.PROGRAMS:
       text = (tmp_path / "lowered" / platform / f"{name}.stablehlo.mlir").read_text()

@@ -1,6 +1,6 @@
 """Feature scaling (jaxbn.standardize, jaxbn.min_max_scale) against numpy references.
 
-The references are the seed's numpy code (`numpy.mean/std/min/max(x, axis=0)`)
+The references are the feature-scaling note's numpy code (`numpy.mean/std/min/max(x, axis=0)`)
 and sklearn's documented behaviour (StandardScaler: ddof=0, zero-variance
 features only centered; MinMaxScaler: feature_range, constant features -> low).
 """

@@ -25,7 +25,7 @@ def mnist():
   return input_pipeline.load_dataset("mnist", SPLITS)
 
 
-def test_mnist_splits_as_in_the_seed(mnist):
+def test_mnist_splits_as_in_the_keras_notes(mnist):
   splits, info = mnist
   assert info == input_pipeline.DatasetInfo("mnist", (28, 28, 1), 10)
   assert [len(splits[s].labels) for s in SPLITS] == [50_000, 10_000, 10_000]

@@ -1,4 +1,4 @@
-"""training.models: the seed CNN and the BN paper's MLP as pure functions, and
+"""training.models: the MNIST CNN and the BN paper's MLP as pure functions, and
 the linen ResNets of training.resnet behind the same interface."""
 
 import functools
@@ -23,11 +23,11 @@ def _totals(model):
   return trainable + non_trainable, trainable, non_trainable
 
 
-def test_seed_cnn_matches_the_seed_keras_table():
-  model = models.seed_cnn((28, 28, 1), 10)
+def test_mnist_cnn_matches_the_keras_table_of_the_notes():
+  model = models.mnist_cnn((28, 28, 1), 10)
   assert _totals(model) == (38_910, 38_650, 260)
   rows = {row.layer: row for row in models.parameter_table(model)}
-  # The seed's per-layer rows: shapes and counts.
+  # The notes' Keras per-layer rows: shapes and counts.
   assert (rows["conv1"].output_shape, rows["conv1"].trainable) == ((24, 24, 10), 260)
   assert (rows["bn1"].trainable, rows["bn1"].non_trainable) == (20, 20)
   assert rows["pool1"].output_shape == (12, 12, 10)
@@ -40,7 +40,7 @@ def test_seed_cnn_matches_the_seed_keras_table():
 
 
 def test_params_and_state_are_the_counted_pytrees():
-  model = models.seed_cnn((28, 28, 1), 10)
+  model = models.mnist_cnn((28, 28, 1), 10)
   params, state = model.init(jax.random.key(0))
   assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 38_650
   assert all(isinstance(s, jaxbn.BatchNormState) for s in state.values())
@@ -48,12 +48,12 @@ def test_params_and_state_are_the_counted_pytrees():
 
 
 def test_bias_before_bn_false_drops_only_the_redundant_biases():
-  with_bias = models.seed_cnn(bias_before_bn=True)
-  without = models.seed_cnn(bias_before_bn=False)
+  with_bias = models.mnist_cnn(bias_before_bn=True)
+  without = models.mnist_cnn(bias_before_bn=False)
   assert _totals(with_bias)[1] - _totals(without)[1] == 10 + 20 + 100
   params, _ = without.init(jax.random.key(0))
   assert "bias" not in params["conv1"] and "bias" in params["dense2"]
-  no_bn = models.seed_cnn(use_bn=False, bias_before_bn=False)
+  no_bn = models.mnist_cnn(use_bn=False, bias_before_bn=False)
   params, state = no_bn.init(jax.random.key(0))
   assert state == {} and "bias" in params["conv1"]  # without BN the bias stays
 
@@ -68,7 +68,7 @@ def test_bn_paper_mlp_structure():
 
 
 def test_apply_training_updates_state_and_eval_uses_it():
-  model = models.seed_cnn()
+  model = models.mnist_cnn()
   params, state = model.init(jax.random.key(1))
   images = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
   logits, new_state = model.apply(params, state, images, True)
@@ -81,7 +81,7 @@ def test_apply_training_updates_state_and_eval_uses_it():
 
 
 def test_half_precision_keeps_float32_params_and_state():
-  model = models.seed_cnn()
+  model = models.mnist_cnn()
   params, state = model.init(jax.random.key(1))
   images = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
   logits, new_state = model.apply(params, state, images, True,
@@ -95,14 +95,14 @@ def test_half_precision_keeps_float32_params_and_state():
 def test_bad_model_name_and_input_shape():
   with pytest.raises(ValueError, match="unknown model 'resnet'"):
     models.create_model("resnet", input_shape=(28, 28, 1), num_classes=10)
-  model = models.seed_cnn()
+  model = models.mnist_cnn()
   params, state = model.init(jax.random.key(0))
   with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(28, 28, 1\)"):
     model.apply(params, state, jnp.zeros((2, 32, 32, 3)), False)
 
 
 def test_32x32_rgb_inputs():
-  model = models.seed_cnn((32, 32, 3), 100)
+  model = models.mnist_cnn((32, 32, 3), 100)
   rows = models.parameter_table(model)
   assert rows[-1].output_shape == (100,)
   assert [r for r in rows if r.layer == "flatten"][0].output_shape == (500,)
@@ -291,7 +291,7 @@ def test_recompute_bn_stats_pools_batches_with_equal_weight(kind):
     model = models.linen_model(_tiny_resnet(zero_init_last_bn=False), (12, 12, 1))
     first = ("bn_init",)
   else:
-    model = models.seed_cnn((16, 16, 1), 10, bias_before_bn=False)
+    model = models.mnist_cnn((16, 16, 1), 10, bias_before_bn=False)
     first = ("bn1",)
   params, state = model.init(jax.random.key(0))
   batches = [jax.random.uniform(jax.random.key(i), (8,) + model.input_shape) + i
@@ -353,7 +353,7 @@ def test_conv_valid_cpu_gradient_under_jit_and_in_bfloat16(shape, kernel_shape):
   assert [g.dtype for g in grads16] == [jnp.bfloat16, jnp.bfloat16]
 
 
-def test_seed_cnn_with_the_loop_convolution_matches_the_default_one():
+def test_mnist_cnn_with_the_loop_convolution_matches_the_default_one():
   # Same parameters, same outputs: the experiments' models differ only in speed.
   x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
   default = models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10)

@@ -3,7 +3,7 @@
 A model is a `Model(init, apply, layers, input_shape, module)`:
 
 ```python
-model = models.seed_cnn(input_shape=(28, 28, 1), num_classes=10)
+model = models.mnist_cnn(input_shape=(28, 28, 1), num_classes=10)
 params, state = model.init(jax.random.key(0))
 logits, new_state = model.apply(params, state, images, training=True)
 ```
@@ -13,7 +13,7 @@ logits, new_state = model.apply(params, state, images, training=True)
 `params` and `jaxbn.BatchNormState` (float32 running statistics) in `state`.
 Images are NHWC; logits are float32 of shape `(batch, num_classes)`.
 
-The seed CNN and the MLP are built from `Layer`s (a small sequential stack of
+The MNIST CNN and the MLP are built from `Layer`s (a small sequential stack of
 pure functions), which also gives the Keras-style parameter table
 (`parameter_table`). The ResNets (`training.resnet`) are flax.linen modules
 with `jaxbn.linen.BatchNorm`; `linen_model` wraps one into the same `Model`
@@ -40,7 +40,7 @@ from training import resnet
 Params = dict[str, Any]
 State = dict[str, Any]
 
-# Keras' BatchNormalization defaults (the seed's network uses them).
+# Keras' BatchNormalization defaults (the Keras MNIST CNN of the notes uses them).
 KERAS_BN_MOMENTUM = 0.99
 KERAS_BN_EPSILON = 1e-3
 
@@ -127,7 +127,7 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   program lowered on a CPU for GPUs or TPUs (`jax.export`, `train.py
   --lower_for`) holds `conv_valid_xla` (cuDNN / the TPU convolution units),
   and one compiled for CPU holds `conv_valid_cpu` (im2col and matmuls with a
-  hand-written backward pass): for the few channels of the seed CNN, XLA:CPU's
+  hand-written backward pass): for the few channels of the MNIST CNN, XLA:CPU's
   convolution and the automatic gradient of im2col are several times slower
   (measured on its training step, batch 32-128). Both give the same numbers up
   to float rounding (tests/test_train_models.py).
@@ -148,7 +148,7 @@ def conv_valid_in_loops(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   On CPU, `conv_valid_im2col` (im2col with the automatic gradient): in the
   experiments' harness, which steps several model instances one after the
-  other inside a scan, XLA:CPU runs the seed CNN's training step ~2.4x faster
+  other inside a scan, XLA:CPU runs the MNIST CNN's training step ~2.4x faster
   with it than with `conv_valid_cpu` (which is the faster one in a plain
   jitted step). Elsewhere `conv_valid_xla`. Same shapes and numbers as
   `conv_valid` up to float rounding.
@@ -374,7 +374,7 @@ def max_pool_2d(x: jax.Array, window: int = 2) -> jax.Array:
   and PyTorch's; it is written by hand as one small reduction (the position
   of that maximum) and one elementwise pass. The automatic gradient of the
   reshaped max splits ties and counts them per window (measured: 10 of 61 ms
-  of op time in the seed CNN's step at batch 128); reduce_window's
+  of op time in the MNIST CNN's step at batch 128); reduce_window's
   select-and-scatter gradient is slower still on XLA:CPU.
 
   Args:
@@ -452,16 +452,17 @@ def sequential(layers: list[Layer] | tuple[Layer, ...],
 BatchNormFactory = Callable[[str], Layer]
 
 
-def seed_cnn(input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10, *,
+def mnist_cnn(input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10, *,
              use_bn: bool = True, bias_before_bn: bool = True,
              batch_norm_layer: BatchNormFactory = batch_norm,
              conv: Callable = conv_valid) -> Model:
-  """The seed's Keras CNN.
+  """The Keras MNIST CNN.
 
   Conv 10@5x5 -> BN -> ReLU -> MaxPool 2 -> Conv 20@5x5 -> BN -> ReLU ->
   MaxPool 2 -> Flatten -> Dense 100 -> BN -> ReLU -> Dense num_classes.
   On 28x28x1 inputs with biases: 38,650 trainable numbers and 260 running
-  statistics (the seed's table).
+  statistics (the Keras `model.summary()` of the batch-norm notes,
+  docs/evidence.md).
 
   Args:
     input_shape: `(height, width, channels)` of one image.
@@ -551,7 +552,7 @@ def linen_model(module: nn.Module, input_shape: tuple[int, ...]) -> Model:
   return Model(init, apply, (), input_shape, module)
 
 
-MODELS = {"cnn": seed_cnn, "mlp": bn_paper_mlp, **resnet.RESNETS}
+MODELS = {"cnn": mnist_cnn, "mlp": bn_paper_mlp, **resnet.RESNETS}
 
 
 def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
@@ -561,7 +562,7 @@ def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
                  zero_init_last_bn: bool = True, conv: Callable = conv_valid) -> Model:
   """Builds a model by name.
 
-  'cnn': the seed CNN, 'mlp': the BN paper's MLP (sequential, pure
+  'cnn': the MNIST CNN, 'mlp': the BN paper's MLP (sequential, pure
   functions); 'resnet20', 'resnet32', 'resnet56' (CIFAR-style), 'resnet18',
   'resnet34', 'resnet50' (ImageNet-style): `training.resnet` linen modules
   with `jaxbn.linen.BatchNorm`, wrapped by `linen_model`.
