@@ -48,6 +48,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import jax
 import numpy as np
 
+from training import files
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 AUGMENTATIONS = ("auto", "none", "cifar", "imagenet")
 SYNTHETIC = "synthetic"
@@ -221,20 +223,6 @@ def _cache_path(data_dir: pathlib.Path, dataset: str, split: str) -> pathlib.Pat
 
 def _info_path(data_dir: pathlib.Path, dataset: str) -> pathlib.Path:
   return data_dir / "numpy" / dataset / "info.json"
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-  """Writes through `write(file)` to a temporary file, then renames it."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
 
 
 @contextlib.contextmanager
@@ -412,9 +400,9 @@ def _load_in_memory(dataset: str, splits: list[str], data_dir: pathlib.Path,
       return read_cache()  # another process wrote it meanwhile
     arrays, info = _read_in_memory(builder, dataset, splits)
     for split, path in zip(splits, cached):
-      _atomic_write(path, lambda f, s=arrays[split]: np.savez(
+      files.atomic_write(path, lambda f, s=arrays[split]: np.savez(
           f, images=s.images, labels=s.labels))
-    _atomic_write(info_path, lambda f: f.write(json.dumps(
+    files.atomic_write(info_path, lambda f: f.write(json.dumps(
         {"image_shape": list(info.image_shape), "num_classes": info.num_classes}).encode()))
   return arrays, info
 

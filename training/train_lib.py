@@ -39,7 +39,6 @@ import os
 import pathlib
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, NamedTuple
@@ -55,6 +54,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from training import files
 from training import input_pipeline
 from training import models
 from training import resnet
@@ -459,17 +459,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainStat
   return state, progress
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_metrics(workdir: pathlib.Path, history: list[dict]) -> None:
   """Rewrites `metrics.jsonl` (one JSON object per epoch) from the history."""
-  _atomic_write_text(workdir / METRICS_FILE,
-                     "".join(json.dumps(record) + "\n" for record in history))
+  text = "".join(json.dumps(record) + "\n" for record in history)
+  files.atomic_write(workdir / METRICS_FILE, lambda f: f.write(text.encode()))
 
 
 def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
@@ -489,10 +482,7 @@ def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
   figure.tight_layout()
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp", suffix=".png")
-  os.close(fd)
-  figure.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
 
 def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
@@ -790,7 +780,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   key = jax.random.key(config.seed)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+    config_json = config.to_json_best_effort(indent=2).encode()
+    files.atomic_write(workdir / "config.json", lambda f: f.write(config_json))
   run = _Run(config=config, workdir=workdir, mesh=mesh, train=train,
              validation=validation, test=test, steps_per_epoch=steps_per_epoch,
              rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
