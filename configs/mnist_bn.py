@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.manual_dir = ""
   # Where tfds prepares datasets (a cache); '' = $TFDS_DATA_DIR or data/tfds.
   config.data_dir = ""
-  # tfds split strings; '' = the dataset's default (mnist: the Keras notes' 50k
+  # tfds split strings; '' = the dataset's default (mnist: the notes' Keras run's 50k
   # train / 10k validation / 10k test; cifar: 45k / 5k / test; imagenet2012:
   # train[:99%] / train[99%:] / validation).
   config.train_split = ""

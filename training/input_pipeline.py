@@ -73,7 +73,7 @@ _AUTO_AUGMENTATION = {"cifar10": "cifar", "cifar100": "cifar", "imagenet2012": "
 
 # tfds split strings (train, validation, test) when the config leaves them ''.
 _DEFAULT_SPLITS = {
-    "mnist": ("train[:50000]", "train[50000:]", "test"),  # the Keras notes' 50k/10k/10k
+    "mnist": ("train[:50000]", "train[50000:]", "test"),  # 50k/10k/10k, as the notes' Keras run
     "fashion_mnist": ("train[:50000]", "train[50000:]", "test"),
     "cifar10": ("train[:45000]", "train[45000:]", "test"),  # He et al. 2016's 45k/5k
     "cifar100": ("train[:45000]", "train[45000:]", "test"),
