@@ -55,22 +55,44 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
   return args
 
 
-def run_experiment(name: str, description: str, run, plot, argv=None, *,
-                   extra=None) -> None:
+def run_experiment(name: str, description: str, run, plot=None, argv=None, *,
+                   extra=None, suffix=lambda args: "") -> None:
   """The `main` of an experiment: parse flags, `run(args)`, write the JSON, plot.
+
+  The figure is always drawn from the JSON file, so `--plot_only` (redraw it
+  from an earlier run's JSON, e.g. after changing `plot`) draws the same
+  figure as the run that wrote it, with that run's command under the title.
 
   Args:
     name: the experiment's module name (`python -m experiments.NAME`).
     description: its `__doc__`, shown by `--help`.
     run: `run(args) -> results`, a dict of JSON-able numbers and arrays.
-    plot: `plot(args, results)`, writes the PNG with `save_figure`.
+    plot: `plot(args, results)` with the results as read back from the JSON;
+      writes the PNG with `save_figure`. None: the experiment has no figure.
     argv: command-line arguments (default `sys.argv[1:]`).
     extra: `extra(parser)` adds the experiment's own flags.
+    suffix: `suffix(args)`, appended to the file names (`NAME[_TAG]SUFFIX.json`).
   """
-  args = parse_args(name, description, argv, extra=extra)
-  results = run(args)
-  write_json(args, results)
-  plot(args, results)
+  def flags(parser):
+    if plot is not None:
+      parser.add_argument("--plot_only", action="store_true",
+                          help="only redraw the figure from the JSON an earlier run wrote")
+    if extra is not None:
+      extra(parser)
+
+  args = parse_args(name, description, argv, extra=flags)
+  if getattr(args, "plot_only", False):
+    path = json_path(args, suffix(args))
+    if not os.path.exists(path):
+      raise SystemExit(f"--plot_only: {path} does not exist; run the experiment first")
+  else:
+    path = write_json(args, run(args), suffix(args))
+  if plot is not None:
+    with open(path) as f:
+      record = json.load(f)
+    # The figure's subtitle and seed count are those of the run that wrote the JSON.
+    args.command, args.seeds = record["command"], record["seeds"]
+    plot(args, record["results"])
 
 
 def _git_commit() -> str | None:
@@ -104,6 +126,11 @@ def _to_builtin(value):
   return value
 
 
+def json_path(args: argparse.Namespace, suffix: str = "") -> str:
+  """`workdir/NAME[_TAG][suffix].json`."""
+  return os.path.join(args.workdir, f"{args.name}{args.suffix}{suffix}.json")
+
+
 def write_json(args: argparse.Namespace, results: dict, suffix: str = "") -> str:
   """Writes `results` with provenance to `workdir/NAME[_TAG][suffix].json`."""
   import jax  # Imported late so that scripts can set JAX flags first.
@@ -118,7 +145,7 @@ def write_json(args: argparse.Namespace, results: dict, suffix: str = "") -> str
       "wall_time_s": round(time.time() - args.start_time, 1),
       "results": _to_builtin(results),
   }
-  path = os.path.join(args.workdir, f"{args.name}{args.suffix}{suffix}.json")
+  path = json_path(args, suffix)
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   print(f"wrote {path} ({record['wall_time_s']} s)")

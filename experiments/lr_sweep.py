@@ -115,10 +115,8 @@ def plot(args, results) -> None:
 
 
 def main(argv=None):
-  args = _common.parse_args(NAME, __doc__, argv, extra=_flags)
-  results = run(args)
-  _common.write_json(args, results, suffix=f"_{args.model}")
-  plot(args, results)
+  _common.run_experiment(NAME, __doc__, run, plot, argv, extra=_flags,
+                         suffix=lambda args: f"_{args.model}")
 
 
 if __name__ == "__main__":

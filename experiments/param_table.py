@@ -71,8 +71,7 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-  args = _common.parse_args(NAME, __doc__, argv)
-  _common.write_json(args, run(args))
+  _common.run_experiment(NAME, __doc__, run, argv=argv)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,21 @@ def test_evaluation_steps_hit_epoch_ends():
   assert _mnist.evaluation_steps(100, 0.5, 4) == [25, 50]
   assert _mnist.evaluation_steps(100, 0.3, 4) == [25, 30]
 
+
+
+def test_plot_only_redraws_the_figure_from_the_json(quick_run, tmp_path):
+  workdir, _ = quick_run
+  for name in ("feature_scaling", "lr_sweep_cnn"):
+    (tmp_path / f"{name}.json").write_bytes((workdir / f"{name}.json").read_bytes())
+  record = json.loads((tmp_path / "lr_sweep_cnn.json").read_text())
+  importlib.import_module("experiments.feature_scaling").main(
+      ["--workdir", str(tmp_path), "--plot_only"])
+  importlib.import_module("experiments.lr_sweep").main(
+      ["--workdir", str(tmp_path), "--model", "cnn", "--plot_only"])
+  assert (tmp_path / "feature_scaling.png").stat().st_size > 1000
+  assert (tmp_path / "lr_sweep_cnn.png").stat().st_size > 1000
+  # The JSON is read, not rewritten: its command, commit and numbers stay.
+  assert json.loads((tmp_path / "lr_sweep_cnn.json").read_text()) == record
+  with pytest.raises(SystemExit, match="scale_invariance.json does not exist"):
+    importlib.import_module("experiments.scale_invariance").main(
+        ["--workdir", str(tmp_path), "--plot_only"])
