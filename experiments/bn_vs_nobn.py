@@ -114,7 +114,7 @@ def plot(args, results) -> None:
       ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.25)
     claim = results["seed_claim"]["bn_validation_accuracy_after_epoch"]
     ax.plot(list(map(int, claim)), [100 * v for v in claim.values()], "k*",
-            label="seed (Keras, BN)")
+            label="seed 003 (Keras, BN)")
     for threshold in results["thresholds"]:
       ax.axhline(100 * threshold, color="gray", lw=0.5, ls=":")
     ax.set_ylim(max(0.0, np.floor(lowest) - 1), 100)
