@@ -6,8 +6,11 @@ Each experiment runs in this process with the flags listed in `RUNS` (the
 same as running `python -m experiments.NAME --workdir DIR FLAGS` yourself,
 which is the command each JSON file records), then
 `python -m experiments.report --workdir DIR` writes docs/results.md. On the
-project's 2-core CPU the whole set took 50 minutes when idle (commit f1f09d6)
-and 86 minutes in a rerun that shared the CPU with the test suite.
+project's 2-core CPU the whole set took 50 minutes at commit f1f09d6 and 82
+minutes at commit 239576b (the run behind the current page; 8 of its minutes
+shared the CPU with a test file). The code is not
+what differs: on the day of the second run, f1f09d6's code took 84 s and
+239576b's 59 s for `python -m experiments.bn_vs_nobn --epochs 1 --optimizers sgd`.
 """
 
 from __future__ import annotations
