@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from training import files
+
 # TensorFlow (tfds) must not spam logs. It leaves accelerators to JAX
 # (training.input_pipeline hides GPUs from TensorFlow only; an environment
 # variable such as CUDA_VISIBLE_DEVICES would hide them from JAX as well).
@@ -146,8 +148,10 @@ def write_json(args: argparse.Namespace, results: dict, suffix: str = "") -> str
       "results": _to_builtin(results),
   }
   path = json_path(args, suffix)
-  with open(path, "w") as f:
-    json.dump(record, f, indent=1)
+  # Atomic: the partial results that long experiments write after each run
+  # replace the previous ones whole, even if the process is killed mid-write.
+  text = json.dumps(record, indent=1).encode()
+  files.atomic_write(path, lambda f: f.write(text))
   print(f"wrote {path} ({record['wall_time_s']} s)")
   return path
 
