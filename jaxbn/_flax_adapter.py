@@ -16,6 +16,8 @@ collective, so the stored running mean is used as it is.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -24,6 +26,25 @@ import jax.numpy as jnp
 
 from jaxbn import _batch_norm
 from jaxbn import _stats
+
+
+# Set (at trace time) by `recording_batch_statistics`.
+_RECORDING = contextvars.ContextVar("jaxbn_recording_batch_statistics", default=False)
+
+
+@contextlib.contextmanager
+def recording_batch_statistics():
+  """Within it, every adapter layer traced runs in training mode with momentum 0.
+
+  Its updated `mean` and `var` are then exactly the batch's statistics: what
+  PreciseBN (`jaxbn._flax_stats`) pools. It acts while a forward pass is
+  traced, so use it inside the jitted function, not around a call of one.
+  """
+  token = _RECORDING.set(True)
+  try:
+    yield
+  finally:
+    _RECORDING.reset(token)
 
 
 def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
@@ -50,6 +71,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     `(y, new_mean, new_var)`; the new statistics (stop_gradient, in the dtypes
     of `mean` and `var`) are None when the stored ones must not change.
   """
+  if _RECORDING.get():
+    use_running_average, initializing, momentum = False, False, 0.0
   if momentum is None:
     raise TypeError(
         "momentum must be a float in [0, 1); flax's BatchNorm variables hold no "

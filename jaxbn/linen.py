@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _flax_adapter
+from jaxbn import _flax_stats
 from jaxbn import _validation
 
 Initializer = Any
@@ -123,3 +124,17 @@ class BatchNorm(nn.Module):
       running_mean.value = new_mean
       running_var.value = new_var
     return y
+
+
+def recompute_stats(module: nn.Module, variables, batches, *, num_batches: int | None = None,
+                    **apply_kwargs):
+  """PreciseBN over a linen model's `batch_stats`; see `jaxbn._flax_stats`.
+
+  Example: `variables = jaxbn.linen.recompute_stats(model, variables, batches,
+  num_batches=100, train=True)`.
+  """
+  return _flax_stats.linen_recompute_stats(module, variables, batches,
+                                           num_batches=num_batches, **apply_kwargs)
+
+
+sync_stats = _flax_stats.sync_stats

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _flax_adapter
+from jaxbn import _flax_stats
 from jaxbn import _validation
 
 Initializer = Any
@@ -187,3 +188,7 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+recompute_stats = _flax_stats.nnx_recompute_stats
+sync_stats = _flax_stats.sync_stats
