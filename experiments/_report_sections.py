@@ -173,8 +173,9 @@ def feature_scaling(page: text.Page, record):
   page.add("## 4. Feature scaling (seed 003)", "", text.provenance(record), "",
            f"{r['n']:,} people per seed: income ~ N(3000, 400) dollars, height ~ N(69, 3) "
            "inches; least squares without intercept, `H = X^T X / n`. Scaling with "
-           "`jaxbn.fit_standardize` / `jaxbn.standardize` (ddof=0 and 1) and "
-           "`jaxbn.fit_min_max` / `jaxbn.min_max_scale`. Gradient descent from w = 0 "
+           "`jaxbn.scaling.fit_standardize` / `jaxbn.scaling.standardize` (ddof=0 and 1) "
+           "and `jaxbn.scaling.fit_min_max` / `jaxbn.scaling.min_max_scale`. Gradient "
+           "descent from w = 0 "
            f"with step {r['step_size']} until the loss gap is {r['tolerance']:g} of the "
            "initial one (float64).", "",
            "| features | seed's cond(H) | cond(H), this run | population cond(E[xx^T]) "

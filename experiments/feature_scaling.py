@@ -4,8 +4,8 @@ People are described by income and height, both Gaussian: income in dollars
 (mean 3000, std 400), height in inches (mean 69, std 3). For least squares
 without intercept the Hessian is `H = X^T X / n`. The seed says cond(H) is about
 9.2e4 in dollars/inches, 281.7 in thousands of dollars/feet, and "close to 1"
-after standardization. Here the same data are scaled with `jaxbn.standardize`
-and `jaxbn.min_max_scale`, and plain gradient descent (step 1/lambda_max, from
+after standardization. Here the same data are scaled with `jaxbn.scaling.standardize`
+and `jaxbn.scaling.min_max_scale`, and plain gradient descent (step 1/lambda_max, from
 w = 0) is run until the loss gap is below `tolerance` of its initial value.
 
   python -m experiments.feature_scaling --workdir runs/experiments
@@ -95,10 +95,11 @@ def run(args) -> dict:
     for seed in args.seeds:
       raw, y = _people(n, seed)
       variants = {name: raw * factor for name, factor in units.items()}
-      stats = jaxbn.fit_standardize(raw)
-      variants["standardized"] = np.asarray(jaxbn.standardize(stats, raw))
-      variants["standardized_ddof1"] = np.asarray(jaxbn.standardize(stats, raw, ddof=1))
-      variants["min_max"] = np.asarray(jaxbn.min_max_scale(jaxbn.fit_min_max(raw), raw))
+      stats = jaxbn.scaling.fit_standardize(raw)
+      variants["standardized"] = np.asarray(jaxbn.scaling.standardize(stats, raw))
+      variants["standardized_ddof1"] = np.asarray(jaxbn.scaling.standardize(stats, raw, ddof=1))
+      variants["min_max"] = np.asarray(
+          jaxbn.scaling.min_max_scale(jaxbn.scaling.fit_min_max(raw), raw))
       record = {"seed": seed}
       for name, x in variants.items():
         hessian = x.T @ x / n

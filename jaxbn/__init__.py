@@ -9,24 +9,11 @@ from jaxbn._folding import fold_into_dense as fold_into_dense
 from jaxbn._ghost import ghost_batch_norm as ghost_batch_norm
 from jaxbn._precise import recompute_stats as recompute_stats
 from jaxbn._renorm import batch_renorm as batch_renorm
-from jaxbn._scaling import MinMaxStats as MinMaxStats
-from jaxbn._scaling import StandardizeStats as StandardizeStats
-from jaxbn._scaling import fit_min_max as fit_min_max
-from jaxbn._scaling import fit_standardize as fit_standardize
-from jaxbn._scaling import init_min_max as init_min_max
-from jaxbn._scaling import init_standardize as init_standardize
-from jaxbn._scaling import merge_min_max as merge_min_max
-from jaxbn._scaling import merge_standardize as merge_standardize
-from jaxbn._scaling import min_max_scale as min_max_scale
-from jaxbn._scaling import min_max_unscale as min_max_unscale
-from jaxbn._scaling import standardize as standardize
-from jaxbn._scaling import unstandardize as unstandardize
-from jaxbn._scaling import update_min_max as update_min_max
-from jaxbn._scaling import update_standardize as update_standardize
 from jaxbn._stats import Moments as Moments
 from jaxbn._stats import merge_moments as merge_moments
 from jaxbn._stats import moments as moments
 from jaxbn._sync import sync_stats as sync_stats
+from jaxbn import scaling as scaling
 from jaxbn._torch_interop import from_torch as from_torch
 from jaxbn._torch_interop import to_torch as to_torch
 
@@ -39,24 +26,15 @@ def __getattr__(name: str):
   if name in ("linen", "nnx"):
     import importlib
     return importlib.import_module(f"jaxbn.{name}")
+  if name in scaling.__all__:
+    import warnings
+    warnings.warn(f"jaxbn.{name} moved to jaxbn.scaling.{name} (CHANGELOG.md, 0.2.0); the "
+                  "old name will be removed.", DeprecationWarning, stacklevel=2)
+    return getattr(scaling, name)
   raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 
 
 __all__ = [
-    "MinMaxStats",
-    "StandardizeStats",
-    "fit_min_max",
-    "fit_standardize",
-    "init_min_max",
-    "init_standardize",
-    "merge_min_max",
-    "merge_standardize",
-    "min_max_scale",
-    "min_max_unscale",
-    "standardize",
-    "unstandardize",
-    "update_min_max",
-    "update_standardize",
     "BatchNormParams",
     "BatchNormState",
     "Moments",
@@ -72,6 +50,5 @@ __all__ = [
     "fold_into_dense",
     "from_torch",
     "to_torch",
-    "linen",
-    "nnx",
+    "scaling",
 ]

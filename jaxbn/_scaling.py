@@ -55,7 +55,7 @@ class MinMaxStats(NamedTuple):
 def _check_stats(stats, fields, stats_type, x, feature_axes, feature_shape):
   if not isinstance(stats, stats_type):
     raise TypeError(
-        f"stats must be a jaxbn.{stats_type.__name__}, got {type(stats).__name__}.")
+        f"stats must be a jaxbn.scaling.{stats_type.__name__}, got {type(stats).__name__}.")
   _validation.check_feature_shape(stats, feature_shape, tree_name="stats",
                                   field_names=fields, x_shape=x.shape,
                                   feature_axes=feature_axes)

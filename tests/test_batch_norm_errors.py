@@ -73,7 +73,7 @@ def test_one_value_per_feature_is_rejected_globally_under_vmap(setup):
 @pytest.mark.parametrize("num_features", [0, -2, (3, 0), "3", "34", 2.7, (2.7,), True])
 def test_init_rejects_bad_feature_counts(num_features):
   # One validation for every function that takes num_features.
-  for init in (jaxbn.init, jaxbn.init_standardize, jaxbn.init_min_max):
+  for init in (jaxbn.init, jaxbn.scaling.init_standardize, jaxbn.scaling.init_min_max):
     with pytest.raises(ValueError, match="num_features must be a positive int"):
       init(num_features)
 
