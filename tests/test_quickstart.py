@@ -1,4 +1,4 @@
-"""The README's example is docs/quickstart.md's, and it works pasted into a Python prompt.
+"""The README's and home page's example is the quickstart's, and it works pasted into a prompt.
 
 tests/test_readme.py runs every python block as a script; a prompt is stricter (a
 blank line ends a compound statement, a dedent without one is a syntax error), so
@@ -16,8 +16,10 @@ def first_python_block(page: str) -> str:
   return re.search(r"```python\n(.*?)```", (_REPO / page).read_text(), flags=re.S).group(1)
 
 
-def test_readme_example_is_the_quickstart():
-  assert first_python_block("README.md") == first_python_block("docs/quickstart.md")
+def test_readme_and_home_page_examples_are_the_quickstart():
+  quickstart = first_python_block("docs/quickstart.md")
+  assert first_python_block("README.md") == quickstart
+  assert first_python_block("docs/index.md") == quickstart
 
 
 class _Prompt(code.InteractiveConsole):
