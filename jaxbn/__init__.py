@@ -16,6 +16,7 @@ from jaxbn._sync import sync_stats as sync_stats
 from jaxbn import scaling as scaling
 from jaxbn._torch_interop import from_torch as from_torch
 from jaxbn._torch_interop import to_torch as to_torch
+from jaxbn._validation import MomentumWarning as MomentumWarning
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "init",
     "merge_moments",
     "moments",
+    "MomentumWarning",
     "batch_renorm",
     "ghost_batch_norm",
     "recompute_stats",

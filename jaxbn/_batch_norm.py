@@ -91,6 +91,17 @@ def init(num_features: int | tuple[int, ...], *,
 
   Raises:
     ValueError: `num_features` is not a positive int or tuple of them.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> params, state = jaxbn.init(3)
+    >>> params.scale.tolist(), params.bias.tolist()
+    ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    >>> state.mean.tolist(), state.var.tolist(), int(state.count)
+    ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
+    >>> params, state = jaxbn.init((4, 3), dtype=jnp.bfloat16)  # two feature axes
+    >>> params.scale.dtype, state.mean.dtype, state.mean.shape
+    (dtype(bfloat16), dtype('float32'), (4, 3))
   """
   shape = _validation.feature_shape_of(num_features)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -328,6 +339,28 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
     ValueError: bad `axis`, `epsilon`, `momentum`, `axis_index_groups`, mask
       shape, params/state shapes, or only one value per feature in training.
     NameError: `axis_name` is not bound by an enclosing vmap / shard_map.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> params, state = jaxbn.init(2)
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])  # (batch, features)
+    >>> y, state = jaxbn.batch_norm(params, state, x, training=True)
+    >>> y.round(3).tolist()
+    [[-1.0, -1.0], [1.0, 1.0]]
+    >>> [round(float(m), 6) for m in state.mean], int(state.count)  # 0.01 * batch mean
+    ([0.02, 0.2], 1)
+    >>> y_eval, same = jaxbn.batch_norm(params, state, x, training=False)
+    >>> same is state
+    True
+
+    NCHW activations name their channel axis, and `training` is static under
+    `jax.jit`:
+
+    >>> params, state = jaxbn.init(16)
+    >>> step = jax.jit(jaxbn.batch_norm, static_argnames=("training", "axis"))
+    >>> y, state = step(params, state, jnp.ones((8, 16, 5, 5)), training=True, axis=1)
+    >>> y.shape, state.mean.shape
+    ((8, 16, 5, 5), (16,))
   """
   training = _validation.check_training(training)
   call = parse_call(params, state, x, axis=axis, momentum=momentum, epsilon=epsilon,
@@ -410,6 +443,7 @@ def parse_call(params, state, x, *, axis, momentum, epsilon, axis_name,
                                   feature_axes=feature_axes)
   names = _validation.normalize_axis_name(axis_name)
   groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
+  _validation.check_axis_names_bound(names)
   if mask is not None:
     mask = _validation.broadcast_mask(mask, x.shape)
   return ParsedCall(

@@ -98,6 +98,13 @@ def fit_standardize(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=No
   Returns:
     `StandardizeStats` of shape `feature_shape`, float32 (float64 for float64
     input).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> x = jnp.array([[3000.0, 60.0], [3400.0, 70.0], [2600.0, 80.0]])
+    >>> stats = jaxbn.fit_standardize(x)
+    >>> stats.mean.tolist(), stats.count.tolist()
+    ([3000.0, 70.0], [3.0, 3.0])
   """
   return StandardizeStats(*_stats.moments(x, axis=axis, mask=mask, axis_name=axis_name,
                                           axis_index_groups=axis_index_groups))
@@ -165,6 +172,15 @@ def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
 
   Returns:
     Array of `x`'s shape and dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 10.0]])
+    >>> stats = jaxbn.fit_standardize(x)
+    >>> jaxbn.standardize(stats, x).tolist()  # the constant column is only centered
+    [[-1.0, 0.0], [1.0, 0.0]]
+    >>> jaxbn.unstandardize(stats, jaxbn.standardize(stats, x)).tolist()
+    [[1.0, 10.0], [3.0, 10.0]]
   """
   x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)
   _check_stats(stats, ("count", "mean", "var"), StandardizeStats, x, feature_axes,
@@ -213,10 +229,17 @@ def fit_min_max(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=None,
   Returns:
     `MinMaxStats` of shape `feature_shape` in float32 (float64 for float64
     input); features without a valid element have min=+inf, max=-inf.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> bounds = jaxbn.fit_min_max(jnp.array([[0.0, -5.0], [10.0, 5.0], [5.0, 0.0]]))
+    >>> bounds.min.tolist(), bounds.max.tolist()
+    ([0.0, -5.0], [10.0, 5.0])
   """
   x, _, reduction_axes, _ = _validation.parse_input(x, axis)
   names = _validation.normalize_axis_name(axis_name)
   groups = _validation.normalize_axis_index_groups(axis_index_groups, names)
+  _validation.check_axis_names_bound(names)
   compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
   x = x.astype(compute_dtype)
   if mask is None:
@@ -274,6 +297,15 @@ def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1,
 
   Returns:
     Array of `x`'s shape and dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> x = jnp.array([[0.0, -5.0], [10.0, 5.0], [5.0, 0.0]])
+    >>> bounds = jaxbn.fit_min_max(x)
+    >>> jaxbn.min_max_scale(bounds, x).tolist()
+    [[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]
+    >>> jaxbn.min_max_scale(bounds, x, feature_range=(-1, 1))[2].tolist()
+    [0.0, 0.0]
   """
   x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)
   _check_stats(stats, ("min", "max"), MinMaxStats, x, feature_axes, feature_shape)

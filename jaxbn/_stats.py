@@ -271,6 +271,16 @@ def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
     shape `feature_shape`. A feature with no valid element has `count` 0,
     `var` 0 and `mean` equal to the shift (0 by default), so that pooling it
     with `merge_moments` changes nothing.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> x = jnp.array([[1.0, 5.0], [3.0, 5.0], [8.0, 5.0]])
+    >>> m = jaxbn.moments(x)  # per column
+    >>> m.count.tolist(), m.mean.tolist(), [round(float(v), 4) for v in m.var]
+    ([3.0, 3.0], [4.0, 5.0], [8.6667, 0.0])
+    >>> valid = jnp.array([True, True, False])[:, None]  # leave the last row out
+    >>> jaxbn.moments(x, mask=valid).mean.tolist()
+    [2.0, 5.0]
   """
   x, _, reduction_axes, feature_shape = _validation.parse_input(x, axis)
   names = _validation.normalize_axis_name(axis_name)
@@ -308,7 +318,18 @@ def data_shift(x: jax.Array, reduction_axes: tuple[int, ...],
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-  """Pools two count-weighted `Moments` exactly (Chan et al.'s parallel update)."""
+  """Pools two count-weighted `Moments` exactly (Chan et al.'s parallel update).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> a, b = jnp.array([[1.0], [3.0]]), jnp.array([[8.0]])
+    >>> pooled = jaxbn.merge_moments(jaxbn.moments(a), jaxbn.moments(b))
+    >>> whole = jaxbn.moments(jnp.concatenate([a, b]))
+    >>> pooled.count.tolist(), pooled.mean.tolist(), whole.mean.tolist()
+    ([3.0], [4.0], [4.0])
+    >>> bool(jnp.allclose(pooled.var, whole.var))
+    True
+  """
   count = a.count + b.count
   safe = jnp.maximum(count, 1)
   weight_b = b.count / safe

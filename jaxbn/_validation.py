@@ -10,13 +10,43 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import numbers
+import sys
 from typing import NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 AxisName = str | tuple[str, ...]
+
+# Below this, `momentum` is more likely PyTorch's convention than a deliberate choice.
+SUSPICIOUS_MOMENTUM = 0.5
+
+
+class MomentumWarning(UserWarning):
+  """A batch-norm `momentum` in (0, 0.5): probably PyTorch's convention.
+
+  jaxbn's `momentum` is the weight of the old running value (flax's and Keras'
+  convention); PyTorch's is the weight of the new one, so PyTorch's
+  `momentum=0.1` is `momentum=0.9` here. Where a small momentum is meant,
+  silence the warning with
+  `warnings.filterwarnings("ignore", category=jaxbn.MomentumWarning)`.
+  `momentum=0` (store exactly the last batch's statistics) does not warn.
+  """
+
+
+# Frames of these packages are skipped when a warning points at the caller's line.
+_LIBRARY_PACKAGES = frozenset({"jaxbn", "jax", "jaxlib", "flax", "equinox", "haiku"})
+
+
+def _caller_stacklevel() -> int:
+  """The `stacklevel` of the first frame outside jaxbn and the libraries calling it."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None and (
+      frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 def canonicalize_axes(axis: int | Sequence[int], ndim: int, *,
@@ -106,9 +136,11 @@ def feature_shape_of(num_features) -> tuple[int, ...]:
 
 def check_floating(x: jax.Array, name: str = "x") -> None:
   if not jnp.issubdtype(x.dtype, jnp.floating):
+    hint = (f" Convert it first, e.g. {name}.astype(jnp.float32) (and scale images, "
+            f"e.g. / 255)." if jnp.issubdtype(x.dtype, jnp.integer) else "")
     raise TypeError(
         f"{name} must have a floating-point dtype (float32, bfloat16, float16, "
-        f"float64), got {x.dtype}.")
+        f"float64), got {x.dtype}.{hint}")
 
 
 def check_epsilon(epsilon: float) -> float:
@@ -133,7 +165,19 @@ def check_momentum(momentum: float | None) -> float | None:
     raise ValueError(
         f"momentum must be in [0, 1) (the weight of the old running value), "
         f"got {momentum!r}. PyTorch's momentum=0.1 is momentum=0.9 here.")
+  if 0.0 < momentum < SUSPICIOUS_MOMENTUM:
+    warnings.warn(momentum_warning_message(momentum), MomentumWarning,
+                  stacklevel=_caller_stacklevel())
   return float(momentum)
+
+
+def momentum_warning_message(momentum: float) -> str:
+  return (
+      f"momentum={momentum!r} keeps only {100 * momentum:.3g}% of the old running statistics "
+      "at each step: jaxbn's momentum is the weight of the old value (flax, Keras). "
+      f"PyTorch's momentum={momentum!r} is momentum={1 - momentum:.4g} here. If you "
+      "mean it, silence this with "
+      "warnings.filterwarnings('ignore', category=jaxbn.MomentumWarning).")
 
 
 def check_training(training) -> bool:
@@ -157,7 +201,17 @@ def check_feature_shape(tree, expected: tuple[int, ...], *, tree_name: str,
     if tuple(np.shape(value)) != expected:
       raise ValueError(
           f"{tree_name}.{field} has shape {tuple(np.shape(value))}, but x of shape "
-          f"{x_shape} with feature axes {feature_axes} needs shape {expected}.")
+          f"{x_shape} with feature axes {feature_axes} needs shape {expected}."
+          + _channels_first_hint(tuple(np.shape(value)), x_shape, feature_axes))
+
+
+def _channels_first_hint(field_shape, x_shape, feature_axes) -> str:
+  """A hint when `x` looks NCHW (features on axis 1) but the last axis was named."""
+  channels_last = len(x_shape) >= 3 and feature_axes == (len(x_shape) - 1,)
+  if channels_last and field_shape == (x_shape[1],):
+    return (f" x looks channels-first (NCHW, {x_shape[1]} features on axis 1): "
+            "pass axis=1.")
+  return ""
 
 
 def normalize_axis_name(axis_name) -> tuple | None:
@@ -167,6 +221,25 @@ def normalize_axis_name(axis_name) -> tuple | None:
   if not names:
     raise ValueError("axis_name must be a name or a non-empty tuple of names.")
   return tuple(names)
+
+
+def check_axis_names_bound(names: tuple | None) -> None:
+  """Checks that each name of `normalize_axis_name`'s output is a mapped axis here.
+
+  Raises:
+    NameError: a name is not bound by an enclosing vmap / shard_map, with what
+      to do under plain `jax.jit` (JAX's own error names only the axis).
+  """
+  for name in names or ():
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      shown = names[0] if len(names) == 1 else names
+      raise NameError(
+          f"axis_name={shown!r}: {name!r} is not bound by an enclosing jax.vmap or "
+          "jax.shard_map. Under plain jax.jit over batch-sharded arrays leave "
+          "axis_name=None (the statistics are already global); under vmap or "
+          f"shard_map, map over {name!r} (e.g. jax.vmap(f, axis_name={name!r})).") from None
 
 
 def normalize_axis_index_groups(groups, axis_name) -> tuple[tuple[int, ...], ...] | None:
