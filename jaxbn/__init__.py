@@ -29,8 +29,8 @@ def __getattr__(name: str):
     return importlib.import_module(f"jaxbn.{name}")
   if name in scaling.__all__:
     import warnings
-    warnings.warn(f"jaxbn.{name} moved to jaxbn.scaling.{name} (CHANGELOG.md, 0.2.0); the "
-                  "old name will be removed.", DeprecationWarning, stacklevel=2)
+    warnings.warn(f"jaxbn.{name} moved to jaxbn.scaling.{name} (see CHANGELOG.md); the "
+                  "old name will be removed in a later release.", DeprecationWarning, stacklevel=2)
     return getattr(scaling, name)
   raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 

@@ -102,7 +102,7 @@ def fit_standardize(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=No
   Examples:
     >>> import jax.numpy as jnp, jaxbn
     >>> x = jnp.array([[3000.0, 60.0], [3400.0, 70.0], [2600.0, 80.0]])
-    >>> stats = jaxbn.fit_standardize(x)
+    >>> stats = jaxbn.scaling.fit_standardize(x)
     >>> stats.mean.tolist(), stats.count.tolist()
     ([3000.0, 70.0], [3.0, 3.0])
   """
@@ -176,10 +176,10 @@ def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
   Examples:
     >>> import jax.numpy as jnp, jaxbn
     >>> x = jnp.array([[1.0, 10.0], [3.0, 10.0]])
-    >>> stats = jaxbn.fit_standardize(x)
-    >>> jaxbn.standardize(stats, x).tolist()  # the constant column is only centered
+    >>> stats = jaxbn.scaling.fit_standardize(x)
+    >>> jaxbn.scaling.standardize(stats, x).tolist()  # the constant column is only centered
     [[-1.0, 0.0], [1.0, 0.0]]
-    >>> jaxbn.unstandardize(stats, jaxbn.standardize(stats, x)).tolist()
+    >>> jaxbn.scaling.unstandardize(stats, jaxbn.scaling.standardize(stats, x)).tolist()
     [[1.0, 10.0], [3.0, 10.0]]
   """
   x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)
@@ -232,7 +232,7 @@ def fit_min_max(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=None,
 
   Examples:
     >>> import jax.numpy as jnp, jaxbn
-    >>> bounds = jaxbn.fit_min_max(jnp.array([[0.0, -5.0], [10.0, 5.0], [5.0, 0.0]]))
+    >>> bounds = jaxbn.scaling.fit_min_max(jnp.array([[0.0, -5.0], [10.0, 5.0], [5.0, 0.0]]))
     >>> bounds.min.tolist(), bounds.max.tolist()
     ([0.0, -5.0], [10.0, 5.0])
   """
@@ -301,10 +301,10 @@ def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1,
   Examples:
     >>> import jax.numpy as jnp, jaxbn
     >>> x = jnp.array([[0.0, -5.0], [10.0, 5.0], [5.0, 0.0]])
-    >>> bounds = jaxbn.fit_min_max(x)
-    >>> jaxbn.min_max_scale(bounds, x).tolist()
+    >>> bounds = jaxbn.scaling.fit_min_max(x)
+    >>> jaxbn.scaling.min_max_scale(bounds, x).tolist()
     [[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]
-    >>> jaxbn.min_max_scale(bounds, x, feature_range=(-1, 1))[2].tolist()
+    >>> jaxbn.scaling.min_max_scale(bounds, x, feature_range=(-1, 1))[2].tolist()
     [0.0, 0.0]
   """
   x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)

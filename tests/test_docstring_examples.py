@@ -7,17 +7,19 @@ import pytest
 import jaxbn
 
 # The core functions, which must keep an Examples section.
-_WITH_EXAMPLES = ("init", "batch_norm", "moments", "merge_moments", "fit_standardize",
-                  "standardize", "fit_min_max", "min_max_scale")
+_WITH_EXAMPLES = ("init", "batch_norm", "moments", "merge_moments",
+                  "scaling.fit_standardize", "scaling.standardize", "scaling.fit_min_max",
+                  "scaling.min_max_scale")
 
 
 def _doctests():
   finder = doctest.DocTestFinder(recurse=False)
   tests = {}
-  for name in jaxbn.__all__:
-    if name in ("linen", "nnx"):  # the flax modules need the flax extra
-      continue
-    for test in finder.find(getattr(jaxbn, name), f"jaxbn.{name}", globs={}):
+  public = [(name, getattr(jaxbn, name)) for name in jaxbn.__all__ if name != "scaling"]
+  public += [(f"scaling.{name}", getattr(jaxbn.scaling, name))
+             for name in jaxbn.scaling.__all__]
+  for name, obj in public:
+    for test in finder.find(obj, f"jaxbn.{name}", globs={}):
       if test.examples:
         tests[name] = test
   return tests
