@@ -34,9 +34,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-  # The flax adapters import flax; load them on first use so `import jaxbn`
-  # stays light. `from jaxbn import linen` works either way.
-  if name in ("linen", "nnx"):
+  # The flax and Equinox adapters import those libraries; load them on first
+  # use so `import jaxbn` stays light. `from jaxbn import linen` works either way.
+  if name in ("linen", "nnx", "equinox"):
     import importlib
     return importlib.import_module(f"jaxbn.{name}")
   raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
@@ -74,4 +74,5 @@ __all__ = [
     "to_torch",
     "linen",
     "nnx",
+    "equinox",
 ]
