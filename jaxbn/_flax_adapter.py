@@ -22,6 +22,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from jaxbn import _activation
 from jaxbn import _batch_norm
 from jaxbn import _stats
 
@@ -30,7 +31,9 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                mean: jax.Array, var: jax.Array, *, use_running_average: bool,
                initializing: bool, feature_axes: tuple[int, ...],
                momentum: float, epsilon: float, axis_name: Any,
-               axis_index_groups: Any, mask: Any, out_dtype: Any
+               axis_index_groups: Any, mask: Any, out_dtype: Any,
+               activation: str | None = None, negative_slope: float = 0.01,
+               memory_saving: bool = False
                ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
   """Flax BatchNorm semantics on top of `jaxbn.batch_norm`.
 
@@ -45,6 +48,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     momentum, epsilon, axis_name, axis_index_groups: as flax's BatchNorm.
     mask: optional array broadcastable to `x`, truthy where an element counts.
     out_dtype: dtype of the result.
+    activation, negative_slope, memory_saving: as `jaxbn.batch_norm_activation`
+      (None: no activation).
 
   Returns:
     `(y, new_mean, new_var)`; the new statistics (stop_gradient, in the dtypes
@@ -55,6 +60,9 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
         "momentum must be a float in [0, 1); flax's BatchNorm variables hold no "
         "step count, so the cumulative average (momentum=None) needs "
         "jaxbn.batch_norm with a BatchNormState.")
+  slope = _activation.check_activation(activation, negative_slope, memory_saving)
+  if memory_saving:
+    scale = _activation.invertible_scale(scale, epsilon)
   x = jnp.asarray(x)
   if jnp.promote_types(x.dtype, out_dtype) != x.dtype:
     x = x.astype(out_dtype)
@@ -81,15 +89,21 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                              var=jnp.where(has_data, batch.var, var))
     y, _ = _batch_norm.batch_norm(params, state, x, training=False, axis=feature_axes,
                                   epsilon=epsilon)
-    return y.astype(out_dtype), None, None
+    return _activation.apply_activation(y, slope).astype(out_dtype), None, None
 
   call = _batch_norm.parse_call(
       params, state, x, axis=feature_axes, momentum=momentum, epsilon=epsilon,
       axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   # One value per feature is flax's variance 0 (the output is `bias`), not an
   # error: flax code paths such as nnx.tabulate and per-example vmap do it.
-  y, new_state = _batch_norm.normalize_in_training(
-      call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
+  if memory_saving:
+    y, stats = _activation.normalize_act_in_training(
+        call, state, slope=slope, single_value_ok=True, countless_state=True)
+    new_state = _batch_norm.update_state(state, stats, momentum, False)
+  else:
+    y, new_state = _batch_norm.normalize_in_training(
+        call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
+    y = _activation.apply_activation(y, slope)
   new_mean = lax.stop_gradient(new_state.mean).astype(jnp.result_type(mean))
   new_var = lax.stop_gradient(new_state.var).astype(jnp.result_type(var))
   return y.astype(out_dtype), new_mean, new_var

@@ -61,6 +61,13 @@ class BatchNorm(nn.Module):
     force_float32_reductions: True (default) keeps `batch_stats` in float32;
       False stores them in `param_dtype`, as flax does. jaxbn reduces in at
       least float32 either way.
+    activation: None (default, flax's layer), or "relu", "leaky_relu" or
+      "identity" applied to the output (`jaxbn.batch_norm_activation`).
+    negative_slope: leaky ReLU's slope for negative inputs.
+    memory_saving: InPlace-ABN: the training backward pass keeps only the
+      output, not the input; needs `activation="leaky_relu"` (slope > 0) or
+      "identity", and uses `|scale| + epsilon` as the scale (see
+      docs/activation.md).
   """
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
@@ -76,6 +83,9 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  activation: str | None = None
+  negative_slope: float = 0.01
+  memory_saving: bool = False
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
@@ -118,7 +128,9 @@ class BatchNorm(nn.Module):
         feature_axes=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         mask=mask,
-        out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
+        out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+        activation=self.activation, negative_slope=self.negative_slope,
+        memory_saving=self.memory_saving)
     if new_mean is not None:
       running_mean.value = new_mean
       running_var.value = new_var

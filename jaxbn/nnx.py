@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn import _activation
 from jaxbn import _flax_adapter
 from jaxbn import _validation
 
@@ -66,6 +67,12 @@ class BatchNorm(nnx.Module):
     rngs: `nnx.Rngs`; the `params` stream initializes `scale`, then `bias`.
     bias_metadata: metadata of the `bias` Param.
     scale_metadata: metadata of the `scale` Param.
+    activation: None (default, flax's layer), or "relu", "leaky_relu" or
+      "identity" applied to the output (`jaxbn.batch_norm_activation`).
+    negative_slope: leaky ReLU's slope for negative inputs.
+    memory_saving: InPlace-ABN: the training backward pass keeps only the
+      output, not the input; needs `activation="leaky_relu"` (slope > 0) or
+      "identity", and uses `|scale| + epsilon` as the scale.
   """
 
   def __init__(
@@ -90,7 +97,11 @@ class BatchNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+      activation: str | None = None,
+      negative_slope: float = 0.01,
+      memory_saving: bool = False,
   ):
+    _activation.check_activation(activation, negative_slope, memory_saving)
     feature_shape = _validation.feature_shape_of(num_features)
     if len(feature_shape) != 1 or not isinstance(num_features, (int, np.integer)):
       raise ValueError(
@@ -127,6 +138,9 @@ class BatchNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
     self.force_float32_reductions = force_float32_reductions
+    self.activation = activation
+    self.negative_slope = negative_slope
+    self.memory_saving = memory_saving
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
                *, mask: jax.typing.ArrayLike | None = None) -> jax.Array:
@@ -172,7 +186,9 @@ class BatchNorm(nnx.Module):
         to_features(self.var[...]), use_running_average=use_running_average,
         initializing=False, feature_axes=feature_axes, momentum=self.momentum,
         epsilon=self.epsilon, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, mask=mask, out_dtype=x.dtype)
+        axis_index_groups=self.axis_index_groups, mask=mask, out_dtype=x.dtype,
+        activation=self.activation, negative_slope=self.negative_slope,
+        memory_saving=self.memory_saving)
     if new_mean is not None:
       self.mean[...] = new_mean.reshape(self.mean[...].shape)
       self.var[...] = new_var.reshape(self.var[...].shape)
