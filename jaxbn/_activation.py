@@ -186,13 +186,22 @@ def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
   the affine map can be inverted).
 
   Args:
-    params, state, x, training, axis, momentum, epsilon, axis_name,
-      axis_index_groups, mask, unbiased_running_var: as in `jaxbn.batch_norm`.
+    params: `BatchNormParams(scale, bias)` or None, as in `jaxbn.batch_norm`.
+    state: `BatchNormState` of running statistics.
+    x: floating-point input, e.g. `(N, H, W, C)`.
+    training: batch statistics and a new state (True) or the running ones.
     activation: "leaky_relu" (`x if x >= 0 else negative_slope * x`),
       "relu" or "identity".
     negative_slope: leaky ReLU's slope below 0 (> 0 with `memory_saving`).
     memory_saving: save only the output for the backward pass; needs
       "leaky_relu" with `negative_slope > 0` or "identity".
+    axis: feature axis or axes.
+    momentum: weight of the old running value (None: cumulative average).
+    epsilon: added to the variance; also the floor of `|scale| + epsilon`.
+    axis_name: mapped axis name(s) to pool the statistics over.
+    axis_index_groups: optional equal-size partition of the replicas.
+    mask: optional boolean array broadcastable to `x`; True elements count.
+    unbiased_running_var: store `n / (n - 1)` times the batch variance.
 
   Returns:
     `(y, new_state)` as `jaxbn.batch_norm`.

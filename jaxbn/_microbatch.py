@@ -82,10 +82,16 @@ def batch_norm_moments(params: _batch_norm.BatchNormParams | None,
   `merge_moments` and apply them once with `update_stats`.
 
   Args:
-    params, state, x, axis, epsilon, axis_name, axis_index_groups, mask: as
-      in `jaxbn.batch_norm`.
+    params: `BatchNormParams(scale, bias)` or None, as in `jaxbn.batch_norm`.
+    state: the running statistics (read only).
+    x: floating-point input, e.g. `(N, H, W, C)`.
+    axis: feature axis or axes.
     momentum: the momentum `update_stats` will use; here it only debiases the
       running mean that shifts the one-pass variance.
+    epsilon: added to the variance before the square root.
+    axis_name: mapped axis name(s) to pool the statistics over.
+    axis_index_groups: optional equal-size partition of the replicas.
+    mask: optional boolean array broadcastable to `x`; True elements count.
 
   Returns:
     `(y, moments)`: `y` of `x`'s shape and dtype; `Moments(count, mean, var)`
@@ -94,7 +100,9 @@ def batch_norm_moments(params: _batch_norm.BatchNormParams | None,
     count 0 (and weighs nothing in `merge_moments` and `update_stats`).
 
   Raises:
-    As `jaxbn.batch_norm` in training mode.
+    ValueError: as `jaxbn.batch_norm` in training mode (bad arguments, one
+      value per feature).
+    NameError: `axis_name` is not bound by an enclosing vmap / shard_map.
   """
   call = _batch_norm.parse_call(params, state, x, axis=axis, momentum=momentum,
                                 epsilon=epsilon, axis_name=axis_name,
