@@ -3,6 +3,7 @@
     python -m benchmarks.activation_memory                       # H100 and TPU v5e
     python -m benchmarks.activation_memory --targets=tpu-v5e --variants=flax,jaxbn-inplace
     python -m benchmarks.activation_memory --fit                 # + largest batch on v5e
+    python -m benchmarks.activation_memory --targets=tpu-v5e --batch=256   # one more point
 
 Compiles (without a device: the compile-only GPU and TPU backends of
 `jax[cuda12]` and `jax[tpu]`) one training step of a ResNet-50 v1.5, bf16
@@ -24,8 +25,9 @@ The BN before each residual sum and the projection shortcut's BN carry no
 activation: they are `flax.linen.BatchNorm` in the `flax` variant and
 `jaxbn.linen.BatchNorm` in the others.
 
-`--fit` bisects the largest per-device batch whose step fits a 16 GiB v5e
-chip (arguments + temp + outputs - aliased <= 16 GiB).
+`--fit` estimates the largest per-device batch whose step fits a 16 GiB v5e
+chip (arguments + temp + outputs - aliased <= 16 GiB) from compiles at
+batches 128 and 256 (the step's memory is affine in the batch).
 """
 
 from __future__ import annotations
@@ -178,18 +180,22 @@ def measures(compiled) -> dict[str, float | None]:
 
 
 def largest_fitting_batch(variant: str, hbm_bytes: int = V5E_HBM_BYTES,
-                          low: int = 128, high: int = 1024) -> int:
-  """Bisects the largest batch (a multiple of 8) whose v5e step fits `hbm_bytes`."""
-  def fits(batch):
-    total = measures(compile_train_step(variant, "tpu-v5e", batch))["total_gib"] * GIB
-    print(f"  {variant} batch {batch}: {total / GIB:.2f} GiB", flush=True)
-    return total <= hbm_bytes
-  if not fits(low):
-    return 0
-  while high - low > 8:
-    mid = (low + high) // 16 * 8
-    low, high = (mid, high) if fits(mid) else (low, mid)
-  return low
+                          batches: tuple[int, int] = (128, 256)) -> tuple[int, list[str]]:
+  """Estimates the largest batch (a multiple of 8) whose v5e step fits `hbm_bytes`.
+
+  The step's memory is affine in the batch (activations grow with it,
+  parameters and optimizer state do not), so two compiles give the line; the
+  estimate is where it crosses `hbm_bytes`. Returns the batch and the lines
+  to print.
+  """
+  totals = [measures(compile_train_step(variant, "tpu-v5e", b))["total_gib"] * GIB
+            for b in batches]
+  per_image = (totals[1] - totals[0]) / (batches[1] - batches[0])
+  fixed = totals[0] - per_image * batches[0]
+  batch = int((hbm_bytes - fixed) // per_image) // 8 * 8
+  lines = [f"  {variant}: batch {b}: {t / GIB:.2f} GiB" for b, t in zip(batches, totals)]
+  lines.append(f"  {variant}: {per_image / 2**20:.1f} MiB per image + {fixed / GIB:.2f} GiB")
+  return batch, lines
 
 
 def _fmt(value):
@@ -202,7 +208,7 @@ def main(argv=None):
   parser.add_argument("--variants", default="flax,jaxbn,jaxbn-inplace")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--fit", action="store_true",
-                      help="also bisect the largest per-device batch on a 16 GiB v5e")
+                      help="also estimate the largest per-device batch on a 16 GiB v5e")
   args = parser.parse_args(argv)
   variants = args.variants.split(",")
   print(f"ResNet-50 v1.5 train step, bf16, {args.batch} images/device, per device:")
@@ -219,7 +225,9 @@ def main(argv=None):
             f"| {seconds:.0f} |", flush=True)
   if args.fit:
     for variant in variants:
-      print(f"largest batch on a 16 GiB v5e, {variant}: {largest_fitting_batch(variant)}",
+      batch, lines = largest_fitting_batch(variant)
+      print("\n".join(lines))
+      print(f"largest batch on a 16 GiB v5e (linear estimate), {variant}: {batch}",
             flush=True)
 
 
