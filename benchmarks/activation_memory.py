@@ -198,6 +198,16 @@ def largest_fitting_batch(variant: str, hbm_bytes: int = V5E_HBM_BYTES,
   return batch, lines
 
 
+def proportional_batch_estimate(m: dict[str, float], batch: int,
+                                hbm_bytes: int = V5E_HBM_BYTES) -> int:
+  """Largest batch (multiple of 8) fitting `hbm_bytes` if temp memory grows in
+  proportion to the batch and the rest stays (one compile; any fixed part of
+  the temp memory makes this an underestimate; `--fit` uses two compiles)."""
+  per_image = m["temp_gib"] * GIB / batch
+  fixed = (m["total_gib"] - m["temp_gib"]) * GIB
+  return int((hbm_bytes - fixed) // per_image) // 8 * 8
+
+
 def _fmt(value):
   return "n/a" if value is None else f"{value:.2f}"
 
@@ -213,16 +223,17 @@ def main(argv=None):
   variants = args.variants.split(",")
   print(f"ResNet-50 v1.5 train step, bf16, {args.batch} images/device, per device:")
   print("| target | variant | temp GiB | args GiB | total GiB | TFLOP | bytes accessed GiB "
-        "| compile s |")
-  print("|---|---|---|---|---|---|---|---|")
+        "| batch fitting 16 GiB (est.) | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for target in args.targets.split(","):
     for variant in variants:
       start = time.perf_counter()
       m = measures(compile_train_step(variant, target, args.batch))
       seconds = time.perf_counter() - start
+      fits = proportional_batch_estimate(m, args.batch) if target == "tpu-v5e" else None
       print(f"| {target} | {variant} | {m['temp_gib']:.2f} | {m['args_gib']:.2f} | "
             f"{m['total_gib']:.2f} | {_fmt(m['tflops'])} | {_fmt(m['bytes_accessed_gib'])} "
-            f"| {seconds:.0f} |", flush=True)
+            f"| {'n/a' if fits is None else fits} | {seconds:.0f} |", flush=True)
   if args.fit:
     for variant in variants:
       batch, lines = largest_fitting_batch(variant)
