@@ -20,10 +20,17 @@ every bottleneck block and the stem's):
 * `jaxbn-inplace`: `jaxbn.linen.BatchNorm(activation="leaky_relu",
   memory_saving=True)`: the pair saves only its output for the backward pass
   (InPlace-ABN).
+* `jaxbn-inplace-shortcut`: as `jaxbn-inplace`, and each block's last BN, the
+  shortcut sum and the activation after it are one memory-saving layer too
+  (`BatchNorm(...)(y, shortcut=shortcut)`): it keeps its output (the next
+  block's input) and the shortcut (this block's input), not the BN's input.
 
-The BN before each residual sum and the projection shortcut's BN carry no
-activation: they are `flax.linen.BatchNorm` in the `flax` variant and
-`jaxbn.linen.BatchNorm` in the others.
+Otherwise the BN before each residual sum and the projection shortcut's BN
+carry no activation: they are `flax.linen.BatchNorm` in the `flax` variant and
+`jaxbn.linen.BatchNorm` in the others. The compiled memory does not depend on
+parameter values, so every variant keeps flax's zero initial scale on the last
+BN of each block (which the memory-saving shortcut layer should not be trained
+with: see docs/activation.md).
 
 `--fit` estimates the largest per-device batch whose step fits a 16 GiB v5e
 chip (arguments + temp + outputs - aliased <= 16 GiB) from compiles at
@@ -98,7 +105,7 @@ class NormAct(nn.Module):
       return nn.relu(nn.BatchNorm(**common)(x))
     if self.variant == "jaxbn":
       return nn.relu(jaxbn_linen.BatchNorm(**common)(x))
-    if self.variant == "jaxbn-inplace":
+    if self.variant in ("jaxbn-inplace", "jaxbn-inplace-shortcut"):
       return jaxbn_linen.BatchNorm(activation="leaky_relu", memory_saving=True,
                                    **common)(x)
     raise ValueError(f"unknown variant {self.variant!r}")
@@ -126,10 +133,15 @@ class ResNet50(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         y = norm_act()(conv(features, (1, 1))(x))
         y = norm_act()(conv(features, (3, 3), (strides, strides))(y))
-        y = norm(scale_init=nn.initializers.zeros)(conv(4 * features, (1, 1))(y))
+        y = conv(4 * features, (1, 1))(y)
+        shortcut = x
         if x.shape != y.shape:
-          x = norm()(conv(4 * features, (1, 1), (strides, strides))(x))
-        x = nn.relu(x + y)
+          shortcut = norm()(conv(4 * features, (1, 1), (strides, strides))(x))
+        if self.variant == "jaxbn-inplace-shortcut":
+          x = norm(scale_init=nn.initializers.zeros, activation="leaky_relu",
+                   memory_saving=True)(y, shortcut=shortcut)
+        else:
+          x = nn.relu(shortcut + norm(scale_init=nn.initializers.zeros)(y))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
@@ -215,7 +227,8 @@ def _fmt(value):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--targets", default="h100,tpu-v5e")
-  parser.add_argument("--variants", default="flax,jaxbn,jaxbn-inplace")
+  parser.add_argument("--variants",
+                      default="flax,jaxbn,jaxbn-inplace,jaxbn-inplace-shortcut")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--fit", action="store_true",
                       help="also estimate the largest per-device batch on a 16 GiB v5e")

@@ -78,13 +78,15 @@ def invertible_scale(scale: jax.Array | None, epsilon: float) -> jax.Array | Non
   return None if scale is None else jnp.abs(scale) + jnp.asarray(epsilon, scale.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _normalize_act_saving_output(x, scale, bias, shift, mask, running, layout, slope):
-  outputs, _ = _saving_output_fwd(x, scale, bias, shift, mask, running, layout, slope)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _normalize_act_saving_output(x, scale, bias, shift, mask, running, shortcut, layout,
+                                 slope):
+  outputs, _ = _saving_output_fwd(x, scale, bias, shift, mask, running, shortcut, layout,
+                                  slope)
   return outputs
 
 
-def _saving_output_fwd(x, scale, bias, shift, mask, running, layout, slope):
+def _saving_output_fwd(x, scale, bias, shift, mask, running, shortcut, layout, slope):
   compute_dtype = shift.dtype
   stats = _batch_norm.batch_statistics(x, shift, mask, running, layout)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
@@ -93,14 +95,17 @@ def _saving_output_fwd(x, scale, bias, shift, mask, running, layout, slope):
       _batch_norm.to_input_rank(multiplier, x, layout))
   if bias is not None:
     z = z + _batch_norm.to_input_rank(bias.astype(compute_dtype), x, layout)
+  if shortcut is not None:
+    z = z + shortcut.astype(compute_dtype)
   y = apply_activation(z, slope).astype(x.dtype)
-  # Only the output (which the next layer keeps anyway) and per-feature vectors.
-  residuals = (y, scale, bias, mask, inv_std, stats.count)
+  # Only the output (which the next layer keeps anyway), the shortcut (the
+  # block's input, kept by its first layer) and per-feature vectors.
+  residuals = (y, scale, bias, mask, inv_std, stats.count, shortcut)
   return (y, stats), residuals
 
 
 def _saving_output_bwd(layout, slope, residuals, cotangents):
-  y, scale, bias, mask, inv_std, count = residuals
+  y, scale, bias, mask, inv_std, count, shortcut = residuals
   dy, _ = cotangents
   compute_dtype = inv_std.dtype
   y = y.astype(compute_dtype)
@@ -111,6 +116,10 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
     grad_out = jnp.where(negative, grad_out * slope, grad_out)
   else:
     z = y
+  dshortcut = None
+  if shortcut is not None:
+    z = z - shortcut.astype(compute_dtype)
+    dshortcut = grad_out.astype(shortcut.dtype)
   if bias is not None:
     z = z - _batch_norm.to_input_rank(bias.astype(compute_dtype), y, layout)
   x_hat = z if scale is None else z / _batch_norm.to_input_rank(
@@ -139,7 +148,7 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
   if bias is not None:
     dbias = _stats.replicated_sum(local[0], sum_dz, bias, layout.axis_name,
                                   layout.axis_index_groups).astype(bias.dtype)
-  return dx.astype(dy.dtype), dscale, dbias, None, None, None
+  return dx.astype(dy.dtype), dscale, dbias, None, None, None, dshortcut
 
 
 _normalize_act_saving_output.defvjp(_saving_output_fwd, _saving_output_bwd)
@@ -147,9 +156,11 @@ _normalize_act_saving_output.defvjp(_saving_output_fwd, _saving_output_bwd)
 
 def normalize_act_in_training(call: _batch_norm.ParsedCall,
                               state: _batch_norm.BatchNormState, *, slope: float,
-                              single_value_ok: bool, countless_state: bool
+                              single_value_ok: bool, countless_state: bool,
+                              shortcut: jax.Array | None = None
                               ) -> tuple[jax.Array, _stats.Moments]:
-  """Training-mode `act(batch_norm(x))` saving only the output for the backward pass.
+  """Training-mode `act(batch_norm(x) [+ shortcut])` saving only the output (and
+  the shortcut) for the backward pass.
 
   `call.scale` must already be nonzero (`invertible_scale`). Returns `y` and
   the batch's `Moments` (stop_gradient) for `_batch_norm.update_state`; the
@@ -165,8 +176,28 @@ def normalize_act_in_training(call: _batch_norm.ParsedCall,
                                        call.mask, call.axis_name, call.compute_dtype)
   y, stats = _normalize_act_saving_output(
       call.x, call.scale, call.bias, shift, call.mask,
-      _batch_norm.running_statistics(state, call.compute_dtype), layout, slope)
+      _batch_norm.running_statistics(state, call.compute_dtype), shortcut, layout, slope)
   return y, jax.tree.map(lax.stop_gradient, stats)
+
+
+def add_shortcut(y: jax.Array, shortcut: jax.Array | None) -> jax.Array:
+  """`y + shortcut`, added in at least float32, in `y`'s dtype."""
+  if shortcut is None:
+    return y
+  compute_dtype = jnp.promote_types(y.dtype, jnp.float32)
+  return (y.astype(compute_dtype) + shortcut.astype(compute_dtype)).astype(y.dtype)
+
+
+def check_shortcut(shortcut, x_shape: tuple[int, ...]) -> jax.Array | None:
+  """Raises unless `shortcut` is None or a floating array of `x`'s shape."""
+  if shortcut is None:
+    return None
+  shortcut = jnp.asarray(shortcut)
+  if shortcut.shape != tuple(x_shape):
+    raise ValueError(
+        f"shortcut must have the input's shape {tuple(x_shape)}, got {shortcut.shape}.")
+  _validation.check_floating(shortcut, "shortcut")
+  return shortcut
 
 
 def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
@@ -175,9 +206,9 @@ def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
                           negative_slope: float = 0.01, memory_saving: bool = False,
                           axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
                           axis_name=None, axis_index_groups=None, mask=None,
-                          unbiased_running_var: bool = False
+                          unbiased_running_var: bool = False, shortcut=None
                           ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
-  """Batch norm followed by an activation: `act(scale * x_hat + bias)`.
+  """Batch norm followed by an activation: `act(scale * x_hat + bias [+ shortcut])`.
 
   Without `memory_saving` this is `act(jaxbn.batch_norm(...)[0])`. With it
   (InPlace-ABN), the training-mode backward pass keeps only the output `y`
@@ -202,6 +233,10 @@ def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
     axis_index_groups: optional equal-size partition of the replicas.
     mask: optional boolean array broadcastable to `x`; True elements count.
     unbiased_running_var: store `n / (n - 1)` times the batch variance.
+    shortcut: optional array of `x`'s shape added before the activation (a
+      residual block's `act(bn(conv(...)) + shortcut)`). With `memory_saving`
+      the backward pass keeps it (a block's first layer keeps it anyway) and
+      still not `x`.
 
   Returns:
     `(y, new_state)` as `jaxbn.batch_norm`.
@@ -212,6 +247,7 @@ def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
   """
   slope = check_activation(activation, negative_slope, memory_saving)
   training = _validation.check_training(training)
+  shortcut = check_shortcut(shortcut, jnp.shape(x))
   if memory_saving and params is not None:
     params = params._replace(scale=invertible_scale(jnp.asarray(params.scale), epsilon))
   if not (training and memory_saving):
@@ -219,10 +255,10 @@ def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
         params, state, x, training=training, axis=axis, momentum=momentum,
         epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
         mask=mask, unbiased_running_var=unbiased_running_var)
-    return apply_activation(y, slope), new_state
+    return apply_activation(add_shortcut(y, shortcut), slope), new_state
   call = _batch_norm.parse_call(params, state, x, axis=axis, momentum=momentum,
                                 epsilon=epsilon, axis_name=axis_name,
                                 axis_index_groups=axis_index_groups, mask=mask)
   y, stats = normalize_act_in_training(call, state, slope=slope, single_value_ok=False,
-                                       countless_state=False)
+                                       countless_state=False, shortcut=shortcut)
   return y, _batch_norm.update_state(state, stats, call.momentum, unbiased_running_var)

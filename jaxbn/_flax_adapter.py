@@ -50,8 +50,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                momentum: float, epsilon: float, axis_name: Any,
                axis_index_groups: Any, mask: Any, out_dtype: Any,
                activation: str | None = None, negative_slope: float = 0.01,
-               memory_saving: bool = False, pooled: _stats.Moments | None = None
-               ) -> Result:
+               memory_saving: bool = False, pooled: _stats.Moments | None = None,
+               shortcut: Any = None) -> Result:
   """Flax BatchNorm semantics on top of `jaxbn.batch_norm`.
 
   Args:
@@ -65,8 +65,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     momentum, epsilon, axis_name, axis_index_groups: as flax's BatchNorm.
     mask: optional array broadcastable to `x`, truthy where an element counts.
     out_dtype: dtype of the result.
-    activation, negative_slope, memory_saving: as `jaxbn.batch_norm_activation`
-      (None: no activation).
+    activation, negative_slope, memory_saving, shortcut: as
+      `jaxbn.batch_norm_activation` (activation None: none).
     pooled: microbatch accumulation (training only): the `Moments` of the
       step's earlier microbatches. The batch's moments are merged into them,
       and the new statistics are one running-average update of `mean`, `var`
@@ -84,6 +84,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   if memory_saving:
     scale = _activation.invertible_scale(scale, epsilon)
   x = jnp.asarray(x)
+  shortcut = _activation.check_shortcut(shortcut, x.shape)
   if jnp.promote_types(x.dtype, out_dtype) != x.dtype:
     x = x.astype(out_dtype)
   params = None
@@ -109,7 +110,8 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                              var=jnp.where(has_data, batch.var, var))
     y, _ = _batch_norm.batch_norm(params, state, x, training=False, axis=feature_axes,
                                   epsilon=epsilon)
-    return Result(_activation.apply_activation(y, slope).astype(out_dtype), None, None)
+    y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
+    return Result(y.astype(out_dtype), None, None)
 
   call = _batch_norm.parse_call(
       params, state, x, axis=feature_axes, momentum=momentum, epsilon=epsilon,
@@ -119,15 +121,16 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   merged = None
   if memory_saving:
     y, stats = _activation.normalize_act_in_training(
-        call, state, slope=slope, single_value_ok=True, countless_state=True)
+        call, state, slope=slope, single_value_ok=True, countless_state=True,
+        shortcut=shortcut)
   elif pooled is not None:
     y, stats = _microbatch.training_moments(call, state, single_value_ok=True,
                                             countless_state=True)
-    y = _activation.apply_activation(y, slope)
+    y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
   else:
     y, new_state = _batch_norm.normalize_in_training(
         call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
-    y = _activation.apply_activation(y, slope)
+    y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
   if memory_saving or pooled is not None:
     if pooled is not None:
       stats = merged = _stats.merge_moments(

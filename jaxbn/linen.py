@@ -117,7 +117,8 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
-               *, mask: jax.typing.ArrayLike | None = None) -> jax.Array:
+               *, mask: jax.typing.ArrayLike | None = None,
+               shortcut: jax.typing.ArrayLike | None = None) -> jax.Array:
     """Normalizes `x` per feature.
 
     During `init` the running statistics are not updated (flax's behaviour),
@@ -130,6 +131,9 @@ class BatchNorm(nn.Module):
         set (flax's `merge_param` rule).
       mask: optional array broadcastable to `x`, True (or 1) where an element
         counts toward the batch statistics; all elements are normalized.
+      shortcut: optional array of `x`'s shape added before the activation
+        (`act(bn(x) + shortcut)`, a residual block's end); see
+        `jaxbn.batch_norm_activation`.
 
     Microbatches: in training, when the `batch_moments` collection is mutable
     (`mutable=["batch_stats", "batch_moments"]`), the layer pools this batch's
@@ -176,7 +180,7 @@ class BatchNorm(nn.Module):
         mask=mask,
         out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype),
         activation=self.activation, negative_slope=self.negative_slope,
-        memory_saving=self.memory_saving, pooled=pooled)
+        memory_saving=self.memory_saving, pooled=pooled, shortcut=shortcut)
     if result.mean is not None:
       running_mean.value = result.mean
       running_var.value = result.var

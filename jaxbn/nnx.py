@@ -149,7 +149,8 @@ class BatchNorm(nnx.Module):
     self.batch_moments: BatchMoments | None = nnx.data(None)
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
-               *, mask: jax.typing.ArrayLike | None = None) -> jax.Array:
+               *, mask: jax.typing.ArrayLike | None = None,
+               shortcut: jax.typing.ArrayLike | None = None) -> jax.Array:
     """Normalizes `x` per feature, updating the running statistics in training.
 
     Args:
@@ -157,6 +158,9 @@ class BatchNorm(nnx.Module):
       use_running_average: overrides the attribute for this call.
       mask: optional array broadcastable to `x`, True (or 1) where an element
         counts toward the batch statistics; all elements are normalized.
+      shortcut: optional array of `x`'s shape added before the activation
+        (`act(bn(x) + shortcut)`, a residual block's end); see
+        `jaxbn.batch_norm_activation`.
 
     Returns:
       The normalized input, of `x`'s shape.
@@ -202,7 +206,7 @@ class BatchNorm(nnx.Module):
         epsilon=self.epsilon, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups, mask=mask, out_dtype=x.dtype,
         activation=self.activation, negative_slope=self.negative_slope,
-        memory_saving=self.memory_saving, pooled=pooled)
+        memory_saving=self.memory_saving, pooled=pooled, shortcut=shortcut)
     if result.mean is not None:
       self.mean[...] = result.mean.reshape(self.mean[...].shape)
       self.var[...] = result.var.reshape(self.var[...].shape)

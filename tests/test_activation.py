@@ -93,6 +93,32 @@ def test_memory_saving_with_mask_and_axis_name():
   assert np.all(np.isfinite(fused[3].scale))
 
 
+def test_memory_saving_with_a_shortcut_equals_the_unfused_residual_sum():
+  """`leaky_relu(bn(x) + shortcut)`: gradients for x, the shortcut and the parameters."""
+  x = _data((16, 4, 4, 6))
+  shortcut = _data(x.shape, seed=4, loc=0.0)
+  weights = _data(x.shape, seed=2, loc=0.0)
+  _, state = jaxbn.init(6)
+  params = _params(6)
+
+  def fused(params, x, shortcut):
+    y, _ = _fused(params, state, x, shortcut=shortcut)
+    return jnp.sum(weights * y * y), y
+
+  def unfused(params, x, shortcut):
+    params = params._replace(scale=jnp.abs(params.scale) + EPS)
+    y, _ = jaxbn.batch_norm(params, state, x, training=True)
+    y = _leaky(y + shortcut)
+    return jnp.sum(weights * y * y), y
+
+  grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
+  _close(grad(fused)(params, x, shortcut), grad(unfused)(params, x, shortcut))
+  saved = _full_size_residuals(lambda x: _fused(params, state, x, shortcut=shortcut)[0], x)
+  assert len(saved) == 2 and not any(np.array_equal(leaf, x) for leaf in saved)
+  with pytest.raises(ValueError, match="shortcut must have the input's shape"):
+    _fused(params, state, x, shortcut=shortcut[:2])
+
+
 def test_identity_memory_saving_equals_batch_norm_with_abs_scale():
   x = _data((16, 6))
   weights = _data(x.shape, seed=2, loc=0.0)
