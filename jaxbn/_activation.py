@@ -106,6 +106,9 @@ def _saving_output_fwd(x, scale, bias, shift, mask, running, shortcut, layout, s
 
 def _saving_output_bwd(layout, slope, residuals, cotangents):
   y, scale, bias, mask, inv_std, count, shortcut = residuals
+  # The forward pass converts the shortcut to float32 too; without the barrier
+  # XLA merges the two converts and keeps a float32 copy alive until here.
+  y, shortcut = lax.optimization_barrier((y, shortcut))
   dy, _ = cotangents
   compute_dtype = inv_std.dtype
   y = y.astype(compute_dtype)
