@@ -1,5 +1,6 @@
 """jaxbn: batch normalization for JAX as pure functions over pytrees."""
 
+from jaxbn._activation import batch_norm_activation as batch_norm_activation
 from jaxbn._batch_norm import BatchNormParams as BatchNormParams
 from jaxbn._batch_norm import BatchNormState as BatchNormState
 from jaxbn._batch_norm import batch_norm as batch_norm
@@ -7,6 +8,10 @@ from jaxbn._batch_norm import init as init
 from jaxbn._folding import fold_into_conv as fold_into_conv
 from jaxbn._folding import fold_into_dense as fold_into_dense
 from jaxbn._ghost import ghost_batch_norm as ghost_batch_norm
+from jaxbn._microbatch import batch_norm_moments as batch_norm_moments
+from jaxbn._microbatch import empty_moments as empty_moments
+from jaxbn._microbatch import moments_state as moments_state
+from jaxbn._microbatch import update_stats as update_stats
 from jaxbn._precise import recompute_stats as recompute_stats
 from jaxbn._renorm import batch_renorm as batch_renorm
 from jaxbn._stats import Moments as Moments
@@ -22,9 +27,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-  # The flax adapters import flax; load them on first use so `import jaxbn`
-  # stays light. `from jaxbn import linen` works either way.
-  if name in ("linen", "nnx"):
+  # The flax and Equinox adapters import those libraries; load them on first
+  # use so `import jaxbn` stays light. `from jaxbn import linen` works either way.
+  if name in ("linen", "nnx", "equinox"):
     import importlib
     return importlib.import_module(f"jaxbn.{name}")
   if name in scaling.__all__:
@@ -40,6 +45,11 @@ __all__ = [
     "BatchNormState",
     "Moments",
     "batch_norm",
+    "batch_norm_activation",
+    "batch_norm_moments",
+    "empty_moments",
+    "moments_state",
+    "update_stats",
     "init",
     "merge_moments",
     "moments",

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 
+from jaxbn import _activation
 from jaxbn import _batch_norm
+from jaxbn import _microbatch
 from jaxbn import _stats
 
 
@@ -47,12 +49,30 @@ def recording_batch_statistics():
     _RECORDING.reset(token)
 
 
+class Result(NamedTuple):
+  """What `batch_norm` returns.
+
+  Attributes:
+    y: the output, in `out_dtype`.
+    mean, var: the new running statistics (stop_gradient, in the dtypes of the
+      stored ones), or None when the stored ones must not change.
+    moments: with `pooled`: `pooled` merged with this batch's `Moments`
+      (float32); else None.
+  """
+  y: jax.Array
+  mean: jax.Array | None
+  var: jax.Array | None
+  moments: _stats.Moments | None = None
+
+
 def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                mean: jax.Array, var: jax.Array, *, use_running_average: bool,
                initializing: bool, feature_axes: tuple[int, ...],
                momentum: float, epsilon: float, axis_name: Any,
-               axis_index_groups: Any, mask: Any, out_dtype: Any
-               ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+               axis_index_groups: Any, mask: Any, out_dtype: Any,
+               activation: str | None = None, negative_slope: float = 0.01,
+               memory_saving: bool = False, pooled: _stats.Moments | None = None,
+               shortcut: Any = None) -> Result:
   """Flax BatchNorm semantics on top of `jaxbn.batch_norm`.
 
   Args:
@@ -66,10 +86,15 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     momentum, epsilon, axis_name, axis_index_groups: as flax's BatchNorm.
     mask: optional array broadcastable to `x`, truthy where an element counts.
     out_dtype: dtype of the result.
+    activation, negative_slope, memory_saving, shortcut: as
+      `jaxbn.batch_norm_activation` (activation None: none).
+    pooled: microbatch accumulation (training only): the `Moments` of the
+      step's earlier microbatches. The batch's moments are merged into them,
+      and the new statistics are one running-average update of `mean`, `var`
+      (the statistics at the step's start) with the merged moments.
 
   Returns:
-    `(y, new_mean, new_var)`; the new statistics (stop_gradient, in the dtypes
-    of `mean` and `var`) are None when the stored ones must not change.
+    A `Result`.
   """
   if _RECORDING.get():
     use_running_average, initializing, momentum = False, False, 0.0
@@ -78,7 +103,11 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
         "momentum must be a float in [0, 1); flax's BatchNorm variables hold no "
         "step count, so the cumulative average (momentum=None) needs "
         "jaxbn.batch_norm with a BatchNormState.")
+  slope = _activation.check_activation(activation, negative_slope, memory_saving)
+  if memory_saving:
+    scale = _activation.invertible_scale(scale, epsilon)
   x = jnp.asarray(x)
+  shortcut = _activation.check_shortcut(shortcut, x.shape)
   if jnp.promote_types(x.dtype, out_dtype) != x.dtype:
     x = x.astype(out_dtype)
   params = None
@@ -104,15 +133,79 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                              var=jnp.where(has_data, batch.var, var))
     y, _ = _batch_norm.batch_norm(params, state, x, training=False, axis=feature_axes,
                                   epsilon=epsilon)
-    return y.astype(out_dtype), None, None
+    y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
+    return Result(y.astype(out_dtype), None, None)
 
   call = _batch_norm.parse_call(
       params, state, x, axis=feature_axes, momentum=momentum, epsilon=epsilon,
       axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   # One value per feature is flax's variance 0 (the output is `bias`), not an
   # error: flax code paths such as nnx.tabulate and per-example vmap do it.
-  y, new_state = _batch_norm.normalize_in_training(
-      call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
+  merged = None
+  if memory_saving:
+    y, stats = _activation.normalize_act_in_training(
+        call, state, slope=slope, single_value_ok=True, countless_state=True,
+        shortcut=shortcut)
+  elif pooled is not None:
+    y, stats = _microbatch.training_moments(call, state, single_value_ok=True,
+                                            countless_state=True)
+    y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
+  else:
+    y, new_state = _batch_norm.normalize_in_training(
+        call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
+    y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
+  if memory_saving or pooled is not None:
+    if pooled is not None:
+      stats = merged = _stats.merge_moments(
+          _stats.Moments(*(jnp.asarray(v, jnp.float32) for v in pooled)),
+          jax.tree.map(lambda v: v.astype(jnp.float32), stats))
+    new_state = _batch_norm.update_state(state, stats, momentum, False)
   new_mean = lax.stop_gradient(new_state.mean).astype(jnp.result_type(mean))
   new_var = lax.stop_gradient(new_state.var).astype(jnp.result_type(var))
-  return y.astype(out_dtype), new_mean, new_var
+  return Result(y.astype(out_dtype), new_mean, new_var, merged)
+
+
+# --- microbatch accumulation (the `batch_moments` of jaxbn.linen / jaxbn.nnx) ---
+
+
+def empty_accumulator(feature_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+  """A layer's accumulator before the step's first microbatch.
+
+  `microbatches` counts the calls folded in; `count`, `mean`, `var` are their
+  pooled `Moments`; `start_mean`, `start_var` the running statistics the step
+  started with (set by the first call).
+  """
+  zeros = jnp.zeros(feature_shape, jnp.float32)
+  return {"microbatches": jnp.zeros((), jnp.int32), "count": zeros, "mean": zeros,
+          "var": zeros, "start_mean": zeros, "start_var": zeros}
+
+
+def is_accumulator(node) -> bool:
+  return isinstance(node, dict) and "microbatches" in node and "start_mean" in node
+
+
+def accumulator_inputs(accumulator: dict[str, jax.Array], mean: jax.Array,
+                       var: jax.Array) -> tuple[jax.Array, jax.Array, _stats.Moments]:
+  """`(start_mean, start_var, pooled)` for `batch_norm`: the step's starting
+  statistics (`mean`, `var` on the first microbatch) and the pooled moments."""
+  started = accumulator["microbatches"] > 0
+  start_mean = jnp.where(started, accumulator["start_mean"], mean).astype(mean.dtype)
+  start_var = jnp.where(started, accumulator["start_var"], var).astype(var.dtype)
+  pooled = _stats.Moments(accumulator["count"], accumulator["mean"], accumulator["var"])
+  return start_mean, start_var, pooled
+
+
+def next_accumulator(accumulator: dict[str, jax.Array], result: Result,
+                     start_mean: jax.Array, start_var: jax.Array) -> dict[str, jax.Array]:
+  return {"microbatches": accumulator["microbatches"] + 1,
+          "count": result.moments.count, "mean": result.moments.mean,
+          "var": result.moments.var, "start_mean": start_mean.astype(jnp.float32),
+          "start_var": start_var.astype(jnp.float32)}
+
+
+def pooled_statistics(accumulator: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`{"mean", "var"}` of all microbatches so far (the starting statistics where
+  no microbatch had a valid element)."""
+  has_data = accumulator["count"] > 0
+  return {"mean": jnp.where(has_data, accumulator["mean"], accumulator["start_mean"]),
+          "var": jnp.where(has_data, accumulator["var"], accumulator["start_var"])}

@@ -33,6 +33,34 @@ from jaxbn import _validation
 
 Initializer = Any
 
+# The collection where a training call accumulates its batch moments when the
+# collection is mutable (see `BatchNorm` and `pooled_batch_stats`).
+MOMENTS_COLLECTION = "batch_moments"
+
+
+def pooled_batch_stats(batch_moments) -> Any:
+  """The full batch's statistics from a `batch_moments` collection, as `batch_stats`.
+
+  After a first pass over a step's microbatches with `batch_moments` mutable,
+  `model.apply({"params": params, "batch_stats": pooled_batch_stats(moments)},
+  microbatch, use_running_average=True)` normalizes every microbatch with the
+  pooled statistics of all of them (a second pass; see docs/microbatch.md).
+
+  Args:
+    batch_moments: the `batch_moments` collection (any nesting of layers).
+
+  Returns:
+    The same nesting with each layer's `{"mean", "var"}` (float32); a feature
+    no microbatch had a valid element of keeps the step's starting statistics.
+  """
+  return jax.tree.map(lambda layer: _flax_adapter.pooled_statistics(layer["moments"]),
+                      batch_moments, is_leaf=_is_layer_moments)
+
+
+def _is_layer_moments(node) -> bool:
+  return (isinstance(node, dict) and set(node) == {"moments"}
+          and _flax_adapter.is_accumulator(node["moments"]))
+
 
 class BatchNorm(nn.Module):
   """Batch normalization with flax.linen.BatchNorm's interface and jaxbn's numerics.
@@ -62,6 +90,13 @@ class BatchNorm(nn.Module):
     force_float32_reductions: True (default) keeps `batch_stats` in float32;
       False stores them in `param_dtype`, as flax does. jaxbn reduces in at
       least float32 either way.
+    activation: None (default, flax's layer), or "relu", "leaky_relu" or
+      "identity" applied to the output (`jaxbn.batch_norm_activation`).
+    negative_slope: leaky ReLU's slope for negative inputs.
+    memory_saving: InPlace-ABN: the training backward pass keeps only the
+      output, not the input; needs `activation="leaky_relu"` (slope > 0) or
+      "identity", and uses `|scale| + epsilon` as the scale (see
+      docs/activation.md).
   """
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
@@ -77,10 +112,14 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  activation: str | None = None
+  negative_slope: float = 0.01
+  memory_saving: bool = False
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
-               *, mask: jax.typing.ArrayLike | None = None) -> jax.Array:
+               *, mask: jax.typing.ArrayLike | None = None,
+               shortcut: jax.typing.ArrayLike | None = None) -> jax.Array:
     """Normalizes `x` per feature.
 
     During `init` the running statistics are not updated (flax's behaviour),
@@ -93,6 +132,18 @@ class BatchNorm(nn.Module):
         set (flax's `merge_param` rule).
       mask: optional array broadcastable to `x`, True (or 1) where an element
         counts toward the batch statistics; all elements are normalized.
+      shortcut: optional array of `x`'s shape added before the activation
+        (`act(bn(x) + shortcut)`, a residual block's end); see
+        `jaxbn.batch_norm_activation`.
+
+    Microbatches: in training, when the `batch_moments` collection is mutable
+    (`mutable=["batch_stats", "batch_moments"]`), the layer pools this batch's
+    moments with those already in `batch_moments` (created empty on first
+    use) and sets `batch_stats` to one running-average update, from the
+    statistics the step started with, with the pooled moments. After k
+    microbatches `batch_stats` is what one call on their concatenation
+    would give; whether `batch_stats` is threaded between the calls or not.
+    Drop (or re-create empty) `batch_moments` before the next step.
 
     Returns:
       The normalized input, of `x`'s shape.
@@ -113,16 +164,31 @@ class BatchNorm(nn.Module):
       bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
 
     initializing = self.is_initializing()
-    y, new_mean, new_var = _flax_adapter.batch_norm(
-        x, scale, bias, running_mean.value, running_var.value,
+    # Microbatch accumulation: see `jaxbn.linen` and docs/microbatch.md.
+    accumulate = (not use_running_average and not initializing
+                  and self.is_mutable_collection(MOMENTS_COLLECTION))
+    start_mean, start_var, pooled = running_mean.value, running_var.value, None
+    if accumulate:
+      moments = self.variable(MOMENTS_COLLECTION, "moments",
+                              _flax_adapter.empty_accumulator, feature_shape)
+      start_mean, start_var, pooled = _flax_adapter.accumulator_inputs(
+          moments.value, start_mean, start_var)
+    result = _flax_adapter.batch_norm(
+        x, scale, bias, start_mean, start_var,
         use_running_average=use_running_average, initializing=initializing,
         feature_axes=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         mask=mask,
-        out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
-    if new_mean is not None:
-      running_mean.value = new_mean
-      running_var.value = new_var
+        out_dtype=flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+        activation=self.activation, negative_slope=self.negative_slope,
+        memory_saving=self.memory_saving, pooled=pooled, shortcut=shortcut)
+    if result.mean is not None:
+      running_mean.value = result.mean
+      running_var.value = result.var
+    if accumulate:
+      moments.value = _flax_adapter.next_accumulator(moments.value, result, start_mean,
+                                                     start_var)
+    y = result.y
     return y
 
 

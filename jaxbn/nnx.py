@@ -24,11 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn import _activation
 from jaxbn import _flax_adapter
 from jaxbn import _flax_stats
 from jaxbn import _validation
 
 Initializer = Any
+
+
+class BatchMoments(nnx.Variable):
+  """A layer's microbatch accumulator (see `BatchNorm`'s `accumulate_moments`)."""
 
 
 class BatchNorm(nnx.Module):
@@ -67,6 +72,12 @@ class BatchNorm(nnx.Module):
     rngs: `nnx.Rngs`; the `params` stream initializes `scale`, then `bias`.
     bias_metadata: metadata of the `bias` Param.
     scale_metadata: metadata of the `scale` Param.
+    activation: None (default, flax's layer), or "relu", "leaky_relu" or
+      "identity" applied to the output (`jaxbn.batch_norm_activation`).
+    negative_slope: leaky ReLU's slope for negative inputs.
+    memory_saving: InPlace-ABN: the training backward pass keeps only the
+      output, not the input; needs `activation="leaky_relu"` (slope > 0) or
+      "identity", and uses `|scale| + epsilon` as the scale.
   """
 
   def __init__(
@@ -91,7 +102,11 @@ class BatchNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+      activation: str | None = None,
+      negative_slope: float = 0.01,
+      memory_saving: bool = False,
   ):
+    _activation.check_activation(activation, negative_slope, memory_saving)
     feature_shape = _validation.feature_shape_of(num_features)
     if len(feature_shape) != 1 or not isinstance(num_features, (int, np.integer)):
       raise ValueError(
@@ -128,9 +143,15 @@ class BatchNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
     self.force_float32_reductions = force_float32_reductions
+    self.activation = activation
+    self.negative_slope = negative_slope
+    self.memory_saving = memory_saving
+    self.accumulate_moments = False
+    self.batch_moments: BatchMoments | None = nnx.data(None)
 
   def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
-               *, mask: jax.typing.ArrayLike | None = None) -> jax.Array:
+               *, mask: jax.typing.ArrayLike | None = None,
+               shortcut: jax.typing.ArrayLike | None = None) -> jax.Array:
     """Normalizes `x` per feature, updating the running statistics in training.
 
     Args:
@@ -138,6 +159,9 @@ class BatchNorm(nnx.Module):
       use_running_average: overrides the attribute for this call.
       mask: optional array broadcastable to `x`, True (or 1) where an element
         counts toward the batch statistics; all elements are normalized.
+      shortcut: optional array of `x`'s shape added before the activation
+        (`act(bn(x) + shortcut)`, a residual block's end); see
+        `jaxbn.batch_norm_activation`.
 
     Returns:
       The normalized input, of `x`'s shape.
@@ -168,26 +192,58 @@ class BatchNorm(nnx.Module):
     def to_features(value):
       return None if value is None else value.reshape(feature_shape)
 
-    y, new_mean, new_var = _flax_adapter.batch_norm(
-        x, to_features(scale), to_features(bias), to_features(self.mean[...]),
-        to_features(self.var[...]), use_running_average=use_running_average,
+    start_mean, start_var = to_features(self.mean[...]), to_features(self.var[...])
+    accumulate = self.accumulate_moments and not use_running_average
+    pooled = None
+    if accumulate:
+      if self.batch_moments is None:
+        self.batch_moments = BatchMoments(_flax_adapter.empty_accumulator(feature_shape))
+      start_mean, start_var, pooled = _flax_adapter.accumulator_inputs(
+          self.batch_moments.get_value(), start_mean, start_var)
+    result = _flax_adapter.batch_norm(
+        x, to_features(scale), to_features(bias), start_mean, start_var,
+        use_running_average=use_running_average,
         initializing=False, feature_axes=feature_axes, momentum=self.momentum,
         epsilon=self.epsilon, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups, mask=mask, out_dtype=x.dtype)
-    if new_mean is not None:
-      self.mean[...] = new_mean.reshape(self.mean[...].shape)
-      self.var[...] = new_var.reshape(self.var[...].shape)
-    return y
+        axis_index_groups=self.axis_index_groups, mask=mask, out_dtype=x.dtype,
+        activation=self.activation, negative_slope=self.negative_slope,
+        memory_saving=self.memory_saving, pooled=pooled, shortcut=shortcut)
+    if result.mean is not None:
+      self.mean[...] = result.mean.reshape(self.mean[...].shape)
+      self.var[...] = result.var.reshape(self.var[...].shape)
+    if accumulate:
+      self.batch_moments.set_value(_flax_adapter.next_accumulator(
+          self.batch_moments.get_value(), result, start_mean, start_var))
+    return result.y
 
-  def set_view(self, use_running_average: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None,
+               accumulate_moments: bool | None = None):
     """Sets attributes for `nnx.view`.
 
     Args:
       use_running_average: if True, the stored batch statistics will be
         used instead of computing the batch statistics on the input.
+      accumulate_moments: if True, training calls pool their batch moments
+        in `batch_moments` and set the running statistics to one update from
+        the step's starting ones with the pooled moments (microbatches; see
+        `jaxbn.linen.BatchNorm`); `reset_moments` starts the next step.
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+    if accumulate_moments is not None:
+      self.accumulate_moments = accumulate_moments
+
+
+def reset_moments(model: nnx.Module) -> None:
+  """Empties the microbatch accumulators of every `BatchNorm` in `model` (in place).
+
+  Call it after the step's last microbatch: the next training call in
+  accumulation mode then starts a new step from the current running
+  statistics.
+  """
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, BatchNorm):
+      module.batch_moments = nnx.data(None)
 
 
 recompute_stats = _flax_stats.nnx_recompute_stats
