@@ -51,6 +51,8 @@ reported as median and min-max: the spread that the machine's load leaves.
   python -m benchmarks.peers                      # batch 32 and 128, 3 rounds
   python -m benchmarks.peers --rounds 1 --peers train.py,torch
   python -m benchmarks.peers --tiny               # a few steps (smoke test)
+  # One PyTorch run with torch.profiler over 50 steps (the table on stderr):
+  python -m benchmarks.peers --worker 'torch NCHW' --profile_steps 50 --epochs 1
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ def _worker_torch(args, channels_last: bool) -> dict:
     model.train()
     return correct / len(labels)
 
+  profiler = None
+  if args.profile_steps:
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
   for epoch in range(args.epochs):
     order = torch.from_numpy(
         input_pipeline.epoch_permutation(len(y_train), seed=0, epoch=epoch))
@@ -203,6 +208,8 @@ def _worker_torch(args, channels_last: bool) -> dict:
     for step in range(steps_per_epoch):
       if epoch == 0 and step == WARMUP_STEPS:
         start = time.perf_counter()
+      if profiler and epoch == 0 and step in (WARMUP_STEPS, WARMUP_STEPS + args.profile_steps):
+        (profiler.start if step == WARMUP_STEPS else profiler.stop)()
       indices = order[step * args.batch_size:(step + 1) * args.batch_size]
       x, y = x_train[indices], y_train[indices]
       optimizer.zero_grad(set_to_none=True)
@@ -217,6 +224,10 @@ def _worker_torch(args, channels_last: bool) -> dict:
       steady_seconds += seconds
     evaluate(x_val, y_val)
     test_accuracy = evaluate(x_test, y_test)
+  if profiler:
+    print(f"torch.profiler, steps {WARMUP_STEPS}-{WARMUP_STEPS + args.profile_steps - 1} "
+          "of epoch 1:\n" + profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                        row_limit=20), file=sys.stderr)
   return {"images_per_sec": steady_images / steady_seconds,
           "test_accuracy": test_accuracy, "threads": torch.get_num_threads(),
           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
@@ -378,6 +389,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--json", help="also write the results to this file")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--batch_size", type=int, default=128, help=argparse.SUPPRESS)
+  parser.add_argument("--profile_steps", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     _run_worker(args)
