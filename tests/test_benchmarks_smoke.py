@@ -189,6 +189,18 @@ def test_peers_tiny(capsys, tmp_path):
   assert samples["torch NCHW@64"][0]["threads"] >= 1
 
 
+def test_peers_torch_worker_profiles_its_steps(capsys):
+  from benchmarks import peers
+  peers.main(["--worker", peers.TORCH_PASSIVE, "--profile_steps", "3", "--epochs", "1",
+              "--num_train", "640", "--num_eval", "100", "--batch_size", "64"])
+  captured = capsys.readouterr()
+  assert "steps 5-7 of epoch 1" in captured.err
+  assert "aten::convolution_backward" in captured.err
+  (line,) = [l for l in captured.out.splitlines() if l.startswith(peers.RESULT_PREFIX)]
+  result = json.loads(line[len(peers.RESULT_PREFIX):])
+  assert result["omp_wait_policy"] == "PASSIVE" and result["images_per_sec"] > 0
+
+
 def test_peers_evaluate_at_train_py_default_eval_batch():
   # Every peer evaluates at the batch size train.py's default config uses.
   from benchmarks import peers
