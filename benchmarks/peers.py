@@ -15,18 +15,24 @@ batches of `EVAL_BATCH_SIZE` (train.py's default `eval_batch_size`):
   fresh JAX compilation cache: "train.py (first run)" compiles its steps,
   "train.py" is every later run of the same config (train.py keeps JAX's
   persistent compilation cache, by default in ~/.cache/jaxbn).
-* `torch NCHW` / `torch channels_last`: PyTorch eager on CPU, `torch.optim.Adam`
-  with `OneCycleLR` (no momentum cycling), the same per-epoch example order.
+* `torch NCHW` / `torch channels_last`: PyTorch eager on CPU as a PyTorch
+  user writes it: the splits converted once to float tensors, each step
+  indexes a batch out of them, `torch.optim.Adam`, the one-cycle schedule as
+  a `LambdaLR`, the same per-epoch example order; PyTorch's defaults
+  otherwise (its thread count, OpenMP's wait policy unset).
+* `torch NCHW (OMP passive)`: the same with `OMP_WAIT_POLICY=PASSIVE`, which
+  the other benchmarks set for PyTorch (`benchmarks._harness`): OpenMP's
+  threads sleep at once after each parallel region instead of spinning
+  first. Slower on an idle machine, much faster on one with more runnable
+  threads than cores.
 * `keras (tensorflow)` / `keras (jax)`: Keras 3 `model.fit` with the backend
   chosen by `KERAS_BACKEND` (Keras shuffles by itself; its last, partial
   batch of an epoch is trained too).
 
-Each run is its own subprocess (start-up included in its wall time), with
-`OMP_WAIT_POLICY=PASSIVE` and PyTorch using as many threads as the machine
-has cores (`os.cpu_count()`, what XLA:CPU uses). Runs are interleaved: round
-`r` runs every (peer, batch size) once, starting at a rotating offset, so
-load from other jobs spreads over all of them. Reported per peer and batch
-size, medians over rounds:
+Each run is its own subprocess (start-up included in its wall time). Runs
+are interleaved: round `r` runs every (peer, batch size) once, starting at a
+rotating offset, so load from other jobs spreads over all of them. Reported
+per peer and batch size, medians (and min-max) over rounds:
 
 * training images/s: the training images of epochs 2..E over their training
   time (steady state; epoch 1 holds compilation and warm-up; with one epoch,
@@ -37,12 +43,16 @@ size, medians over rounds:
 * test accuracy after the last epoch.
 
 The verdict for train.py is computed from the medians: "faster" when its
-images/s / PyTorch's best (of NCHW and channels_last) >= 1.0 and its wall time
-/ PyTorch's best wall time <= 1.0.
+images/s / PyTorch's best (of its three rows) >= 1.0 and its wall time
+/ PyTorch's best wall time <= 1.0. The same two ratios are also computed
+within each round (train.py against the best PyTorch row of that round) and
+reported as median and min-max: the spread that the machine's load leaves.
 
   python -m benchmarks.peers                      # batch 32 and 128, 3 rounds
   python -m benchmarks.peers --rounds 1 --peers train.py,torch
   python -m benchmarks.peers --tiny               # a few steps (smoke test)
+  # One PyTorch run with torch.profiler over 50 steps (the table on stderr):
+  python -m benchmarks.peers --worker 'torch NCHW' --profile_steps 50 --epochs 1
 """
 
 from __future__ import annotations
@@ -68,8 +78,12 @@ if str(REPO) not in sys.path:
 from benchmarks import _harness  # noqa: E402  (sets OMP_WAIT_POLICY first)
 
 FIRST_RUN = "train.py (first run)"
-PEERS = ("train.py", "torch NCHW", "torch channels_last", "keras (tensorflow)",
-         "keras (jax)")
+TORCH_PASSIVE = "torch NCHW (OMP passive)"
+PEERS = ("train.py", "torch NCHW", "torch channels_last", TORCH_PASSIVE,
+         "keras (tensorflow)", "keras (jax)")
+# OpenMP wait policy of each PyTorch peer's process; '' = unset, PyTorch's default.
+TORCH_OMP_WAIT_POLICY = {"torch NCHW": "", "torch channels_last": "",
+                         TORCH_PASSIVE: "PASSIVE"}
 WARMUP_STEPS = 5
 LEARNING_RATE = 0.01
 WARMUP_EPOCHS = 0.3  # configs/mnist_bn.py: the one-cycle rise, in epochs
@@ -140,7 +154,6 @@ def _worker_torch(args, channels_last: bool) -> dict:
   import torch
   from torch import nn
   from training import input_pipeline
-  torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
   train, validation, test = load_mnist(args.num_train, args.num_eval)
   momentum = 1 - BN_MOMENTUM
@@ -155,15 +168,17 @@ def _worker_torch(args, channels_last: bool) -> dict:
     if isinstance(module, (nn.Conv2d, nn.Linear)):
       nn.init.xavier_uniform_(module.weight)  # Keras' glorot_uniform
       nn.init.zeros_(module.bias)
-  if channels_last:
-    model = model.to(memory_format=torch.channels_last)
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
+  model = model.to(memory_format=memory_format)
 
-  def to_tensor(images):  # uint8 NHWC -> float NCHW in [0, 1]
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().mul_(1 / 255)
-    return x.contiguous(memory_format=memory_format)
+  def to_tensors(split):  # once per split: uint8 NHWC -> float NCHW in [0, 1]
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).float().div_(255)
+    return (images.contiguous(memory_format=memory_format),
+            torch.from_numpy(split.labels).long())
 
-  steps_per_epoch = len(train.labels) // args.batch_size
+  (x_train, y_train), (x_val, y_val), (x_test, y_test) = map(
+      to_tensors, (train, validation, test))
+  steps_per_epoch = len(y_train) // args.batch_size
   total_steps = steps_per_epoch * args.epochs
   optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
   warmup = warmup_steps(steps_per_epoch)
@@ -173,27 +188,30 @@ def _worker_torch(args, channels_last: bool) -> dict:
   loss_fn = nn.CrossEntropyLoss()
   test_accuracy, steady_images, steady_seconds = float("nan"), 0, 0.0
 
-  def evaluate(split):
+  def evaluate(images, labels):
     model.eval()
     correct = 0
     with torch.no_grad():
-      for start in range(0, len(split.labels), EVAL_BATCH_SIZE):
-        end = start + EVAL_BATCH_SIZE
-        logits = model(to_tensor(split.images[start:end]))
-        correct += int((logits.argmax(1) == torch.from_numpy(
-            split.labels[start:end]).long()).sum())
+      for start in range(0, len(labels), EVAL_BATCH_SIZE):
+        logits = model(images[start:start + EVAL_BATCH_SIZE])
+        correct += int((logits.argmax(1) == labels[start:start + EVAL_BATCH_SIZE]).sum())
     model.train()
-    return correct / len(split.labels)
+    return correct / len(labels)
 
+  profiler = None
+  if args.profile_steps:
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
   for epoch in range(args.epochs):
-    order = input_pipeline.epoch_permutation(len(train.labels), seed=0, epoch=epoch)
+    order = torch.from_numpy(
+        input_pipeline.epoch_permutation(len(y_train), seed=0, epoch=epoch))
     start = time.perf_counter()
     for step in range(steps_per_epoch):
       if epoch == 0 and step == WARMUP_STEPS:
         start = time.perf_counter()
+      if profiler and epoch == 0 and step in (WARMUP_STEPS, WARMUP_STEPS + args.profile_steps):
+        (profiler.start if step == WARMUP_STEPS else profiler.stop)()
       indices = order[step * args.batch_size:(step + 1) * args.batch_size]
-      x = to_tensor(train.images[indices])
-      y = torch.from_numpy(train.labels[indices]).long()
+      x, y = x_train[indices], y_train[indices]
       optimizer.zero_grad(set_to_none=True)
       loss = loss_fn(model(x), y)
       loss.backward()
@@ -204,10 +222,15 @@ def _worker_torch(args, channels_last: bool) -> dict:
       steps = steps_per_epoch - (WARMUP_STEPS if epoch == 0 else 0)
       steady_images += steps * args.batch_size
       steady_seconds += seconds
-    evaluate(validation)
-    test_accuracy = evaluate(test)
+    evaluate(x_val, y_val)
+    test_accuracy = evaluate(x_test, y_test)
+  if profiler:
+    print(f"torch.profiler, steps {WARMUP_STEPS}-{WARMUP_STEPS + args.profile_steps - 1} "
+          "of epoch 1:\n" + profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                        row_limit=20), file=sys.stderr)
   return {"images_per_sec": steady_images / steady_seconds,
-          "test_accuracy": test_accuracy}
+          "test_accuracy": test_accuracy, "threads": torch.get_num_threads(),
+          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def _worker_keras(args) -> dict:
@@ -293,6 +316,12 @@ def _run_worker(args) -> None:
   if name == "train.py":
     result = _worker_train_py(args)
   elif name.startswith("torch"):
+    # Read by PyTorch's OpenMP runtime when torch is first imported (below).
+    policy = TORCH_OMP_WAIT_POLICY[name]
+    if policy:
+      os.environ["OMP_WAIT_POLICY"] = policy
+    else:
+      os.environ.pop("OMP_WAIT_POLICY", None)
     result = _worker_torch(args, channels_last=name == "torch channels_last")
   else:
     result = _worker_keras(args)
@@ -306,8 +335,8 @@ def available_peers(requested) -> tuple[list[str], dict[str, str]]:
   missing = {}
   present = []
   for name in requested:
-    module = {"train.py": "jax", "torch NCHW": "torch", "torch channels_last": "torch",
-              "keras (tensorflow)": "tensorflow", "keras (jax)": "jax"}[name]
+    module = "torch" if name in TORCH_OMP_WAIT_POLICY else {
+        "train.py": "jax", "keras (tensorflow)": "tensorflow", "keras (jax)": "jax"}[name]
     if name.startswith("keras") and importlib.util.find_spec("keras") is None:
       missing[name] = "keras is not installed"
     elif importlib.util.find_spec(module) is None:
@@ -360,6 +389,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--json", help="also write the results to this file")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--batch_size", type=int, default=128, help=argparse.SUPPRESS)
+  parser.add_argument("--profile_steps", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     _run_worker(args)
@@ -403,28 +433,60 @@ def main(argv=None) -> dict:
   return summary
 
 
+def _range(values) -> list[float]:
+  return [float(min(values)), float(max(values))] if values else [math.nan, math.nan]
+
+
 def summarize(samples, batch_sizes, peers) -> dict:
+  """Per (peer, batch): medians and ranges over rounds; train.py's ratios to PyTorch.
+
+  Returns:
+    `{(peer, batch): entry}`; every entry has `images_per_sec`,
+    `images_per_sec_range`, `wall_seconds`, `wall_seconds_range`,
+    `test_accuracy`, `runs`, `errors`. train.py's entries also have, when a
+    PyTorch row ran: `vs_torch_images_per_sec` and `vs_torch_wall` (ratios
+    of the medians to the best PyTorch row's medians) and
+    `round_vs_torch_images_per_sec` / `round_vs_torch_wall` (the ratios of
+    each round where all of them ran, to that round's best PyTorch row).
+  """
   summary = {}
   for (peer, batch), runs in samples.items():
     good = [r for r in runs if "error" not in r]
     errors = [r["error"] for r in runs if "error" in r]
     summary[(peer, batch)] = {
         "images_per_sec": _median([r["images_per_sec"] for r in good]),
+        "images_per_sec_range": _range([r["images_per_sec"] for r in good]),
         "wall_seconds": _median([r["wall_seconds"] for r in good]),
+        "wall_seconds_range": _range([r["wall_seconds"] for r in good]),
         "test_accuracy": _median([r["test_accuracy"] for r in good]),
         "runs": len(good), "errors": errors}
   for batch, ours_name in [(b, n) for b in batch_sizes for n in (FIRST_RUN, "train.py")]:
     if ours_name not in peers:
       continue
-    torch_cases = [summary[(p, batch)] for p in ("torch NCHW", "torch channels_last")
-                   if p in peers and summary[(p, batch)]["runs"]]
+    torch_names = [p for p in TORCH_OMP_WAIT_POLICY if p in peers]
+    torch_cases = [summary[(p, batch)] for p in torch_names if summary[(p, batch)]["runs"]]
     ours = summary[(ours_name, batch)]
     if torch_cases and ours["runs"]:
       best_rate = max(c["images_per_sec"] for c in torch_cases) or float("nan")
       best_wall = min(c["wall_seconds"] for c in torch_cases)
       ours["vs_torch_images_per_sec"] = ours["images_per_sec"] / best_rate
       ours["vs_torch_wall"] = ours["wall_seconds"] / best_wall
+      rate_ratios, wall_ratios = [], []
+      for round_runs in zip(samples[(ours_name, batch)],
+                            *(samples[(p, batch)] for p in torch_names)):
+        if any("error" in r for r in round_runs):
+          continue
+        mine, others = round_runs[0], round_runs[1:]
+        rate_ratios.append(mine["images_per_sec"] / max(r["images_per_sec"] for r in others))
+        wall_ratios.append(mine["wall_seconds"] / min(r["wall_seconds"] for r in others))
+      ours["round_vs_torch_images_per_sec"] = rate_ratios
+      ours["round_vs_torch_wall"] = wall_ratios
   return summary
+
+
+def _spread(ratios) -> str:
+  """`median (min-max)` of per-round ratios."""
+  return f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def format_report(summary, batch_sizes, peers, missing, args, load_start, load_end
@@ -437,7 +499,7 @@ def format_report(summary, batch_sizes, peers, missing, args, load_start, load_e
            f"{load_end[0]:.1f} / {load_end[1]:.1f} at the end; {args.rounds} "
            f"interleaved round(s) of {args.epochs} epoch(s)"
            + (f" on {args.num_train} training examples" if args.num_train else "")
-           + "; medians over rounds. images/s: "
+           + "; medians (min-max) over rounds. images/s: "
            + (f"training images of epochs 2-{args.epochs} over their training time"
               if args.epochs > 1 else
               f"training images after {WARMUP_STEPS} warm-up steps over their time")
@@ -453,8 +515,17 @@ def format_report(summary, batch_sizes, peers, missing, args, load_start, load_e
       if "vs_torch_images_per_sec" in entry:
         ratio = (f"{entry['vs_torch_images_per_sec']:.2f}x images/s, "
                  f"{entry['vs_torch_wall']:.2f}x wall")
-      rows.append([str(batch), peer, f"{entry['images_per_sec']:,.0f}",
-                   f"{entry['wall_seconds']:.1f}", f"{100 * entry['test_accuracy']:.2f}%",
+        if len(entry["round_vs_torch_images_per_sec"]) > 1:
+          ratio += (f"; per round {_spread(entry['round_vs_torch_images_per_sec'])}x, "
+                    f"{_spread(entry['round_vs_torch_wall'])}x")
+      low, high = entry["images_per_sec_range"]
+      low_wall, high_wall = entry["wall_seconds_range"]
+      rows.append([str(batch), peer,
+                   f"{entry['images_per_sec']:,.0f}" + (
+                       f" ({low:,.0f}-{high:,.0f})" if entry["runs"] > 1 else ""),
+                   f"{entry['wall_seconds']:.1f}" + (
+                       f" ({low_wall:.1f}-{high_wall:.1f})" if entry["runs"] > 1 else ""),
+                   f"{100 * entry['test_accuracy']:.2f}%",
                    ratio, f"{entry['runs']} run(s)"
                    + (f"; {len(entry['errors'])} failed" if entry["errors"] else "")])
   lines.append(_harness.markdown_table(

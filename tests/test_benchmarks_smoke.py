@@ -4,6 +4,7 @@ Timings are never asserted (the machine is shared); what is asserted is
 deterministic: table structure, collective counts, accuracy columns.
 """
 
+import json
 import re
 
 import pytest
@@ -145,24 +146,59 @@ def test_accelerator_tiny(capsys):
                         "no normalization (reference)"]
 
 
-def test_peers_tiny(capsys):
-  # train.py and PyTorch each in their own subprocess, one short epoch.
+def test_peers_tiny(capsys, tmp_path):
+  # train.py and PyTorch (its defaults, and OMP_WAIT_POLICY=PASSIVE) each in
+  # their own subprocess, one short epoch.
   from benchmarks import peers
-  summary = peers.main(["--tiny", "--peers", "train.py,torch NCHW", "--batch_sizes", "64"])
+  passive = peers.TORCH_PASSIVE
+  summary = peers.main(["--tiny", "--peers", f"train.py,torch NCHW,{passive}",
+                        "--batch_sizes", "64", "--json", str(tmp_path / "peers.json")])
   out = capsys.readouterr().out
   # On a fresh clone tfds first prints that it prepares MNIST; the table follows.
   assert "### MNIST CNN end to end" in out
   out = out[out.index("### MNIST CNN end to end"):]
   assert "`python" in out
   rows = {row[1]: row for row in _table_rows(out, r"\d+")}
-  assert set(rows) == {"train.py (first run)", "train.py", "torch NCHW"}
-  for name in rows:
+  assert set(rows) == {"train.py (first run)", "train.py", "torch NCHW", passive}
+  for name, row in rows.items():
     entry = summary[(name, 64)]
     assert entry["runs"] == 1 and not entry["errors"], entry
     assert entry["images_per_sec"] > 0 and entry["wall_seconds"] > 0
-  assert "vs_torch_images_per_sec" in summary[("train.py", 64)]
-  assert "vs_torch_images_per_sec" in summary[("train.py (first run)", 64)]
+    # The table shows the summary's numbers.
+    assert row[2] == f"{entry['images_per_sec']:,.0f}"
+    assert row[4] == f"{100 * entry['test_accuracy']:.2f}%"
+    # 20 steps of 64 reach well above chance (10%) on the 200 test images.
+    assert 0.2 < entry["test_accuracy"] <= 1.0, (name, entry)
+  # A rerun of train.py reads its steps from the compilation cache and
+  # computes the same numbers; the OpenMP wait policy changes no number either.
+  assert (summary[("train.py", 64)]["test_accuracy"]
+          == summary[("train.py (first run)", 64)]["test_accuracy"])
+  assert summary[("torch NCHW", 64)]["test_accuracy"] == summary[(passive, 64)]["test_accuracy"]
+  # The ratios are train.py's median over the best PyTorch row's.
+  ours = summary[("train.py", 64)]
+  best_torch = max(summary[(p, 64)]["images_per_sec"] for p in ("torch NCHW", passive))
+  assert ours["vs_torch_images_per_sec"] == pytest.approx(ours["images_per_sec"] / best_torch)
+  assert ours["round_vs_torch_images_per_sec"] == [
+      pytest.approx(ours["vs_torch_images_per_sec"])]
+  assert rows["train.py"][5].startswith(f"{ours['vs_torch_images_per_sec']:.2f}x images/s")
   assert "Target (train.py images/s >= 1.0x" in out
+  # Each PyTorch run says how it ran.
+  samples = json.loads((tmp_path / "peers.json").read_text())["samples"]
+  assert samples["torch NCHW@64"][0]["omp_wait_policy"] == ""
+  assert samples[f"{passive}@64"][0]["omp_wait_policy"] == "PASSIVE"
+  assert samples["torch NCHW@64"][0]["threads"] >= 1
+
+
+def test_peers_torch_worker_profiles_its_steps(capsys):
+  from benchmarks import peers
+  peers.main(["--worker", peers.TORCH_PASSIVE, "--profile_steps", "3", "--epochs", "1",
+              "--num_train", "640", "--num_eval", "100", "--batch_size", "64"])
+  captured = capsys.readouterr()
+  assert "steps 5-7 of epoch 1" in captured.err
+  assert "aten::convolution_backward" in captured.err
+  (line,) = [l for l in captured.out.splitlines() if l.startswith(peers.RESULT_PREFIX)]
+  result = json.loads(line[len(peers.RESULT_PREFIX):])
+  assert result["omp_wait_policy"] == "PASSIVE" and result["images_per_sec"] > 0
 
 
 def test_peers_evaluate_at_train_py_default_eval_batch():

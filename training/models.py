@@ -126,11 +126,12 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   lowered (`lax.platform_dependent`), not the machine that traces it: a
   program lowered on a CPU for GPUs or TPUs (`jax.export`, `train.py
   --lower_for`) holds `conv_valid_xla` (cuDNN / the TPU convolution units),
-  and one compiled for CPU holds `conv_valid_cpu` (im2col and matmuls with a
-  hand-written backward pass): for the few channels of the MNIST CNN, XLA:CPU's
-  convolution and the automatic gradient of im2col are several times slower
-  (measured on its training step, batch 32-128). Both give the same numbers up
-  to float rounding (tests/test_train_models.py).
+  and one compiled for CPU holds `conv_valid_cpu` (im2col and matmuls; the
+  one-channel first layer with a hand-written backward pass): for the few
+  channels of the MNIST CNN, XLA:CPU's convolution is slower on the first
+  layer (measured on its training step, batch 128) and no faster on the
+  second. Both give the same numbers up to float rounding
+  (tests/test_train_models.py).
 
   Args:
     x: `(batch, height, width, in_features)`.
@@ -191,54 +192,57 @@ def _shifted_windows(x: jax.Array, kernel_height: int, kernel_width: int
           for i in range(kernel_height) for j in range(kernel_width)]
 
 
-def _conv_valid_cpu_forward(x, kernel):
-  kernel_height, kernel_width, in_features, out_features = kernel.shape
-  if in_features == 1:
-    windows = _shifted_windows(x, kernel_height, kernel_width)
-    taps = kernel.reshape(kernel_height * kernel_width, out_features)
-    # Taps on the leading axis, (taps, batch * out_height * out_width): each
-    # row is one contiguous copy of a window. The usual patch matrix with one
-    # channel per tap would be written one float at a time (measured: the
-    # concatenation alone was 9 of the step's 61 ms of op time at batch 128).
-    patches = jnp.stack([window[..., 0] for window in windows], axis=0).reshape(
-        len(windows), -1)
-    y = lax.dot_general(patches, taps, (((0,), (0,)), ((), ())))
-    return y.reshape(windows[0].shape[:3] + (out_features,)), (x, kernel, patches)
-  patches, taps = _im2col(x, kernel)
-  return patches @ taps, (x, kernel, patches.reshape(-1, patches.shape[-1]))
+def _conv_valid_one_channel_forward(x, kernel):
+  kernel_height, kernel_width, _, out_features = kernel.shape
+  windows = _shifted_windows(x, kernel_height, kernel_width)
+  taps = kernel.reshape(kernel_height * kernel_width, out_features)
+  # Taps on the leading axis, (taps, batch * out_height * out_width): each
+  # row is one contiguous copy of a window. The usual patch matrix with one
+  # channel per tap would be written one float at a time (measured: the
+  # concatenation alone was 9 of the step's 61 ms of op time at batch 128).
+  patches = jnp.stack([window[..., 0] for window in windows], axis=0).reshape(
+      len(windows), -1)
+  y = lax.dot_general(patches, taps, (((0,), (0,)), ((), ())))
+  return y.reshape(windows[0].shape[:3] + (out_features,)), (x, kernel, patches)
 
 
-def _conv_valid_cpu_backward(residuals, dy):
+def _conv_valid_one_channel_backward(residuals, dy):
   x, kernel, patches = residuals
-  out_features = kernel.shape[-1]
-  flat_dy = dy.reshape(-1, out_features)
-  if kernel.shape[2] == 1:
-    dkernel = patches @ flat_dy
-  else:
-    dkernel = lax.dot_general(patches, flat_dy, (((0,), (0,)), ((), ())))
-  # The input gradient is XLA's transposed convolution: one op, where the
-  # transpose of the im2col concatenation is kh*kw slices and pads that
-  # XLA:CPU runs as separate passes (~8 of 61 ms). When `x` is data (the
-  # first layer) it is dead code and XLA removes it.
+  dkernel = patches @ dy.reshape(-1, kernel.shape[-1])
+  # The input gradient is XLA's transposed convolution, one op. When `x` is
+  # data (the first layer) it is dead code and XLA removes it.
   _, conv_vjp = jax.vjp(lambda x: conv_valid_xla(x, kernel), x)
   (dx,) = conv_vjp(dy)
   return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 @jax.custom_vjp
+def _conv_valid_one_channel(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv_valid` of a one-channel `x`: tap-major patches, hand-written gradient."""
+  return _conv_valid_one_channel_forward(x, kernel)[0]
+
+
+_conv_valid_one_channel.defvjp(_conv_valid_one_channel_forward,
+                               _conv_valid_one_channel_backward)
+
+
 def conv_valid_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`conv_valid` as im2col and matmuls, with a hand-written gradient.
+  """`conv_valid` as im2col and matmuls, for XLA:CPU.
 
-  Forward: the patch matrix (the `kh * kw` shifted views of `x`; with one
-  input channel laid out tap-major) times the reshaped kernel. Backward: the
-  kernel gradient is one matmul of the saved patches with `dy`; the input
-  gradient is `lax.conv_general_dilated`'s transpose. Same shapes as
-  `conv_valid`.
+  One input channel (the first layer): the patch matrix laid out tap-major,
+  `(kh * kw, batch * out_h * out_w)`, one contiguous copy per tap, times the
+  reshaped kernel; its gradient is written by hand (the kernel gradient is
+  one matmul of the saved patches with `dy`, the input gradient
+  `lax.conv_general_dilated`'s transpose, dead code for data). More channels:
+  `conv_valid_im2col` and its automatic gradient (the transpose of the
+  concatenation: slices and pads that XLA fuses with their neighbours),
+  measured faster on XLA:CPU for the MNIST CNN's second layer than the
+  saved-patch kernel gradient with a transposed convolution for the input
+  gradient (BENCHMARKS.md, the peers section). Same shapes as `conv_valid`.
   """
-  return _conv_valid_cpu_forward(x, kernel)[0]
-
-
-conv_valid_cpu.defvjp(_conv_valid_cpu_forward, _conv_valid_cpu_backward)
+  if kernel.shape[2] == 1:
+    return _conv_valid_one_channel(x, kernel)
+  return conv_valid_im2col(x, kernel)
 
 
 def conv2d(name: str, features: int, kernel_size: int, *, use_bias: bool = True,
