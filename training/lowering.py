@@ -652,13 +652,16 @@ def compile_config(config: ml_collections.ConfigDict, spec: targets.TargetSpec, 
   return tuple(found)
 
 
+FIT_BATCH_LIMIT = 4096
+
+
 def largest_fitting_batch(config: ml_collections.ConfigDict, spec: targets.TargetSpec, *,
-                          limit: int = 4096) -> int:
+                          limit: int = FIT_BATCH_LIMIT) -> int:
   """The largest per-device train batch whose compiled step fits the target's memory.
 
   Doubles from the configured per-device batch until a step does not fit (or
-  `limit`), then bisects; every probe is one compilation. 0: not even one
-  example fits.
+  `limit`, which is then returned), then bisects; every probe is one
+  compilation. 0: not even one example fits.
   """
   num_devices = len(targets.devices(spec))
 
@@ -757,12 +760,14 @@ def _compiled_summary(config, result: Compilation, workdir) -> str:
         f"HBM (arguments {hlo.fmt_bytes(p.argument_bytes)}, outputs "
         f"{hlo.fmt_bytes(p.output_bytes)}, aliased {hlo.fmt_bytes(p.alias_bytes)}, temp "
         f"{hlo.fmt_bytes(p.temp_bytes)}).",
-        f"  {p.flops / 1e9:,.1f} GFLOP, {hlo.fmt_bytes(p.nbytes)} ({p.bytes_method}); "
-        f"estimated {p.roofline.step_s * 1e3:.2f} ms per step ({p.roofline.bound}-bound), "
+        f"  {p.flops / 1e9:,.4g} GFLOP, {hlo.fmt_bytes(p.nbytes)} ({p.bytes_method}); "
+        f"estimated {p.roofline.step_s * 1e3:.3g} ms per step ({p.roofline.bound}-bound), "
         f"{p.images_per_s:,.0f} images/s; {p.kernels} kernels, {p.convolutions} "
         f"convolutions; collectives: {collective_summary(p.collectives)}."]
   for label, batch in result.fitting_batches.items():
-    lines.append(f"{label}: largest per-device train batch that fits: {batch}.")
+    found = (f"{batch} or more (the search stops at {FIT_BATCH_LIMIT})"
+             if batch >= FIT_BATCH_LIMIT else str(batch))
+    lines.append(f"{label}: largest per-device train batch that fits: {found}.")
   if workdir is not None and result.programs:
     lines.append(f"Optimized HLO: {pathlib.Path(workdir) / COMPILED_DIR}/<target>/"
                  "<program>.hlo.txt.")
