@@ -174,3 +174,37 @@ def test_target_parsing_errors_name_the_flag():
     targets.parse("tpu-v5e:8")
   with pytest.raises(ValueError, match="needs a topology"):
     targets.parse("h100")
+
+
+_MODULE = """HloModule m
+
+%branch (p: f32[64]) -> f32[64] {
+  %p = f32[64]{0} parameter(0)
+  ROOT %all-reduce.2 = f32[64]{0} all-reduce(%p), channel_id=2, to_apply=%add
+}
+
+ENTRY %main (x: bf16[8,16]) -> f32[64] {
+  %x = bf16[8,16]{1,0:T(8,128)(2,1)} parameter(0)
+  %conv = (bf16[8,16]{1,0}, u8[0]{0}) custom-call(%x, %x), custom_call_target="__cudnn$convForward"
+  %y = bf16[8,16]{1,0} get-tuple-element(%conv), index=0
+  %sums = f32[64]{0} fusion(%y), kind=kInput, calls=%fused
+  %all-reduce-start = f32[64]{0} all-reduce-start(%sums), channel_id=1, to_apply=%add
+  %all-reduce-done = f32[64]{0} all-reduce-done(%all-reduce-start)
+  %c = s32[] constant(0)
+  ROOT %r = f32[64]{0} conditional(%c, %all-reduce-done), branch_computations={%branch}
+}
+"""
+
+
+def test_hlo_reader_on_a_fixed_module():
+  assert [k.op for k in hlo.kernels(_MODULE)] == ["custom-call", "fusion", "all-reduce-start"]
+  # custom-call: 2 x 256 B in, 256 B out (tuple); fusion: 256 B in, 256 B out;
+  # all-reduce-start: its 256 B operand once.
+  assert hlo.entry_bytes(_MODULE) == 3 * 256 + 2 * 256 + 256
+  assert hlo.collectives(_MODULE) == (
+      hlo.Collective("all-reduce", 256, True, ""), hlo.Collective("all-reduce", 256, False, ""))
+  assert hlo.count_collectives(_MODULE).summary() == (
+      "2 (2 all-reduce); 1 in a lax.cond branch")
+  assert hlo.convolutions(_MODULE) == 1
+  assert hlo.shape_bytes("(f32[64]{0:T(128)}, bf16[2,3]{1,0:T(8,128)(2,1)})") == 268
+  assert hlo.fmt_bytes(1.5e9) == "1.50 GB"
