@@ -364,11 +364,12 @@ def normalize_in_training(call: ParsedCall, state: BatchNormState, *,
       behaviour) instead of raising.
     countless_state: `state.count` means nothing (flax's variables hold no
       step count). The shift of the one-pass variance is then the stored
-      running mean as it is, and without `axis_name` the sums are redone
-      around the batch's own mean on the steps where that running mean is
-      far from it (a fresh state on data with |mean| >> std). Otherwise
+      running mean as it is, and without `axis_name`, in programs compiled
+      for CPU, the sums are redone around the batch's own mean on the steps
+      where that running mean is far from it (a fresh state on data with
+      |mean| >> std; see `batch_statistics` for GPUs and TPUs). Otherwise
       `state.count` chooses: the debiased running mean once it is > 0, and
-      before that (without `axis_name`) the batch's own mean.
+      before that (without `axis_name`, on CPU) the batch's own mean.
   """
   layout = call.layout(training_count(call, single_value_ok=single_value_ok))
   if countless_state:
