@@ -148,7 +148,8 @@ def devices(spec: TargetSpec | str) -> list:
       topology = topologies.get_topology_desc(
           platform="cuda", target_config=gpu_target_config(spec.target.name),
           topology=f"1x{count // per_host}x{per_host}")
-  except (RuntimeError, ImportError, jax.errors.JaxRuntimeError) as error:
+  except (RuntimeError, ImportError, NotImplementedError,
+          jax.errors.JaxRuntimeError) as error:
     extra = "jax[tpu]" if spec.target.platform == "tpu" else "jax[cuda12]"
     raise RuntimeError(
         f"cannot compile for {spec.label}: {error}. Compiling for GPUs and TPUs "
