@@ -7,6 +7,9 @@ Examples:
   # Export the train and eval steps for GPUs and TPUs without training
   # (files in <workdir>/lowered/; training.lowering):
   python train.py --lower_for=cuda,tpu --workdir=/tmp/lowered_cnn
+  # Compile them for GPUs and TPUs without one and say whether the run fits
+  # (memory, estimated step time; training.lowering, needs the compile extra):
+  python train.py --config=configs/resnet_imagenet.py --compile_for=h100:8,tpu-v5e:2x4
   # Two processes (e.g. two hosts), JAX's multi-process runtime:
   python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=0
   python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=1
@@ -59,6 +62,18 @@ _LOWER_FOR = flags.DEFINE_list(
     "platform into <workdir>/lowered/<platform>/, print a summary and exit without "
     "training. More devices than this host has: XLA_FLAGS="
     "--xla_force_host_platform_device_count=N on a CPU.")
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None,
+    "Targets such as h100:8,a100:8,tpu-v5e:2x4,tpu-v5p:4x4x4 (GPU: device count; TPU: "
+    "chip grid): compile the train and eval steps of the configured run for each "
+    "without a device, print per-device memory against the target's (fits / does not "
+    "fit), flops, bytes, an estimated step time and images/s, collectives and kernels, "
+    "write the optimized HLO under <workdir>/compiled/ and exit (non-zero when a "
+    "program does not fit). Needs pip install -e '.[compile]'.")
+_COMPILE_FIT_BATCH = flags.DEFINE_bool(
+    "compile_fit_batch", False,
+    "With --compile_for: also find the largest per-device train batch that fits each "
+    "target (bisection; one compilation per probe).")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", os.path.join("~", ".cache", "jaxbn", "jax_compilation_cache"),
     "JAX's persistent compilation cache: a rerun with the same config loads the compiled "
@@ -88,12 +103,29 @@ def _hide_tfds_warnings(record: python_logging.LogRecord) -> bool:
   return record.levelno >= python_logging.ERROR or "tensorflow_datasets" not in record.pathname
 
 
+def _compile_for() -> int:
+  """`--compile_for`: compile for the targets on this machine's CPU; 0 when all fit."""
+  from training import targets
+  targets.prepare_environment()
+  import jax
+  jax.config.update("jax_platforms", "cpu")  # no local accelerator is looked for
+  from training import lowering
+  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
+  result = lowering.compile_for_targets(_CONFIG.value, workdir, _COMPILE_FOR.value,
+                                        fit_batch=_COMPILE_FIT_BATCH.value)
+  print(result.summary, flush=True)
+  return 0 if result.fits else 1
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     python_logging.getLogger("absl").addFilter(_hide_tfds_warnings)  # tfds logs via absl
+  if _COMPILE_FOR.value:
+    sys.exit(_compile_for())
   _initialize_distributed()
   if _COMPILATION_CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import jax

@@ -10,7 +10,6 @@ report the median and the min-max over repetitions.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import datetime
 import math
@@ -24,14 +23,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from training import hlo
+
 # PyTorch's OpenMP workers spin after each parallel region by default; on a
 # machine with more runnable threads than cores that spinning starves both
 # PyTorch itself (measured: a tiny BatchNorm2d step 128 ms instead of 1 ms) and
 # whatever runs next. Must be set before torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
-                  "all-to-all")
+COLLECTIVE_OPS = hlo.COLLECTIVE_OPS
 
 
 class Timing(NamedTuple):
@@ -199,72 +199,11 @@ def print_table(title: str, headers, rows, note: str | None = None) -> None:
   print(flush=True)
 
 
-class CollectiveCount(NamedTuple):
-  """Collective ops of one compiled program.
-
-  Attributes:
-    by_op: op name -> count, for every name in `COLLECTIVE_OPS`.
-    in_conditional: how many of them sit in a branch of a `conditional`
-      (they run only when that branch is taken).
-  """
-  by_op: dict[str, int]
-  in_conditional: int
-
-  @property
-  def total(self) -> int:
-    return sum(self.by_op.values())
-
-  def summary(self) -> str:
-    parts = [f"{n} {op}" for op, n in self.by_op.items() if n]
-    text = str(self.total) + (f" ({', '.join(parts)})" if parts else "")
-    if self.in_conditional:
-      text += f"; {self.in_conditional} in a lax.cond branch"
-    return text
-
-
-_COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVE_OPS) + r")(-start)?\(")
-
-
-def _computations(hlo_text: str) -> dict[str, str]:
-  """Computation name -> body text of an HLO module's text."""
-  bodies, name, lines = {}, None, []
-  for line in hlo_text.splitlines():
-    header = re.match(r"(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
-    if name is None and header:
-      name, lines = header.group(1), []
-    elif name is not None and line.startswith("}"):
-      bodies[name] = "\n".join(lines)
-      name = None
-    elif name is not None:
-      lines.append(line)
-  return bodies
-
-
-def count_collectives(hlo_text: str) -> CollectiveCount:
-  """Counts collective ops in compiled HLO text (`compile().as_text()`).
-
-  An async pair (`all-reduce-start` / `all-reduce-done`) counts once, through
-  its `-start` op. An op is matched as ` name(` after the result shape, which
-  instruction names (`%all-reduce.1`) and metadata never look like.
-  """
-  counts = collections.Counter(m.group(1) for m in _COLLECTIVE.finditer(hlo_text))
-  bodies = _computations(hlo_text)
-  branches = set()
-  for body in bodies.values():
-    for match in re.finditer(
-        r"branch_computations=\{([^}]*)\}|(?:true|false)_computation=%([\w.\-]+)", body):
-      names = match.group(1) or match.group(2)
-      branches.update(n.strip().lstrip("%") for n in names.split(","))
-  # Computations reached from a branch (calls inside it) belong to it too.
-  pending = list(branches)
-  while pending:
-    body = bodies.get(pending.pop(), "")
-    for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", body):
-      if callee not in branches:
-        branches.add(callee)
-        pending.append(callee)
-  in_conditional = sum(len(_COLLECTIVE.findall(bodies.get(b, ""))) for b in branches)
-  return CollectiveCount({op: counts.get(op, 0) for op in COLLECTIVE_OPS}, in_conditional)
+# The compiled-program readers live in training.hlo (one for tests, benchmarks
+# and train.py --compile_for).
+CollectiveCount = hlo.CollectiveCount
+count_collectives = hlo.count_collectives
+fmt_bytes = hlo.fmt_bytes
 
 
 _BYTES_PER_ELEMENT = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "f64": 8, "pred": 1}
@@ -288,7 +227,7 @@ def array_traffic(hlo_text: str, num_elements: int) -> ArrayTraffic:
   tuples, bitcasts and `conditional` ops (a branch runs only when taken) are
   not counted.
   """
-  bodies = _computations(hlo_text)
+  bodies = hlo.computations(hlo_text)
   entry = next((name for name in bodies
                 if re.search(r"^ENTRY\s+%" + re.escape(name) + r"\b", hlo_text, re.M)), None)
   if entry is None:
@@ -327,13 +266,6 @@ def array_passes(hlo_text: str, num_elements: int) -> tuple[int, int]:
 def temp_bytes(compiled) -> int:
   """Temporary buffer bytes of a compiled JAX executable (`memory_analysis()`)."""
   return int(compiled.memory_analysis().temp_size_in_bytes)
-
-
-def fmt_bytes(num: float) -> str:
-  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-    if num >= scale:
-      return f"{num / scale:.2f} {unit}"
-  return f"{int(num)} B"
 
 
 def fmt_ratio(value: float) -> str:

@@ -155,10 +155,14 @@ def batch_statistics(x, shift, mask, running: Running, layout: Layout) -> _stats
   statistics; it is normalized with the `running` ones instead (as in
   inference), and its `count` of 0 keeps its running statistics unchanged.
 
-  With `layout.check_shift`, if the shift is more than `_MAX_SHIFT_DISTANCE`
-  batch standard deviations from the batch mean of any feature, the sums are
-  redone around the batch's own mean (two more reads of `x`, inside a
-  `lax.cond`, so only on the steps that need it).
+  With `layout.check_shift`, in programs compiled for CPU: if the shift is
+  more than `_MAX_SHIFT_DISTANCE` batch standard deviations from the batch mean
+  of any feature, the sums are redone around the batch's own mean (two more
+  reads of `x`, inside a `lax.cond`, so only on the steps that need it). The
+  GPU and TPU compilers do not keep that branch off the step's path (XLA:GPU
+  turns it into a select that always runs it, the TPU compiler materializes
+  float32 copies of `x` for it; measured with `python -m benchmarks.compiled`),
+  so there the shift is used as it is, as it always is under `axis_name`.
   """
   compute_dtype = shift.dtype
 
@@ -173,15 +177,18 @@ def batch_statistics(x, shift, mask, running: Running, layout: Layout) -> _stats
 
   stats = moments_around(shift)
   if layout.check_shift:
-    distance = stats.mean - shift
-    too_far = distance * distance > _MAX_SHIFT_DISTANCE**2 * (stats.var + layout.epsilon)
-    if mask is not None:
-      too_far = too_far & (stats.count > 0)
-    stats = lax.cond(
-        jnp.any(too_far),
-        lambda: moments_around(
-            _stats.data_shift(x, layout.reduction_axes, mask).astype(compute_dtype)),
-        lambda: stats)
+    def redo_if_far(stats):
+      distance = stats.mean - shift
+      too_far = distance * distance > _MAX_SHIFT_DISTANCE**2 * (stats.var + layout.epsilon)
+      if mask is not None:
+        too_far = too_far & (stats.count > 0)
+      return lax.cond(
+          jnp.any(too_far),
+          lambda: moments_around(
+              _stats.data_shift(x, layout.reduction_axes, mask).astype(compute_dtype)),
+          lambda: stats)
+
+    stats = lax.platform_dependent(stats, cpu=redo_if_far, default=lambda stats: stats)
   if mask is None:
     return stats
   has_data = stats.count > 0
@@ -277,17 +284,23 @@ def training_shift(state: BatchNormState, x: jax.Array, momentum: float | None,
   """The replicated per-feature shift of a training step's one-pass moments."""
   shift = _shift_estimate(state, momentum)
   if names is None:
-    # Before the first update there is no estimate of the mean: take one more
-    # pass over x, only on that step (lax.cond runs one branch). With axis_name
-    # this would cost a second collective, so there the first step shifts by the
-    # state's mean as is (see the README's "Numerics" section).
+    # Before the first update there is no estimate of the mean: in programs
+    # compiled for CPU take one more pass over x, only on that step (lax.cond
+    # runs one branch there). With axis_name this would cost a second
+    # collective, and the GPU and TPU compilers run such a branch on every step
+    # (see `batch_statistics`), so there the first step shifts by the state's
+    # mean as is (see the README's "Numerics" section).
     data_axes = tuple(_stats.varying_axes(x) - _stats.varying_axes(shift))
     if data_axes:
       # Per-device statistics under shard_map(check_vma=True): both branches
       # must vary over the same mesh axes.
       shift = lax.pcast(shift, data_axes, to="varying")
-    shift = lax.cond(state.count > 0, lambda: shift,
-                     lambda: _stats.data_shift(x, reduction_axes, mask))
+
+    def first_step_pass(shift):
+      return lax.cond(state.count > 0, lambda: shift,
+                      lambda: _stats.data_shift(x, reduction_axes, mask))
+
+    shift = lax.platform_dependent(shift, cpu=first_step_pass, default=lambda shift: shift)
   return lax.stop_gradient(shift.astype(compute_dtype))
 
 
@@ -384,11 +397,12 @@ def normalize_in_training(call: ParsedCall, state: BatchNormState, *,
       behaviour) instead of raising.
     countless_state: `state.count` means nothing (flax's variables hold no
       step count). The shift of the one-pass variance is then the stored
-      running mean as it is, and without `axis_name` the sums are redone
-      around the batch's own mean on the steps where that running mean is
-      far from it (a fresh state on data with |mean| >> std). Otherwise
+      running mean as it is, and without `axis_name`, in programs compiled
+      for CPU, the sums are redone around the batch's own mean on the steps
+      where that running mean is far from it (a fresh state on data with
+      |mean| >> std; see `batch_statistics` for GPUs and TPUs). Otherwise
       `state.count` chooses: the debiased running mean once it is > 0, and
-      before that (without `axis_name`) the batch's own mean.
+      before that (without `axis_name`, on CPU) the batch's own mean.
   """
   layout = call.layout(training_count(call, single_value_ok=single_value_ok))
   if countless_state:

@@ -145,12 +145,17 @@ def fused_sums(terms: tuple[jax.Array, ...],
                reduction_axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
   """Sums several same-shape arrays over `reduction_axes` in one fused pass.
 
-  XLA:CPU sends each single-operand reduce to a library kernel that cannot fuse
-  a producer with a broadcast operand (like `x - mean[None]`), so separate
-  `jnp.sum`s materialize that producer and read it once per sum. Here the
-  leading reduced rows are split into blocks of <= 32, one variadic reduce sums
-  all terms inside each block (producers computed in registers), and small
-  `jnp.sum`s finish over the blocks: fewer passes, and pairwise-like accuracy.
+  The platform the program is compiled for picks the algorithm
+  (`lax.platform_dependent`). On XLA:CPU each single-operand reduce goes to a
+  library kernel that cannot fuse a producer with a broadcast operand (like
+  `x - mean[None]`), so separate `jnp.sum`s would materialize that producer and
+  read it once per sum: there the leading reduced rows are split into blocks
+  of <= 32, one variadic reduce sums all terms inside each block (producers
+  computed in registers), and small `jnp.sum`s finish over the blocks. The GPU
+  and TPU compilers fuse sibling reductions of one producer into one kernel by
+  themselves, and the block reshapes would cut their tiled layouts (the TPU
+  compiler then materializes float32 copies of the activations and leaves
+  unfused reduces): there the terms are plain `jnp.sum`s.
 
   Args:
     terms: arrays of one shape.
@@ -159,13 +164,40 @@ def fused_sums(terms: tuple[jax.Array, ...],
   Returns:
     A tuple with each term summed over `reduction_axes`.
   """
+  return tuple(lax.platform_dependent(
+      *terms, cpu=functools.partial(blocked_sums, reduction_axes=reduction_axes),
+      default=functools.partial(plain_sums, reduction_axes=reduction_axes)))
+
+
+def plain_sums(*terms: jax.Array, reduction_axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  """`fused_sums` for the GPU and TPU compilers: one `jnp.sum` per term."""
+  return _varying_like_all(tuple(jnp.sum(t, reduction_axes) for t in terms), terms)
+
+
+def _varying_like_all(sums: tuple[jax.Array, ...], terms) -> tuple[jax.Array, ...]:
+  """`sums` marked varying over every mesh axis any term varies over (shard_map).
+
+  The branches of `lax.platform_dependent` must agree on them, and a variadic
+  reduce makes all its results vary where any operand does.
+  """
+  axes = frozenset().union(*(varying_axes(t) for t in terms))
+  def cast(value):
+    missing = tuple(sorted(axes - varying_axes(value)))
+    return lax.pcast(value, missing, to="varying") if missing else value
+  return tuple(cast(value) for value in sums)
+
+
+def blocked_sums(*terms: jax.Array, reduction_axes: tuple[int, ...]
+                 ) -> tuple[jax.Array, ...]:
+  """`fused_sums` for XLA:CPU: a variadic reduce over blocks of <= 32 rows."""
   blocked = _split_rows_into_blocks(terms, reduction_axes)
   if blocked is None:
-    return tuple(jnp.sum(t, reduction_axes) for t in terms)
+    return plain_sums(*terms, reduction_axes=reduction_axes)
   blocks, block_axis = blocked
   zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
   partial_sums = lax.reduce(blocks, zeros, _add_pairs, (block_axis,))
-  return tuple(jnp.sum(p, tuple(range(block_axis))) for p in partial_sums)
+  return _varying_like_all(tuple(jnp.sum(p, tuple(range(block_axis)))
+                                for p in partial_sums), terms)
 
 
 def _block_size(rows: int) -> int | None:

@@ -1,0 +1,218 @@
+"""Batch norm in ResNet train steps compiled for GPUs and TPUs, without a device.
+
+    python -m benchmarks.compiled            # ResNet-50, bf16, gspmd: h100:2, tpu-v5e:2x2
+    python -m benchmarks.compiled --models resnet20 --dtypes bf16,f32 \
+        --parallelism gspmd,shard_map \
+        --targets h100:2,a100:2,tpu-v5e:2x2,tpu-v4:2x2x1,tpu-v5p:2x2x1  # the small sweep
+    python -m benchmarks.compiled --json runs/compiled.json   # also write the rows
+
+The train step of `configs/resnet_imagenet.py` (ResNet-50, 224x224) or
+`configs/resnet_cifar.py` (ResNet-20, 32x32), as `train.py` builds it
+(`training.lowering`), compiled by the real compiler of each target
+(`training.targets`: XLA:GPU for H100 and A100 from their device descriptions,
+libtpu for TPU topologies) with the model's norm swapped: `jaxbn.linen.BatchNorm`
+(as shipped), `flax.linen.BatchNorm`, and none (an identity). Per target and
+variant, per device per step:
+
+* kernels: launched ops of the entry computation (`training.hlo.kernels`);
+* bytes: TPU: the compiler's `cost_analysis()['bytes accessed']`; GPU (whose
+  compiler reports none): the operand + result bytes of those kernels
+  (`training.hlo.entry_bytes`), which ignores caches;
+* BN: bytes minus the no-norm program's (BN's share), its ratio to flax's
+  share, and to the floor: 3 passes over each BN layer's activations (one read
+  of x for the statistics; x and dy read once for the backward sums; the
+  normalization and dx fuse into the neighbouring elementwise passes);
+* all-reduces and their bytes, and how many more than without norm per BN layer;
+* temp and peak memory (`memory_analysis()`), flops (TPU: the compiler's; GPU:
+  convolutions and matmuls of the traced step, `lowering.matmul_flops`), and
+  a roofline ESTIMATE of the step time and images/s: max(bytes / HBM
+  bandwidth, flops / peak) from public datasheet numbers (`training.targets.TARGETS`). Not a timing.
+
+A ResNet-50 compile takes minutes per variant on a 2-core CPU (TPU: several);
+select subsets with the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import time
+from typing import Any
+
+if __name__ == "__main__":  # compile-only: no local accelerator is looked for
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from flax import linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import _harness  # noqa: E402
+from jaxbn import linen as jaxbn_linen  # noqa: E402
+from training import hlo  # noqa: E402
+from training import lowering  # noqa: E402
+from training import targets  # noqa: E402
+
+DEFAULT_TARGETS = "h100:2,tpu-v5e:2x2"
+# Passes over a BN layer's activations that batch norm adds at least (see above).
+FLOOR_PASSES = 3
+CONFIGS = {"resnet50": "configs/resnet_imagenet.py", "resnet20": "configs/resnet_cifar.py"}
+
+
+class NoNorm(nn.Module):
+  """The identity with BatchNorm's constructor arguments (the no-norm reference)."""
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  scale_init: Any = None
+
+  def __call__(self, x):
+    return x
+
+
+NORMS = {"jaxbn": jaxbn_linen.BatchNorm, "flax": nn.BatchNorm, "none": NoNorm}
+
+
+def make_config(model: str, *, half_precision: bool, parallelism: str, num_devices: int,
+                per_device_batch: int):
+  """The model's shipped config for `num_devices` devices (no data is read)."""
+  module = importlib.import_module(CONFIGS[model].removesuffix(".py").replace("/", "."))
+  config = module.get_config()
+  config.half_precision = half_precision
+  config.parallelism = parallelism
+  config.batch_size = config.eval_batch_size = per_device_batch * num_devices
+  if model == "resnet50":
+    # imagenet2012's metadata needs its prepared files: give the shapes instead.
+    config.dataset, config.image_size, config.num_classes = "synthetic", 224, 1000
+    config.num_train_examples = 1281167
+  else:
+    config.dataset, config.image_size, config.num_classes = "synthetic", 32, 10
+    config.num_train_examples = 45000
+  return config
+
+
+def bn_activation_bytes(config, num_devices: int) -> tuple[int, int]:
+  """`(layers, bytes)`: BN layers of the model and their inputs' bytes per device."""
+  info = lowering.dataset_info(config)
+  from training import train_lib
+  model = train_lib.create_model(config, info)
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  module = model.module.clone(dtype=dtype)
+  per_device = config.batch_size // num_devices
+  images = jax.ShapeDtypeStruct((per_device,) + info.image_shape, jnp.float32)
+
+  def forward(images):
+    variables = module.init(jax.random.key(0), images, train=False)
+    _, state = module.apply(
+        variables, images, train=True, mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda mdl, _: isinstance(mdl, jaxbn_linen.BatchNorm))
+    return state["intermediates"]
+
+  outputs = jax.tree.leaves(jax.eval_shape(forward, images))
+  return len(outputs), sum(o.size * o.dtype.itemsize for o in outputs)
+
+
+def measure(spec: targets.TargetSpec, model: str, dtype: str, parallelism: str,
+            norms: list[str], per_device_batch: int) -> list[dict]:
+  num_devices = len(targets.devices(spec))
+  config = make_config(model, half_precision=dtype == "bf16", parallelism=parallelism,
+                       num_devices=num_devices, per_device_batch=per_device_batch)
+  layers, activation_bytes = bn_activation_bytes(config, num_devices)
+  rows = []
+  for norm in norms:
+    start = time.perf_counter()
+    (program,) = lowering.compile_config(config, spec, norm=NORMS[norm],
+                                         programs=("train_step",))
+    all_reduces = [c for c in program.collectives if c.op == "all-reduce"]
+    rows.append({
+        "target": spec.label, "model": model, "dtype": dtype, "parallelism": parallelism,
+        "norm": norm, "per_device_batch": per_device_batch, "bn_layers": layers,
+        "bn_activation_bytes": activation_bytes, "kernels": program.kernels,
+        "bytes": program.nbytes, "bytes_method": program.bytes_method,
+        "all_reduces": len(all_reduces),
+        "all_reduce_bytes": sum(c.nbytes for c in all_reduces),
+        "all_reduces_in_branches": sum(c.in_conditional for c in all_reduces),
+        "convolutions": program.convolutions, "temp_bytes": program.temp_bytes,
+        "peak_bytes": program.peak_bytes, "flops": program.flops,
+        "est_step_s": program.roofline.step_s, "bound": program.roofline.bound,
+        "est_images_per_s": program.images_per_s,
+        "compile_s": time.perf_counter() - start})
+    print(f"  compiled {spec.label} {model} {dtype} {parallelism} {norm} in "
+          f"{rows[-1]['compile_s']:.0f} s", flush=True)
+  return rows
+
+
+def _bn_columns(row: dict, rows: list[dict]) -> list[str]:
+  def same(norm):
+    return next((r for r in rows if r["norm"] == norm and all(
+        r[k] == row[k] for k in ("target", "model", "dtype", "parallelism"))), None)
+  none, flax = same("none"), same("flax")
+  if row["norm"] == "none" or none is None:
+    return ["", "", "", ""]
+  share = row["bytes"] - none["bytes"]
+  floor = FLOOR_PASSES * row["bn_activation_bytes"]
+  vs_flax = ""
+  if flax is not None and row["norm"] != "flax":
+    vs_flax = _harness.fmt_ratio(share / max(flax["bytes"] - none["bytes"], 1))
+  extra = (row["all_reduces"] - none["all_reduces"]) / row["bn_layers"]
+  return [hlo.fmt_bytes(share), vs_flax, _harness.fmt_ratio(share / floor), f"{extra:.2f}"]
+
+
+def table(rows: list[dict]) -> str:
+  headers = ["target", "model", "dtype", "parallelism", "norm", "kernels", "bytes / step",
+             "BN bytes (over no norm)", "BN vs flax", "BN vs floor", "all-reduces (bytes)",
+             "BN all-reduces per layer", "convolutions", "temp", "peak", "GFLOP",
+             "est. ms / step", "est. images/s"]
+  body = []
+  for row in rows:
+    bn = _bn_columns(row, rows)
+    body.append([
+        row["target"], row["model"], row["dtype"], row["parallelism"], row["norm"],
+        row["kernels"], hlo.fmt_bytes(row["bytes"]), bn[0], bn[1], bn[2],
+        f"{row['all_reduces']} ({hlo.fmt_bytes(row['all_reduce_bytes'])})", bn[3],
+        row["convolutions"], hlo.fmt_bytes(row["temp_bytes"]),
+        hlo.fmt_bytes(row["peak_bytes"]), f"{row['flops'] / 1e9:,.1f}",
+        f"{row['est_step_s'] * 1e3:.3g} ({row['bound']})",
+        f"{row['est_images_per_s']:,.0f}"])
+  return _harness.markdown_table(headers, body)
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--targets", default=DEFAULT_TARGETS,
+                      help="e.g. h100:2,a100:2,tpu-v5e:2x2,tpu-v4:2x2x1,tpu-v5p:2x2x1")
+  parser.add_argument("--models", default="resnet50", help="resnet50, resnet20")
+  parser.add_argument("--dtypes", default="bf16", help="bf16, f32")
+  parser.add_argument("--parallelism", default="gspmd", help="gspmd, shard_map")
+  parser.add_argument("--norms", default="jaxbn,flax,none", help="jaxbn, flax, none")
+  parser.add_argument("--per_device_batch", type=int, default=128)
+  parser.add_argument("--json", default=None, help="also write the rows to this file")
+  args = parser.parse_args(argv)
+  targets.prepare_environment()
+  _harness.print_header("Batch norm in compiled train steps (GPU and TPU compilers, "
+                        "no device)")
+  rows = []
+  for spec in targets.parse(args.targets):
+    for model in args.models.split(","):
+      for dtype in args.dtypes.split(","):
+        for parallelism in args.parallelism.split(","):
+          rows += measure(spec, model, dtype, parallelism, args.norms.split(","),
+                          args.per_device_batch)
+  print()
+  print(table(rows))
+  print(f"\nBytes: TPU: the compiler's bytes accessed; GPU: {lowering.ENTRY_BYTES_METHOD}. "
+        f"Floor: {FLOOR_PASSES} passes over the BN layers' activations. Step time and "
+        "images/s: roofline estimates (max of bytes / HBM bandwidth, flops / peak), not "
+        "timings.")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"command": _harness.command_line(), "rows": rows}, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
