@@ -28,8 +28,6 @@ _SOURCES = {
 _STALE = {
     "docs/train.md": "quotes the older train_step table (6,589 vs 5,973 examples/s, "
                      "4.80 vs 7.52 ms): BENCHMARKS.md now says 7,203 vs 6,615, 1.65 vs 4.16",
-    "BENCHMARKS.md": "the peers section's last paragraph quotes train_step's old 6,589 "
-                     "examples/s; its table says 7,203",
 }
 
 _NUMBER = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+\.\d+)(?![\d,]*\.?\d)")
