@@ -102,6 +102,15 @@ def get_config() -> ml_collections.ConfigDict:
   # On SIGTERM (SLURM, TPU preemption) all processes agree, at the next step
   # that is a multiple of this, to save a checkpoint there and exit (code 75).
   config.preemption_check_every_steps = 10
+  # After SIGTERM, at most this many seconds to save and exit; past it the
+  # process prints every thread's stack and exits with status 1 (a run stuck
+  # in a collective whose peer is gone never reaches the next check). Below
+  # the scheduler's SIGTERM-to-SIGKILL wait: SLURM's KillWait, often 30 s.
+  config.sigterm_grace_seconds = 25.0
+  # A run whose steps (or evaluation batches, or checkpoint saves) stop for
+  # this long prints every thread's stack and exits with status 1; 0 = off.
+  # Compilation does not count.
+  config.stall_timeout_seconds = 1800.0
   # Testing hook: 0-based global steps whose batch is replaced with NaN.
   config.inject_nan_at_steps = ()
 

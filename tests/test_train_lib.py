@@ -321,11 +321,11 @@ class _SigtermAtSecondCheck(train_lib._StopRequest):
   """Delivers a real SIGTERM to this process just before the second check."""
   checks = 0
 
-  def agreed(self):
+  def agreed(self, state=None):
     type(self).checks += 1
     if type(self).checks == 2:
       signal.raise_signal(signal.SIGTERM)
-    return super().agreed()
+    return super().agreed(state)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_uninterrupted(

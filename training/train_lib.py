@@ -32,6 +32,7 @@ resuming is exact.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import math
@@ -208,6 +209,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                                             or config.use_bn),
         f"precise_bn_batches must be >= 0 (0 = off) and needs use_bn=True, got "
         f"{config.precise_bn_batches}.")
+  check(config.stall_timeout_seconds >= 0 and config.sigterm_grace_seconds > 0,
+        f"stall_timeout_seconds must be >= 0 (0 = off) and sigterm_grace_seconds > 0, "
+        f"got {config.stall_timeout_seconds} and {config.sigterm_grace_seconds}.")
   check(config.preemption_check_every_steps >= 1,
         f"preemption_check_every_steps must be >= 1, got "
         f"{config.preemption_check_every_steps}.")
@@ -340,16 +344,26 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       epoch_sums=new_sums)
 
 
-def eval_step(params, bn_state, batch: input_pipeline.Batch, *, model: models.Model,
-              compute_dtype=jnp.float32) -> EvalSums:
-  """Sums of loss and correct predictions over the valid (mask) examples."""
+def eval_step(params, bn_state, batch: input_pipeline.Batch, sums: EvalSums, *,
+              model: models.Model, compute_dtype=jnp.float32) -> EvalSums:
+  """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
+
+  Taking the previous batch's sums makes the evaluation one chain of programs:
+  each waits for the one before, so every process runs them (and their
+  cross-process reductions) in the same order.
+  """
   logits, _ = model.apply(params, bn_state, batch.images, False,
                           compute_dtype=compute_dtype)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
   correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
-  return EvalSums(loss=jnp.sum(jnp.where(batch.mask, losses, 0.0)),
-                  correct=jnp.sum(correct, dtype=jnp.int32),
-                  examples=jnp.sum(batch.mask, dtype=jnp.int32))
+  return EvalSums(loss=sums.loss + jnp.sum(jnp.where(batch.mask, losses, 0.0)),
+                  correct=sums.correct + jnp.sum(correct, dtype=jnp.int32),
+                  examples=sums.examples + jnp.sum(batch.mask, dtype=jnp.int32))
+
+
+def zero_eval_sums() -> EvalSums:
+  return EvalSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                  jnp.zeros((), jnp.int32))
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -383,27 +397,85 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    model: models.Model):
+  """The jitted `(params, bn_state, global_batch, sums) -> sums` (`eval_step`)."""
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
   step = functools.partial(eval_step, model=model, compute_dtype=compute_dtype)
-  return jax.jit(step, in_shardings=(replicated, replicated, NamedSharding(mesh, P(AXIS))),
+  return jax.jit(step, in_shardings=(replicated, replicated, NamedSharding(mesh, P(AXIS)),
+                                     replicated),
                  out_shardings=replicated)
 
 
 def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
-             global_batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss and accuracy of the running-statistics model over a whole split."""
+             global_batch_size: int, mesh: jax.sharding.Mesh,
+             chained: bool | None = None, heartbeat=None) -> dict[str, float]:
+  """Loss and accuracy of the running-statistics model over a whole split.
+
+  With several processes each batch's program starts only when the one before
+  has finished (each adds to the sums of the one before, `eval_step`, and is
+  waited for), so every process runs them, and their cross-process
+  reductions, in the same order. Dispatched all at once, two processes of 4
+  CPU devices hung in 3 of 3 runs of 50 batches per split (gloo); chained but
+  not waited for, in 3 of 3 as well. One process has no peer to disagree
+  with: each batch's program starts from zero sums and several run at once.
+
+  Args:
+    eval_fn: `make_eval_step`'s function.
+    state: the train state (its params and BN running statistics are used).
+    split: the examples, each counted once (`input_pipeline.eval_batches`).
+    global_batch_size: examples per evaluation step over all processes.
+    mesh: the `('data',)` mesh.
+    chained: one chain of programs, each waited for; default (None): when
+      there are several processes. False with several processes raises a
+      ValueError.
+    heartbeat: called after each batch is dispatched (the watchdog's `beat`).
+
+  Returns:
+    `{'loss': mean loss, 'accuracy': fraction correct}` over the split.
+  """
+  multi_process = jax.process_count() > 1
+  if chained is None:
+    chained = multi_process
+  if multi_process and not chained:
+    raise ValueError("chained must be True (or None) with several processes.")
   sharding = NamedSharding(mesh, P(AXIS))
   rows = input_pipeline.process_rows(sharding, global_batch_size)
-  sums = [eval_fn(state.params, state.bn_state, batch)
-          for batch in input_pipeline.prefetch_to_device(
-              input_pipeline.eval_batches(split, global_batch_size=global_batch_size,
-                                          rows=rows), sharding, global_batch_size)]
+  zeros = jax.device_put(zero_eval_sums(), NamedSharding(mesh, P()))
+  batches = input_pipeline.prefetch_to_device(
+      input_pipeline.eval_batches(split, global_batch_size=global_batch_size, rows=rows),
+      sharding, global_batch_size)
+  if heartbeat is not None:
+    batches = _beating(batches, heartbeat)
+  if chained:
+    total = zeros
+    for batch in batches:
+      total = jax.block_until_ready(eval_fn(state.params, state.bn_state, batch, total))
+    sums = [total]
+  else:
+    sums = [eval_fn(state.params, state.bn_state, batch, zeros) for batch in batches]
   sums = jax.device_get(sums)
   examples = sum(int(s.examples) for s in sums)
   loss = math.fsum(float(s.loss) for s in sums)
   correct = sum(int(s.correct) for s in sums)
   return {"loss": loss / max(examples, 1), "accuracy": correct / max(examples, 1)}
+
+
+def one_at_a_time(items):
+  """Yields each item once all the work dispatched before it has finished.
+
+  For loops that dispatch programs with cross-process collectives but do not
+  hand out their results (`models.recompute_bn_stats`): with several
+  processes the programs then run in the same order on every process.
+  """
+  for item in items:
+    jax.block_until_ready(jax.live_arrays())
+    yield item
+
+
+def _beating(items, heartbeat):
+  for item in items:
+    yield item
+    heartbeat()
 
 
 # --- checkpoints and outputs ----------------------------------------------------
@@ -495,40 +567,138 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
 
 # --- preemption and PreciseBN --------------------------------------------------
 
+class _Watchdog:
+  """Ends a process whose run stopped progressing, or that outlives SIGTERM's grace.
+
+  Both deadlines are `faulthandler.dump_traceback_later` timers: a C thread that
+  needs neither the GIL nor the main thread (which may be stuck inside a
+  collective whose peer is gone), prints every thread's Python stack to stderr
+  (headed "Timeout (H:MM:SS)!") and exits with status 1. `beat` re-arms the
+  stall timer; after SIGTERM the grace timer replaces it and beats no longer
+  move it.
+  """
+
+  def __init__(self, stall_seconds: float, grace_seconds: float):
+    self._stall = stall_seconds
+    self._grace = grace_seconds
+    self._lock = threading.Lock()
+    self._armed = False
+    self._terminating = False
+    self._last_arm = -math.inf
+
+  def beat(self) -> None:
+    """Progress: the stall deadline moves to `stall_seconds` from now."""
+    if not self._stall or self._terminating:
+      return
+    now = time.monotonic()
+    if now - self._last_arm < min(1.0, self._stall / 10):
+      return  # re-arming starts a C thread; once a second is plenty
+    with self._lock:
+      if not self._terminating:
+        faulthandler.dump_traceback_later(self._stall, exit=True, file=_stderr())
+        self._armed, self._last_arm = True, now
+
+  def pause(self) -> None:
+    """No stall deadline until the next `beat` (e.g. while compiling)."""
+    with self._lock:
+      if self._armed and not self._terminating:
+        faulthandler.cancel_dump_traceback_later()
+        self._armed, self._last_arm = False, -math.inf
+
+  def terminate(self) -> None:
+    """SIGTERM: the process exits within `grace_seconds` whatever happens."""
+    with self._lock:
+      if self._terminating:
+        return
+      self._terminating = True
+      print(f"SIGTERM: saving a checkpoint at the next step the processes agree on; "
+            f"exiting with an error if that takes more than {self._grace:g} s.",
+            file=sys.stderr, flush=True)
+      faulthandler.dump_traceback_later(self._grace, exit=True, file=_stderr())
+      self._armed = True
+
+  def close(self) -> None:
+    with self._lock:
+      if self._armed:
+        faulthandler.cancel_dump_traceback_later()
+        self._armed = False
+
+
+def _stderr():
+  """A stderr with a file descriptor (pytest's captured sys.stderr has none)."""
+  try:
+    sys.stderr.fileno()
+    return sys.stderr
+  except (AttributeError, OSError, ValueError):
+    return sys.__stderr__
+
+
 class _StopRequest:
   """SIGTERM sets a flag; processes agree on it at the same steps.
 
-  Python runs signal handlers in the main thread only, so the handler is
-  installed only when `train_and_evaluate` runs there; elsewhere SIGTERM keeps
-  its previous meaning.
+  Python runs signal handlers in the main thread only, and only between
+  bytecodes: a main thread stuck in a collective never would. So the signal
+  also wakes a helper thread (through `signal.set_wakeup_fd`), which starts
+  the watchdog's grace period. Installed only when `train_and_evaluate` runs
+  in the main thread; elsewhere SIGTERM keeps its previous meaning.
   """
 
-  def __init__(self):
+  def __init__(self, watchdog: _Watchdog | None = None):
     self.requested = False
+    self._watchdog = watchdog
     self._previous = None
-    self._installed = False
+    self._previous_wakeup_fd = -1
+    self._pipe = None
+    self._thread = None
 
   def install(self) -> None:
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
+    if threading.current_thread() is not threading.main_thread():
+      return
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    self._pipe = (read_fd, write_fd)
+    self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    self._thread = threading.Thread(target=self._watch, args=(read_fd,), daemon=True,
+                                    name="sigterm-watch")
+    self._thread.start()
 
   def uninstall(self) -> None:
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._installed = False
+    if self._pipe is None:
+      return
+    signal.set_wakeup_fd(self._previous_wakeup_fd)
+    signal.signal(signal.SIGTERM, self._previous)
+    read_fd, write_fd = self._pipe
+    os.write(write_fd, b"\0")  # wakes the thread, which then returns
+    self._thread.join()
+    os.close(read_fd)
+    os.close(write_fd)
+    self._pipe = self._thread = None
+
+  def _watch(self, read_fd: int) -> None:
+    while True:
+      received = os.read(read_fd, 64)
+      if not received or 0 in received:
+        return
+      if signal.SIGTERM in received:
+        self.requested = True
+        if self._watchdog is not None:
+          self._watchdog.terminate()
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def agreed(self) -> bool:
+  def agreed(self, state=None) -> bool:
     """True on every process if any process got SIGTERM (a collective).
 
-    Every process must call this at the same steps.
+    Every process must call this at the same steps. With several processes
+    `state` (the last step's output) is waited for first, so that the
+    agreement's program does not run next to a step's.
     """
     if jax.process_count() == 1:
       return self.requested
+    jax.block_until_ready(state)
     flags = multihost_utils.process_allgather(np.int32(self.requested))
     return bool(np.any(flags))
 
@@ -541,10 +711,14 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
   """
   config = run.config
   batch_sharding = NamedSharding(run.mesh, P(AXIS))
-  images = (input_pipeline.to_global(batch, batch_sharding, config.batch_size).images
-            for batch in input_pipeline.train_batches(
-                run.train, global_batch_size=config.batch_size, seed=config.seed,
-                epoch=epoch, rows=run.rows))
+  images = _beating((input_pipeline.to_global(batch, batch_sharding,
+                                              config.batch_size).images
+                     for batch in input_pipeline.train_batches(
+                         run.train, global_batch_size=config.batch_size,
+                         seed=config.seed, epoch=epoch, rows=run.rows)),
+                    run.watchdog.beat)
+  if jax.process_count() > 1:
+    images = one_at_a_time(images)
   bn_state = models.recompute_bn_stats(
       run.model, state.params, state.bn_state, images,
       num_batches=config.precise_bn_batches,
@@ -603,6 +777,7 @@ class _Run(NamedTuple):
   is_main: bool
   model: models.Model
   stop: _StopRequest
+  watchdog: _Watchdog
 
   def progress_record(self, step: int) -> dict:
     return {"step": step, "epoch": step // self.steps_per_epoch,
@@ -650,6 +825,7 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
   for batch in input_pipeline.prefetch_to_device(host_batches, batch_sharding,
                                                  config.batch_size):
     state = step_fn(state, batch)
+    run.watchdog.beat()
     step += 1
     end_of_epoch = step % run.steps_per_epoch == 0
     if step % config.log_every_steps == 0 or end_of_epoch:
@@ -667,10 +843,11 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
       if config.precise_bn_batches:
         state = recompute_bn_state(run, state, epoch)
       save_checkpoint(run.manager, state, run.progress_record(step))
+      run.watchdog.beat()
       saving_time += time.perf_counter() - save_started
       saved = True
     if (not end_of_epoch and step % config.preemption_check_every_steps == 0
-        and run.stop.agreed()):
+        and run.stop.agreed(state)):
       if not saved:
         save_checkpoint(run.manager, state, run.progress_record(step))
       run.progress.close()
@@ -688,8 +865,9 @@ def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
   sums = jax.device_get(state.epoch_sums)
   batch_size = run.config.eval_batch_size
   val = evaluate(eval_fn, state, run.validation, global_batch_size=batch_size,
-                 mesh=run.mesh)
-  test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size, mesh=run.mesh)
+                 mesh=run.mesh, heartbeat=run.watchdog.beat)
+  test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size, mesh=run.mesh,
+                  heartbeat=run.watchdog.beat)
   return {
       "epoch": epoch + 1, "step": int(jax.device_get(state.step)),
       "train_loss": float(sums.loss) / max(int(sums.steps), 1),
@@ -723,6 +901,14 @@ def split_names(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
     return names
   defaults = input_pipeline.default_splits(config.dataset)
   return tuple(name or default for name, default in zip(names, defaults))
+
+
+def _abstract_batch(example: input_pipeline.Batch, global_batch_size: int,
+                    sharding: jax.sharding.Sharding) -> input_pipeline.Batch:
+  """The shapes of a global batch of `global_batch_size` rows like `example`'s."""
+  return input_pipeline.Batch(*(
+      jax.ShapeDtypeStruct((global_batch_size,) + local.shape[1:], local.dtype,
+                           sharding=sharding) for local in example))
 
 
 def _load_splits(config: ml_collections.ConfigDict):
@@ -782,13 +968,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)
     config_json = config.to_json_best_effort(indent=2).encode()
     files.atomic_write(workdir / "config.json", lambda f: f.write(config_json))
+  watchdog = _Watchdog(config.stall_timeout_seconds, config.sigterm_grace_seconds)
   run = _Run(config=config, workdir=workdir, mesh=mesh, train=train,
              validation=validation, test=test, steps_per_epoch=steps_per_epoch,
              rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
              manager=create_checkpoint_manager(workdir, config),
              signature=_run_signature(config, steps_per_epoch), history=[],
              progress=_Progress(is_main), is_main=is_main, model=model,
-             stop=_StopRequest())
+             stop=_StopRequest(watchdog), watchdog=watchdog)
   last_plot, plotted = time.monotonic(), 0
   try:
     run.stop.install()
@@ -815,14 +1002,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     first_epoch = int(jax.device_get(state.step)) // steps_per_epoch
     if first_epoch < config.num_epochs:
+      run.watchdog.pause()  # compiling is no stall
       # Compiling ahead keeps compilation out of the measured examples/s.
       example = next(input_pipeline.train_batches(
           train, global_batch_size=config.batch_size, seed=config.seed, epoch=0,
           rows=run.rows))
+      run.log("Compiling the train and eval steps...")
+      compile_started = time.perf_counter()
       step_fn = make_train_step(config, mesh, model, tx).lower(
           state, input_pipeline.to_global(example, batch_sharding, config.batch_size)
       ).compile()
-      eval_fn = make_eval_step(config, mesh, model)
+      eval_fn = make_eval_step(config, mesh, model).lower(
+          state.params, state.bn_state,
+          _abstract_batch(example, config.eval_batch_size, batch_sharding),
+          jax.device_put(zero_eval_sums(), replicated)).compile()
+      run.log(f"Compiled in {time.perf_counter() - compile_started:.1f} s.")
+      run.watchdog.beat()
     for epoch in range(first_epoch, config.num_epochs):
       state, examples_per_sec = train_epoch(run, step_fn, state, epoch)
       if config.precise_bn_batches:
@@ -831,19 +1026,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       run.history.append(record)
       state = state._replace(epoch_sums=jax.device_put(zero_epoch_sums(), replicated))
       save_checkpoint(run.manager, state, run.progress_record(record["step"]))
+      run.watchdog.beat()
       if is_main:
         write_metrics(workdir, run.history)
         if time.monotonic() - last_plot >= PLOT_EVERY_SECONDS:
           plot_curves(workdir / PLOT_FILE, run.history)
           last_plot, plotted = time.monotonic(), len(run.history)
       run.log(_format_record(record, config.num_epochs))
-      if epoch + 1 < config.num_epochs and run.stop.agreed():
+      if epoch + 1 < config.num_epochs and run.stop.agreed(state):
         raise Preempted(record["step"])
   finally:
     run.stop.uninstall()
     run.progress.close()
     run.manager.wait_until_finished()
     run.manager.close()
+    run.watchdog.close()
     if is_main and len(run.history) > plotted:  # also when preempted or failing
       plot_curves(workdir / PLOT_FILE, run.history)
   return dict(run.history[-1]) if run.history else {}
