@@ -7,6 +7,7 @@ faster.
 """
 
 import functools
+import importlib
 import json
 import shutil
 import signal
@@ -181,7 +182,7 @@ def test_bn_groups_pool_statistics_per_group():
 @pytest.mark.parametrize("overrides, message", [
     (dict(batch_size=60), r"batch_size=60 must be a positive multiple of the number "
                           r"of devices \(8\)"),
-    (dict(eval_batch_size=100), "eval_batch_size=100"),
+    (dict(eval_batch_size=0), "eval_batch_size must be > 0"),
     (dict(model="resnet"), "unknown model 'resnet'"),
     (dict(optimizer="adagrad"), "unknown optimizer 'adagrad'"),
     (dict(lr_schedule="step"), "unknown lr_schedule 'step'"),
@@ -357,3 +358,41 @@ def test_resnet_trains_under_shard_map_with_precise_bn(tmp_path):
   final = train_lib.train_and_evaluate(config, tmp_path)
   assert final["step"] == 2 and np.isfinite(final["train_loss"])
   assert 0.0 <= final["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("eval_batch_size", [250, 7, 1000])
+def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_size):
+  # 1001 examples: an uneven last batch; eval batches that are not multiples of 8.
+  model = models.mnist_cnn()
+  state = train_lib.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+  # Non-trivial running statistics, so that the BN layers matter.
+  state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.3, state.bn_state))
+  rng = np.random.default_rng(0)
+  split = input_pipeline.Split(rng.integers(0, 256, (1001, 28, 28, 1), dtype=np.uint8),
+                               rng.integers(0, 10, 1001).astype(np.int32))
+  config = utils.tiny_config()
+  results = {}
+  for num_devices in (1, 8):
+    mesh = train_lib.create_mesh(num_devices)
+    eval_fn = train_lib.make_eval_step(config, mesh, model)
+    for chained in (False, True):
+      results[num_devices, chained] = train_lib.evaluate(
+          eval_fn, state, split, global_batch_size=eval_batch_size, mesh=mesh,
+          chained=chained)
+  logits, _ = model.apply(state.params, state.bn_state,
+                          input_pipeline._normalize(split.images, split.preprocessing), False)
+  expected_accuracy = int(np.sum(np.argmax(logits, -1) == split.labels)) / 1001
+  expected_loss = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, split.labels)))
+  for result in results.values():
+    assert result["accuracy"] == expected_accuracy
+    np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
+  assert results[1, False]["accuracy"] == results[8, False]["accuracy"]
+  np.testing.assert_allclose(results[1, False]["loss"], results[8, False]["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("config_name", ["mnist_bn", "resnet_cifar", "resnet_imagenet"])
+def test_the_shipped_configs_are_valid_on_8_devices(config_name):
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  train_lib.validate_config(config, 8)
+  assert train_lib.eval_batch_rows(config.eval_batch_size, 8) % 8 == 0

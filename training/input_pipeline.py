@@ -829,21 +829,36 @@ def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: slic
     yield Batch(_normalize(images, preprocessing), labels, mask)
 
 
-def eval_batches(source: Source, *, global_batch_size: int, rows: slice
-                 ) -> Iterator[Batch]:
-  """Every example once; the last batch is padded (mask False), never augmented.
+def eval_batches(source: Source, *, global_batch_size: int, rows: slice,
+                 examples_per_batch: int | None = None) -> Iterator[Batch]:
+  """Every example once, never augmented; padding rows have mask False.
 
-  In-memory sources go in order; each process of a streamed source reads its
-  share, padded so that all processes run the same number of batches.
+  In-memory sources go in order: global batch `k` holds examples
+  `[k * examples_per_batch, (k + 1) * examples_per_batch)` followed by
+  padding up to `global_batch_size` rows (and the last one fewer examples),
+  so the batches hold the same examples whatever the number of devices. Each
+  process of a streamed source reads its share, padded so that all processes
+  run the same number of batches.
+
+  Args:
+    source: the examples.
+    global_batch_size: rows of a global batch (a multiple of the devices).
+    rows: this process's rows of each global batch (`process_rows`).
+    examples_per_batch: examples per global batch, at most
+      `global_batch_size`; default `global_batch_size`.
   """
+  examples_per_batch = examples_per_batch or global_batch_size
+  if not 0 < examples_per_batch <= global_batch_size:
+    raise ValueError(f"examples_per_batch must be in [1, {global_batch_size}], got "
+                     f"{examples_per_batch}.")
   if isinstance(source, Stream):
     yield from _streamed_eval_batches(source, global_batch_size=global_batch_size,
                                       rows=rows)
     return
   count = len(source.labels)
-  for start in range(0, count, global_batch_size):
+  for start in range(0, count, examples_per_batch):
     indices = np.arange(start, start + global_batch_size)[rows]
-    valid = indices < count
+    valid = indices < min(start + examples_per_batch, count)
     indices = np.where(valid, indices, 0)
     yield Batch(_normalize(source.images[indices % len(source.images)],
                            source.preprocessing), source.labels[indices], valid)

@@ -391,7 +391,9 @@ def _build(config: ml_collections.ConfigDict) -> _Programs:
                                                      model, tx), jax.random.key(0)),
                     replicated)
   train_batch = abstract_batch(config.batch_size, info.image_shape, batch_sharding)
-  eval_batch = abstract_batch(config.eval_batch_size, info.image_shape, batch_sharding)
+  eval_batch = abstract_batch(
+      train_lib.eval_batch_rows(config.eval_batch_size, mesh.devices.size),
+      info.image_shape, batch_sharding)
   steps = {
       "train_step": (train_lib.make_train_step(config, mesh, model, tx),
                      (state, train_batch)),

@@ -180,11 +180,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   check(config.seed >= 0, f"seed must be >= 0, got {config.seed}.")
   check(config.num_train_examples >= 0 and config.num_eval_examples >= 0,
         "num_train_examples and num_eval_examples must be >= 0 (0 = all).")
-  for field in ("batch_size", "eval_batch_size"):
-    size = config[field]
-    check(size > 0 and size % num_devices == 0,
-          f"{field}={size} must be a positive multiple of the number of devices "
-          f"({num_devices}) so that every device gets the same number of examples.")
+  check(config.batch_size > 0 and config.batch_size % num_devices == 0,
+        f"batch_size={config.batch_size} must be a positive multiple of the number of "
+        f"devices ({num_devices}) so that every device trains on the same number of "
+        "examples (eval_batch_size may be any size: its batches are padded).")
+  check(config.eval_batch_size > 0,
+        f"eval_batch_size must be > 0, got {config.eval_batch_size}.")
   group = config.bn_group_size
   check(group >= 0 and (group == 0 or num_devices % group == 0),
         f"bn_group_size={group} must be 0 (all devices) or divide the number of "
@@ -406,6 +407,12 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                  out_shardings=replicated)
 
 
+def eval_batch_rows(eval_batch_size: int, num_devices: int) -> int:
+  """Rows of a global evaluation batch: `eval_batch_size` rounded up to a
+  multiple of `num_devices` (the extra rows are masked padding)."""
+  return -(-eval_batch_size // num_devices) * num_devices
+
+
 def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
              global_batch_size: int, mesh: jax.sharding.Mesh,
              chained: bool | None = None, heartbeat=None) -> dict[str, float]:
@@ -423,7 +430,9 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
     eval_fn: `make_eval_step`'s function.
     state: the train state (its params and BN running statistics are used).
     split: the examples, each counted once (`input_pipeline.eval_batches`).
-    global_batch_size: examples per evaluation step over all processes.
+    global_batch_size: examples per evaluation step over all processes (any
+      size: each batch is padded to `eval_batch_rows`, so the batches hold
+      the same examples on any number of devices).
     mesh: the `('data',)` mesh.
     chained: one chain of programs, each waited for; default (None): when
       there are several processes. False with several processes raises a
@@ -439,11 +448,13 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
   if multi_process and not chained:
     raise ValueError("chained must be True (or None) with several processes.")
   sharding = NamedSharding(mesh, P(AXIS))
-  rows = input_pipeline.process_rows(sharding, global_batch_size)
+  padded = eval_batch_rows(global_batch_size, mesh.devices.size)
+  rows = input_pipeline.process_rows(sharding, padded)
   zeros = jax.device_put(zero_eval_sums(), NamedSharding(mesh, P()))
   batches = input_pipeline.prefetch_to_device(
-      input_pipeline.eval_batches(split, global_batch_size=global_batch_size, rows=rows),
-      sharding, global_batch_size)
+      input_pipeline.eval_batches(split, global_batch_size=padded, rows=rows,
+                                  examples_per_batch=global_batch_size),
+      sharding, padded)
   if heartbeat is not None:
     batches = _beating(batches, heartbeat)
   if chained:
@@ -1014,7 +1025,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       ).compile()
       eval_fn = make_eval_step(config, mesh, model).lower(
           state.params, state.bn_state,
-          _abstract_batch(example, config.eval_batch_size, batch_sharding),
+          _abstract_batch(example, eval_batch_rows(config.eval_batch_size,
+                                                   mesh.devices.size), batch_sharding),
           jax.device_put(zero_eval_sums(), replicated)).compile()
       run.log(f"Compiled in {time.perf_counter() - compile_started:.1f} s.")
       run.watchdog.beat()
