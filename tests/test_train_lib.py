@@ -396,3 +396,25 @@ def test_the_shipped_configs_are_valid_on_8_devices(config_name):
   config = importlib.import_module(f"configs.{config_name}").get_config()
   train_lib.validate_config(config, 8)
   assert train_lib.eval_batch_rows(config.eval_batch_size, 8) % 8 == 0
+
+
+_SRUN_STEP = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+              "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("environ, flags, expected, reason", [
+    ({}, {}, False, "single process (no --coordinator_address"),
+    # salloc shell: an allocation but no job step; jax's detection would fail.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, {}, False, "SLURM allocation without"),
+    ({**_SRUN_STEP, "SLURM_NTASKS": "1"}, {}, False, "SLURM allocation without"),
+    (_SRUN_STEP, {}, True, "SLURM job step of 2 tasks"),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, {}, True, "TPU slice of 4 hosts"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, {}, False, "single process"),
+    ({}, {"coordinator_address": "h:1234"}, True, "--coordinator_address=h:1234"),
+    (_SRUN_STEP, {"distributed": False}, False, "--distributed=False"),
+    ({}, {"distributed": True}, True, "--distributed=True"),
+])
+def test_multi_process_launch_is_detected_only_when_real(environ, flags, expected, reason):
+  initialize, why = train_lib.multi_process_launch(environ, **flags)
+  assert initialize is expected
+  assert reason in why
