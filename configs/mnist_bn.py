@@ -74,8 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 0.01  # peak value of the schedule
   config.momentum = 0.9  # for optimizer='momentum'
   config.nesterov = False  # Nesterov momentum, for optimizer='momentum'
-  # 'adam': decoupled (AdamW); 'sgd' / 'momentum': L2, i.e. weight_decay * w
-  # added to the gradient before momentum (as the ResNet papers).
+  # Applies to kernels only (leaves with ndim > 1; not biases or BN scales and
+  # offsets, as flax's ImageNet example). 'adam': decoupled (AdamW); 'sgd' /
+  # 'momentum': L2, i.e. weight_decay * w added to the gradient before momentum
+  # (as the ResNet papers).
   config.weight_decay = 0.0
   # Training targets (1 - s) * one_hot + s / num_classes; 0 = off.
   config.label_smoothing = 0.0

@@ -105,6 +105,19 @@ def test_resume_refuses_a_different_run(one_device_run, tmp_path):
   config = utils.tiny_config(num_devices=1, model="mlp")
   with pytest.raises(ValueError, match=r"model='cnn' there, 'mlp' here"):
     train_lib.train_and_evaluate(config, tmp_path / "run")
+  # Every field that changes the run, with how to start fresh.
+  config = utils.tiny_config(num_devices=1, learning_rate=0.01, lr_schedule="cosine",
+                             bn_momentum=0.9, half_precision=True)
+  with pytest.raises(ValueError, match=r"bn_momentum=0\.99 there, 0\.9 here; "
+                     r"half_precision=False there, True here; learning_rate=0\.003 there, "
+                     r"0\.01 here; lr_schedule='constant' there, 'cosine' here; "
+                     r"num_epochs=None there, 2 here; .*use a new --workdir"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  # What may change: the number of epochs of a constant rate, devices, logging.
+  config = utils.tiny_config(num_devices=2, num_epochs=3, log_every_steps=1)
+  assert len(utils.read_metrics(tmp_path / "run")) == 2
+  train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert len(utils.read_metrics(tmp_path / "run")) == 3
 
 
 def _state_and_step(config, num_devices=8):
@@ -251,23 +264,27 @@ def test_half_precision_trains_with_float32_state():
     assert leaf.dtype in (np.float32, np.int32), leaf.dtype
 
 
-def test_nesterov_and_l2_weight_decay_before_momentum():
+def test_nesterov_and_l2_weight_decay_of_kernels_before_momentum():
   config = utils.tiny_config(optimizer="momentum", nesterov=True, weight_decay=1e-2,
                              learning_rate=0.1)
   tx = train_lib.create_optimizer(config, steps_per_epoch=8)
-  expected = optax.chain(optax.add_decayed_weights(1e-2),
-                         optax.sgd(0.1, momentum=0.9, nesterov=True))
-  params = {"w": jnp.array([1.0, -2.0, 3.0])}
-  grads = {"w": jnp.array([0.5, 0.5, -1.0])}
+  expected = optax.sgd(0.1, momentum=0.9, nesterov=True)
+  params = {"kernel": jnp.array([[1.0, -2.0, 3.0]]), "bias": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"kernel": jnp.array([[0.5, 0.5, -1.0]]), "bias": jnp.array([0.5, 0.5, -1.0])}
+  # As flax's ImageNet example: the kernel's gradient gains weight_decay * w; a
+  # bias (or BN scale, ndim 1) is not decayed.
+  decayed = {"kernel": grads["kernel"] + 1e-2 * params["kernel"], "bias": grads["bias"]}
   state, expected_state = tx.init(params), expected.init(params)
   for _ in range(3):
     updates, state = tx.update(grads, state, params)
-    expected_updates, expected_state = expected.update(grads, expected_state, params)
-    np.testing.assert_allclose(updates["w"], expected_updates["w"], rtol=1e-6)
-  plain = train_lib.create_optimizer(utils.tiny_config(optimizer="momentum"), 8)
-  plain_updates, plain_state = plain.update(grads, plain.init(params), params)
-  plain_updates, _ = plain.update(grads, plain_state, params)
-  assert not np.allclose(plain_updates["w"], updates["w"])
+    expected_updates, expected_state = expected.update(decayed, expected_state, params)
+    chex.assert_trees_all_close(updates, expected_updates, rtol=1e-6)
+  adamw = train_lib.create_optimizer(utils.tiny_config(weight_decay=0.1), 8)
+  updates, _ = adamw.update(grads, adamw.init(params), params)
+  plain = optax.adam(0.003)
+  plain_updates, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_allclose(updates["bias"], plain_updates["bias"], rtol=1e-6)
+  assert not np.allclose(updates["kernel"], plain_updates["kernel"])
 
 
 def test_label_smoothing_trains_on_smoothed_targets():

@@ -281,17 +281,24 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
       pct_start=max(warmup_steps, 1) / total_steps)
 
 
+def decay_mask(params):
+  """True for the leaves weight decay applies to: kernels (ndim > 1), not the
+  biases and BN scales and offsets, as flax's ImageNet example."""
+  return jax.tree.map(lambda leaf: jnp.ndim(leaf) > 1, params)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      steps_per_epoch: int) -> optax.GradientTransformation:
   schedule = create_learning_rate_schedule(config, steps_per_epoch)
   if config.optimizer == "adam":
     if config.weight_decay:
-      return optax.adamw(schedule, weight_decay=config.weight_decay)
+      return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
     return optax.adam(schedule)
-  # SGD: L2 regularization (the gradient of weight_decay / 2 * |w|^2 added
-  # before momentum), as in the ResNet papers and flax's ImageNet example.
+  # SGD: L2 regularization of the kernels (the gradient of weight_decay / 2 *
+  # |w|^2 added before momentum), as in the ResNet papers and flax's ImageNet
+  # example, which penalizes only leaves with ndim > 1.
   momentum = config.momentum if config.optimizer == "momentum" else None
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=momentum, nesterov=config.nesterov))
 
 
@@ -576,7 +583,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainStat
     if differ:
       raise ValueError(
           f"workdir {manager.directory.parent} holds a checkpoint of a different run than "
-          f"this config ({'; '.join(differ)}); use a new --workdir or the same settings.")
+          f"this config ({'; '.join(differ)}). To resume it, rerun with those settings; "
+          f"to start fresh, use a new --workdir (or delete {manager.directory}).")
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state))).state
   return state, progress
@@ -608,12 +616,34 @@ def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
   files.atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
 
+# Fields that may differ between a checkpoint and the run resuming it: where
+# files are, how the run is spread over devices (the metrics agree to float
+# rounding), how often it logs, saves and checks, and what it evaluates.
+RESUMABLE_FIELDS = frozenset({
+    "data_dir", "manual_dir", "num_devices", "parallelism", "eval_batch_size",
+    "num_eval_examples", "validation_split", "test_split", "evaluate_test_every_epoch",
+    "checkpoint_every_steps", "max_checkpoints_to_keep", "log_every_steps",
+    "max_consecutive_nonfinite", "preemption_check_every_steps", "sigterm_grace_seconds",
+    "stall_timeout_seconds", "inject_nan_at_steps"})
+
+
 def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
-  """What must not change between a checkpoint and a resumed run."""
-  return {"dataset": config.dataset, "model": config.model, "seed": config.seed,
-          "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
-          "num_train_examples": config.num_train_examples, "use_bn": config.use_bn,
-          "bias_before_bn": config.bias_before_bn}
+  """What must not change between a checkpoint and a resumed run.
+
+  Every config field except `RESUMABLE_FIELDS`; `num_epochs` and
+  `warmup_epochs` only when the learning-rate schedule depends on them (a
+  constant rate may train for more epochs), and `momentum` / `nesterov` only
+  for the momentum optimizer.
+  """
+  signature = {key: value for key, value in config.to_dict().items()
+               if key not in RESUMABLE_FIELDS}
+  if config.lr_schedule == "constant":
+    del signature["num_epochs"], signature["warmup_epochs"]
+  if config.optimizer != "momentum":
+    del signature["momentum"], signature["nesterov"]
+  signature["steps_per_epoch"] = steps_per_epoch
+  # As JSON stores it (tuples become lists), so that equal settings compare equal.
+  return json.loads(json.dumps(signature))
 
 
 # --- preemption and PreciseBN --------------------------------------------------
