@@ -97,7 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Checkpoints, logging, reliability.
   config.checkpoint_every_steps = 200  # also saved at the end of every epoch
   config.max_checkpoints_to_keep = 2
+  # Every this many steps: TensorBoard's step metrics (train/loss, learning
+  # rate, images/s) and, without a terminal's progress bar, one log line.
   config.log_every_steps = 20
+  # TensorBoard event files in <workdir>/tensorboard (process 0).
+  config.tensorboard = True
+  # Evaluate the test split after every epoch too (by default only after the
+  # last: choose the model on validation, look at the test split once).
+  config.evaluate_test_every_epoch = False
   # Steps with a non-finite loss or gradient are skipped; this many in a row
   # stop the run.
   config.max_consecutive_nonfinite = 20

@@ -58,6 +58,15 @@ def test_outputs_in_workdir(one_device_run):
   for key in ("epoch", "step", "train_loss", "train_accuracy", "val_loss",
               "val_accuracy", "test_loss", "test_accuracy", "examples_per_sec"):
     assert key in final
+  # The test split is evaluated after the last epoch only.
+  assert "test_accuracy" not in records[0] and "val_accuracy" in records[0]
+  # TensorBoard: step metrics every log_every_steps (2) and the epoch metrics.
+  tags = _tensorboard_scalars(workdir / train_lib.TENSORBOARD_DIR)
+  assert sorted(tags["train/loss"]) == list(range(2, 17, 2))
+  np.testing.assert_allclose(list(tags["train/learning_rate"].values()), 0.003)
+  assert sorted(tags["epoch/val_accuracy"]) == [8, 16]
+  assert tags["epoch/val_accuracy"][16] == pytest.approx(final["val_accuracy"])
+  assert sorted(tags["epoch/test_accuracy"]) == [16]
   assert final["step"] == 16 and final["examples_per_sec"] > 0
   assert all(np.isfinite(r["train_loss"]) and r["train_loss"] < 2.5 for r in records)
   assert records[1]["train_loss"] < records[0]["train_loss"]
@@ -70,6 +79,21 @@ def test_outputs_in_workdir(one_device_run):
       progress=ocp.args.JsonRestore())).progress
   assert (progress["epoch"], progress["batch_in_epoch"]) == (2, 0)
   manager.close()
+
+
+def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the event files in `logdir`."""
+  tf, _ = input_pipeline._import_tf()
+  from tensorflow.core.util import event_pb2
+  scalars = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        assert value.metadata.plugin_data.plugin_name == "scalars"
+        scalars.setdefault(value.tag, {})[event.step] = float(
+            tf.make_ndarray(value.tensor))
+  return scalars
 
 
 def test_rerun_resumes_and_ignores_half_written_checkpoints(one_device_run, tmp_path):
@@ -156,7 +180,7 @@ def test_injected_nan_batch_is_skipped_and_counted(tmp_path):
   final = train_lib.train_and_evaluate(config, tmp_path)
   records = utils.read_metrics(tmp_path)
   assert [r["nonfinite_steps"] for r in records] == [1, 1]
-  assert all(np.isfinite(r[k]) for r in records for k in utils.COMPARED_METRICS)
+  assert all(np.isfinite(value) for r in utils.compared(records) for value in r.values())
   assert final["train_accuracy"] > 0.5
 
 

@@ -76,6 +76,15 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(cache_env, tmp_
   assert "epoch 2/2" in _log(tmp_path, "process0.log", None)
   assert "epoch 2/2" not in _log(tmp_path, "process1.log", None)
   assert "2 process(es), 8 device(s)" in _log(tmp_path, "process0.log", None)
+  # A log a cluster can read (stdout is a file): compilation, a line every
+  # log_every_steps (2), the result.
+  log = _log(tmp_path, "process0.log", None)
+  for line in ("Multi-process: 2 processes (--coordinator_address=127.0.0.1:",
+               "Compiling the train and eval steps...", "Compiled in ",
+               "step 2/16 (epoch 0.25): loss ", "step 16/16 (epoch 2.00): loss ",
+               f"Finished in {tmp_path / 'two'}: best val_acc "):
+    assert line in log, log[-3000:]
+  assert re.search(r"lr 0\.003 [\d,]+ images/s ETA \d+m\d\ds", log), log[-3000:]
 
 
 @pytest.mark.parametrize("victim", [1, 0])

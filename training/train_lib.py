@@ -38,6 +38,7 @@ import json
 import math
 import os
 import pathlib
+import queue
 import signal
 import sys
 import threading
@@ -65,6 +66,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 PARALLELISMS = ("gspmd", "shard_map")
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "curves.png"
 # curves.png is redrawn after an epoch only if this long has passed since the
 # last drawing (epochs of a long run), and always when train_and_evaluate ends.
@@ -600,13 +602,14 @@ def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
   """Loss and accuracy per epoch (train / validation / test) as a PNG."""
   from matplotlib import ticker
   from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-  epochs = [record["epoch"] for record in history]
   figure = Figure(figsize=(10, 4))
   axes = figure.subplots(1, 2)
   for ax, metric in zip(axes, ("loss", "accuracy")):
     for split in ("train", "val", "test"):
-      ax.plot(epochs, [record[f"{split}_{metric}"] for record in history], "o-",
-              label=split)
+      points = [(record["epoch"], record[f"{split}_{metric}"]) for record in history
+                if f"{split}_{metric}" in record]  # test: the last epoch (or on request)
+      if points:
+        ax.plot(*zip(*points), "o-", label=split)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric)
@@ -624,7 +627,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_eval_examples", "validation_split", "test_split", "evaluate_test_every_epoch",
     "checkpoint_every_steps", "max_checkpoints_to_keep", "log_every_steps",
     "max_consecutive_nonfinite", "preemption_check_every_steps", "sigterm_grace_seconds",
-    "stall_timeout_seconds", "inject_nan_at_steps"})
+    "stall_timeout_seconds", "inject_nan_at_steps", "tensorboard"})
 
 
 def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
@@ -823,6 +826,11 @@ class _Progress:
     self._enabled = enabled and sys.stderr.isatty()
     self._bar = None
 
+  @property
+  def shown(self) -> bool:
+    """Whether a bar is drawn (else `train_epoch` prints a line per log step)."""
+    return self._enabled
+
   def start_epoch(self, epoch: int, num_epochs: int, total: int, initial: int):
     if self._enabled:
       from tqdm import tqdm
@@ -839,6 +847,65 @@ class _Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+
+
+class SummaryWriter:
+  """TensorBoard scalars in `logdir` (process 0), written by a background thread.
+
+  TensorFlow's own summary writer (`tf.summary.write` with the scalars
+  plugin's metadata: what `tf.summary.scalar` writes), since TensorFlow is
+  already a dependency of the input pipeline; `clu.metric_writers`, as flax's
+  examples use, needs the separate `tensorboard` package as well. The thread
+  imports TensorFlow (seconds), so training does not wait for it. Failures
+  are reported once on stderr and do not stop the run.
+  """
+
+  def __init__(self, logdir, enabled: bool = True):
+    self._queue = queue.Queue()
+    self._thread = None
+    if enabled:
+      self._thread = threading.Thread(target=self._write, args=(str(logdir),),
+                                      daemon=True, name="tensorboard")
+      self._thread.start()
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._thread is not None:
+      self._queue.put((int(step), {k: float(v) for k, v in values.items()}))
+
+  def close(self) -> None:
+    """Writes what is queued and closes the file."""
+    if self._thread is not None:
+      self._queue.put(None)
+      self._thread.join()
+      self._thread = None
+
+  def _write(self, logdir: str) -> None:
+    try:
+      tf, _ = input_pipeline._import_tf()
+      from tensorflow.core.framework import summary_pb2
+      writer = tf.summary.create_file_writer(logdir)
+      metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    except Exception as error:  # noqa: BLE001 - the run goes on without TensorBoard
+      print(f"TensorBoard summaries are off: {error!r}", file=sys.stderr, flush=True)
+      while self._queue.get() is not None:
+        pass
+      return
+    while (item := self._queue.get()) is not None:
+      step, values = item
+      with writer.as_default():
+        for tag, value in values.items():
+          tf.summary.write(tag, tf.constant(value, tf.float32), step=step,
+                           metadata=metadata)
+      if self._queue.empty():
+        writer.flush()
+    writer.close()
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class _Run(NamedTuple):
@@ -859,6 +926,8 @@ class _Run(NamedTuple):
   model: models.Model
   stop: _StopRequest
   watchdog: _Watchdog
+  schedule: optax.Schedule
+  summary: SummaryWriter
 
   def progress_record(self, step: int) -> dict:
     return {"step": step, "epoch": step // self.steps_per_epoch,
@@ -903,6 +972,8 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
         if batch_step in nan_steps else batch
         for batch_step, batch in enumerate(host_batches, start=step))
   start_time, last_logged, saving_time = time.perf_counter(), step, 0.0
+  total_steps = config.num_epochs * run.steps_per_epoch
+  last_time, last_saving, last_sums = start_time, 0.0, jax.device_get(state.epoch_sums)
   for batch in input_pipeline.prefetch_to_device(host_batches, batch_sharding,
                                                  config.batch_size):
     state = step_fn(state, batch)
@@ -916,7 +987,20 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
       examples = (step - epoch * run.steps_per_epoch - first_batch) * config.batch_size
       run.progress.update(step - last_logged, float(sums.loss) / max(int(sums.steps), 1),
                           examples / max(elapsed, 1e-9))
-      last_logged = step
+      now = time.perf_counter()
+      window = max(now - last_time - (saving_time - last_saving), 1e-9)
+      finite = int(sums.steps) - int(last_sums.steps)
+      loss = (float(sums.loss) - float(last_sums.loss)) / max(finite, 1)
+      learning_rate = float(run.schedule(step - 1))  # the rate the last step used
+      images_per_sec = (step - last_logged) * config.batch_size / window
+      run.summary.scalars(step, {"train/loss": loss, "train/learning_rate": learning_rate,
+                                 "train/images_per_sec": images_per_sec})
+      if not run.progress.shown:
+        eta = (total_steps - step) * window / (step - last_logged)
+        run.log(f"step {step}/{total_steps} (epoch {step / run.steps_per_epoch:.2f}): "
+                f"loss {loss:.4f} lr {learning_rate:.4g} {images_per_sec:,.0f} images/s "
+                f"ETA {_format_duration(eta)} (training steps)")
+      last_logged, last_time, last_saving, last_sums = step, now, saving_time, sums
     saved = False
     if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
         and not end_of_epoch):
@@ -941,32 +1025,36 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
 
 
 def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
-                   examples_per_sec: float) -> dict:
-  """The epoch's `metrics.jsonl` record: training sums, validation and test."""
+                   examples_per_sec: float, *, with_test: bool) -> dict:
+  """The epoch's `metrics.jsonl` record: training sums, validation (and test)."""
   sums = jax.device_get(state.epoch_sums)
   batch_size = run.config.eval_batch_size
   val = evaluate(eval_fn, state, run.validation, global_batch_size=batch_size,
                  mesh=run.mesh, heartbeat=run.watchdog.beat)
-  test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size, mesh=run.mesh,
-                  heartbeat=run.watchdog.beat)
-  return {
+  record = {
       "epoch": epoch + 1, "step": int(jax.device_get(state.step)),
       "train_loss": float(sums.loss) / max(int(sums.steps), 1),
       "train_accuracy": int(sums.correct) / max(int(sums.examples), 1),
       "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-      "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-      "examples_per_sec": examples_per_sec,
-      "nonfinite_steps": int(sums.nonfinite_steps),
   }
+  if with_test:
+    test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size,
+                    mesh=run.mesh, heartbeat=run.watchdog.beat)
+    record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+  record.update(examples_per_sec=examples_per_sec,
+                nonfinite_steps=int(sums.nonfinite_steps))
+  return record
 
 
 def _format_record(record: dict, num_epochs: int) -> str:
   line = (f"epoch {record['epoch']}/{num_epochs} step {record['step']}: "
           f"train_loss {record['train_loss']:.4f} "
           f"train_acc {record['train_accuracy']:.4f} "
-          f"val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f} "
-          f"test_loss {record['test_loss']:.4f} test_acc {record['test_accuracy']:.4f} "
-          f"{record['examples_per_sec']:,.0f} examples/s")
+          f"val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f} ")
+  if "test_loss" in record:
+    line += (f"test_loss {record['test_loss']:.4f} "
+             f"test_acc {record['test_accuracy']:.4f} ")
+  line += f"{record['examples_per_sec']:,.0f} examples/s"
   if record["nonfinite_steps"]:
     line += f" ({record['nonfinite_steps']} non-finite steps skipped)"
   return line
@@ -1056,7 +1144,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
              manager=create_checkpoint_manager(workdir, config),
              signature=_run_signature(config, steps_per_epoch), history=[],
              progress=_Progress(is_main), is_main=is_main, model=model,
-             stop=_StopRequest(watchdog), watchdog=watchdog)
+             stop=_StopRequest(watchdog), watchdog=watchdog,
+             schedule=create_learning_rate_schedule(config, steps_per_epoch),
+             summary=SummaryWriter(workdir / TENSORBOARD_DIR,
+                                   enabled=is_main and config.tensorboard))
   last_plot, plotted = time.monotonic(), 0
   try:
     run.stop.install()
@@ -1104,8 +1195,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       state, examples_per_sec = train_epoch(run, step_fn, state, epoch)
       if config.precise_bn_batches:
         state = recompute_bn_state(run, state, epoch)
-      record = evaluate_epoch(run, eval_fn, state, epoch, examples_per_sec)
+      record = evaluate_epoch(
+          run, eval_fn, state, epoch, examples_per_sec,
+          with_test=config.evaluate_test_every_epoch or epoch + 1 == config.num_epochs)
       run.history.append(record)
+      run.summary.scalars(record["step"], {
+          f"epoch/{key}": value for key, value in record.items()
+          if key not in ("epoch", "step")})
       state = state._replace(epoch_sums=jax.device_put(zero_epoch_sums(), replicated))
       save_checkpoint(run.manager, state, run.progress_record(record["step"]))
       run.watchdog.beat()
@@ -1123,6 +1219,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     run.manager.wait_until_finished()
     run.manager.close()
     run.watchdog.close()
+    run.summary.close()
     if is_main and len(run.history) > plotted:  # also when preempted or failing
       plot_curves(workdir / PLOT_FILE, run.history)
+  if run.history:
+    best = max(run.history, key=lambda record: record["val_accuracy"])
+    run.log(f"Finished in {workdir}: best val_acc {best['val_accuracy']:.4f} "
+            f"(epoch {best['epoch']}); last: "
+            + _format_record(run.history[-1], config.num_epochs))
   return dict(run.history[-1]) if run.history else {}
