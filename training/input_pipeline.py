@@ -227,7 +227,14 @@ def _info_path(data_dir: pathlib.Path, dataset: str) -> pathlib.Path:
 
 @contextlib.contextmanager
 def _file_lock(path: pathlib.Path):
-  """Serializes dataset preparation between processes on this host."""
+  """Serializes dataset preparation between processes on this host.
+
+  A data_dir in a bucket (a URI) has no lock: prepare it once before the job
+  (`tfds build`, docs/train.md), so that every host finds it prepared.
+  """
+  if files.is_uri(path):
+    yield
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w") as lock_file:
     fcntl.flock(lock_file, fcntl.LOCK_EX)
@@ -323,7 +330,8 @@ def _prepare(builder, dataset: str, data_dir: pathlib.Path,
     elif manual_dir is not None:
       _check_archives(builder, dataset, manual_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    download_dir = tempfile.mkdtemp(prefix=f"{dataset}-extract-", dir=data_dir)
+    download_dir = tempfile.mkdtemp(prefix=f"{dataset}-extract-",
+                                    dir=None if files.is_uri(data_dir) else data_dir)
     config = tfds.download.DownloadConfig(
         manual_dir=str(manual_dir) if manual_dir is not None else None)
     # tfds prints its own banner and progress bars to stdout; one line of ours
@@ -388,7 +396,7 @@ def _load_in_memory(dataset: str, splits: list[str], data_dir: pathlib.Path,
     info = json.loads(info_path.read_text())
     arrays = {}
     for split, path in zip(splits, cached):
-      with np.load(path) as npz:
+      with path.open("rb") as file, np.load(file) as npz:
         arrays[split] = Split(npz["images"], npz["labels"])
     return arrays, DatasetInfo(dataset, tuple(info["image_shape"]), info["num_classes"])
 
@@ -529,7 +537,7 @@ def load_dataset(dataset: str, splits: list[str], *, data_dir=None, manual_dir=N
     ValueError: unknown dataset or augmentation, wrong checksum, bad split,
       image size or number of classes that the dataset does not have.
   """
-  data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser().resolve()
+  data_dir = files.as_path(data_dir or default_data_dir())
   if manual_dir:
     manual_dir = pathlib.Path(manual_dir).expanduser()
   process_index = jax.process_index() if process_index is None else process_index

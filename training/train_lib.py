@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import queue
 import signal
 import sys
@@ -45,6 +44,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+from etils import epath
 import jax
 from jax import lax
 from jax.experimental import multihost_utils
@@ -540,7 +540,7 @@ def _beating(items, heartbeat):
 
 # --- checkpoints and outputs ----------------------------------------------------
 
-def create_checkpoint_manager(workdir: pathlib.Path,
+def create_checkpoint_manager(workdir: epath.Path,
                               config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """Orbax manager of `workdir/checkpoints`, asynchronous and multi-host aware.
 
@@ -592,13 +592,13 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainStat
   return state, progress
 
 
-def write_metrics(workdir: pathlib.Path, history: list[dict]) -> None:
+def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
   """Rewrites `metrics.jsonl` (one JSON object per epoch) from the history."""
   text = "".join(json.dumps(record) + "\n" for record in history)
   files.atomic_write(workdir / METRICS_FILE, lambda f: f.write(text.encode()))
 
 
-def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
+def plot_curves(path: epath.Path, history: list[dict]) -> None:
   """Loss and accuracy per epoch (train / validation / test) as a PNG."""
   from matplotlib import ticker
   from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
@@ -911,7 +911,7 @@ def _format_duration(seconds: float) -> str:
 class _Run(NamedTuple):
   """What the epoch functions share within one `train_and_evaluate` call."""
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: epath.Path
   mesh: jax.sharding.Mesh
   train: input_pipeline.Source
   validation: input_pipeline.Source
@@ -1099,8 +1099,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Trains and evaluates per `config`, checkpointing into `workdir`.
 
   Resumes from the latest checkpoint in `workdir`. Process 0 prints a
-  parameter table and one line per epoch and writes `metrics.jsonl` and
-  `curves.png`.
+  parameter table and one line per epoch and writes `metrics.jsonl`,
+  `curves.png` and TensorBoard files. `workdir` may be a URI
+  (`gs://bucket/run`); with several hosts it must be one directory that every
+  host reaches (orbax writes each host's shards of a checkpoint there).
 
   Returns:
     The last epoch's metrics (the last line of `metrics.jsonl`).
@@ -1112,7 +1114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Preempted: SIGTERM was received; all processes saved a checkpoint at the
       same step (rerun to resume).
   """
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+  workdir = files.as_path(workdir)
   is_main = jax.process_index() == 0
   mesh = create_mesh(config.num_devices)
   validate_config(config, mesh.devices.size)
