@@ -614,20 +614,38 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
-  """Rows of a global batch held by this process's devices under `sharding`.
+Rows = slice | np.ndarray  # this process's rows of a global batch
 
-  Raises:
-    ValueError: the rows are not contiguous (the mesh must list each
-      process's devices together).
+
+def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int,
+                 process_index: int | None = None) -> Rows:
+  """Rows of a global batch held by a process's devices under `sharding`.
+
+  Any device order works: `jax.make_mesh` orders TPU devices by their place
+  in the slice, so a process's devices need not be adjacent in the mesh (a
+  v5e 4x4 slice: processes [0,0,1,1,1,1,0,2,3,3,3,3,2,2,2,0] along the data
+  axis). A process's batch is its rows in increasing order, which is how
+  `jax.make_array_from_process_local_data` (`to_global`) maps it onto the
+  process's devices.
+
+  Args:
+    sharding: the batch sharding (over the first axis).
+    global_batch_size: rows of a global batch.
+    process_index: whose rows; default this process.
+
+  Returns:
+    A slice when the rows are contiguous, else their sorted indices.
   """
-  index_map = sharding.addressable_devices_indices_map((global_batch_size,))
-  bounds = sorted({index[0].indices(global_batch_size)[:2] for index in index_map.values()})
-  for (_, stop), (start, _) in zip(bounds, bounds[1:]):
-    if stop != start:
-      raise ValueError(f"this process's rows {bounds} of the global batch are not "
-                       "contiguous; order mesh devices by process.")
-  return slice(bounds[0][0], bounds[-1][1])
+  process_index = jax.process_index() if process_index is None else process_index
+  index_map = sharding.devices_indices_map((global_batch_size,))
+  rows = sorted({row for device, index in index_map.items()
+                 if device.process_index == process_index
+                 for row in range(*index[0].indices(global_batch_size))})
+  if not rows:
+    raise ValueError(f"process {process_index} holds no device of the sharding.")
+  if rows == list(range(rows[0], rows[-1] + 1)):
+    return slice(rows[0], rows[-1] + 1)
+  return np.asarray(rows)
 
 
 def _normalize(images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
@@ -638,8 +656,8 @@ def _normalize(images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
   return (images - mean) * scale if mean.any() else images * scale
 
 
-def _rows_count(rows: slice, global_batch_size: int) -> int:
-  return len(range(*rows.indices(global_batch_size)))
+def _rows_count(rows: Rows, global_batch_size: int) -> int:
+  return len(np.arange(global_batch_size)[rows])
 
 
 # Augmentations: TensorFlow functions of one image and a stateless seed.
@@ -705,7 +723,7 @@ def _tf_options(tf):
 
 
 def _in_memory_train_batches(split: Split, order: np.ndarray, *, global_batch_size: int,
-                             seed: int, epoch: int, rows: slice, first_step: int,
+                             seed: int, epoch: int, rows: Rows, first_step: int,
                              num_steps: int) -> Iterator[Batch]:
   num_images = len(split.images)
   if split.preprocessing.augmentation == "none":
@@ -752,7 +770,7 @@ def _share_sizes(stream: Stream) -> list[int]:
 
 
 def _streamed_train_batches(stream: Stream, *, global_batch_size: int, seed: int,
-                            epoch: int, rows: slice, first_step: int, num_steps: int
+                            epoch: int, rows: Rows, first_step: int, num_steps: int
                             ) -> Iterator[Batch]:
   tf, tfds = _import_tf()
   local_rows = _rows_count(rows, global_batch_size)
@@ -786,7 +804,7 @@ def _streamed_train_batches(stream: Stream, *, global_batch_size: int, seed: int
 
 
 def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: int,
-                  rows: slice, start_step: int = 0) -> Iterator[Batch]:
+                  rows: Rows, start_step: int = 0) -> Iterator[Batch]:
   """This process's rows of each global training batch of `epoch`, augmented.
 
   In-memory sources give the same global batches whatever the topology;
@@ -812,7 +830,7 @@ def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: i
       rows=rows, first_step=start_step, num_steps=num_steps)
 
 
-def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: slice
+def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: Rows
                            ) -> Iterator[Batch]:
   tf, tfds = _import_tf()
   local_rows = _rows_count(rows, global_batch_size)
@@ -837,7 +855,7 @@ def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: slic
     yield Batch(_normalize(images, preprocessing), labels, mask)
 
 
-def eval_batches(source: Source, *, global_batch_size: int, rows: slice,
+def eval_batches(source: Source, *, global_batch_size: int, rows: Rows,
                  examples_per_batch: int | None = None) -> Iterator[Batch]:
   """Every example once, never augmented; padding rows have mask False.
 

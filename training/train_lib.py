@@ -171,14 +171,17 @@ def multi_process_launch(environ, *, coordinator_address: str | None = None,
                  "tasks or multi-host TPU slice found)")
 
 
-def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-  """A 1-D `('data',)` mesh; each process's devices are adjacent.
+def create_mesh(num_devices: int = 0, devices=None) -> jax.sharding.Mesh:
+  """A 1-D `('data',)` mesh (`jax.make_mesh`: TPU devices in slice order).
 
   Args:
     num_devices: use the first `num_devices` devices (single process only);
       0 = all devices of all processes.
+    devices: the devices to choose from; default `jax.devices()` (others:
+      e.g. a compile-only TPU topology's).
   """
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
   if num_devices:
     if not 0 < num_devices <= len(devices):
       raise ValueError(f"num_devices must be in [0, {len(devices)}] (0 = all), "
@@ -917,7 +920,7 @@ class _Run(NamedTuple):
   validation: input_pipeline.Source
   test: input_pipeline.Source
   steps_per_epoch: int
-  rows: slice  # this process's rows of every global training batch
+  rows: input_pipeline.Rows  # this process's rows of every global training batch
   manager: ocp.CheckpointManager
   signature: dict
   history: list[dict]
