@@ -398,8 +398,9 @@ def _build(config: ml_collections.ConfigDict) -> _Programs:
       "train_step": (train_lib.make_train_step(config, mesh, model, tx),
                      (state, train_batch)),
       "eval_step": (train_lib.make_eval_step(config, mesh, model),
-                    (state.params, state.bn_state, eval_batch,
-                     _abstract(jax.eval_shape(train_lib.zero_eval_sums), replicated))),
+                    (state.params, state.bn_state,
+                     _abstract(jax.eval_shape(train_lib.zero_eval_sums), replicated),
+                     eval_batch)),
   }
   return _Programs(info, mesh.devices.size, state, train_batch, steps)
 

@@ -397,7 +397,7 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       epoch_sums=new_sums)
 
 
-def eval_step(params, bn_state, batch: input_pipeline.Batch, sums: EvalSums, *,
+def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
               model: models.Model, compute_dtype=jnp.float32) -> EvalSums:
   """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
 
@@ -450,12 +450,12 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    model: models.Model):
-  """The jitted `(params, bn_state, global_batch, sums) -> sums` (`eval_step`)."""
+  """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`)."""
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
   step = functools.partial(eval_step, model=model, compute_dtype=compute_dtype)
-  return jax.jit(step, in_shardings=(replicated, replicated, NamedSharding(mesh, P(AXIS)),
-                                     replicated),
+  return jax.jit(step, in_shardings=(replicated, replicated, replicated,
+                                     NamedSharding(mesh, P(AXIS))),
                  out_shardings=replicated)
 
 
@@ -512,10 +512,10 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
   if chained:
     total = zeros
     for batch in batches:
-      total = jax.block_until_ready(eval_fn(state.params, state.bn_state, batch, total))
+      total = jax.block_until_ready(eval_fn(state.params, state.bn_state, total, batch))
     sums = [total]
   else:
-    sums = [eval_fn(state.params, state.bn_state, batch, zeros) for batch in batches]
+    sums = [eval_fn(state.params, state.bn_state, zeros, batch) for batch in batches]
   sums = jax.device_get(sums)
   examples = sum(int(s.examples) for s in sums)
   loss = math.fsum(float(s.loss) for s in sums)
@@ -1190,10 +1190,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           state, input_pipeline.to_global(example, batch_sharding, config.batch_size)
       ).compile()
       eval_fn = make_eval_step(config, mesh, model).lower(
-          state.params, state.bn_state,
+          state.params, state.bn_state, jax.device_put(zero_eval_sums(), replicated),
           _abstract_batch(example, eval_batch_rows(config.eval_batch_size,
-                                                   mesh.devices.size), batch_sharding),
-          jax.device_put(zero_eval_sums(), replicated)).compile()
+                                                   mesh.devices.size), batch_sharding)
+      ).compile()
       run.log(f"Compiled in {time.perf_counter() - compile_started:.1f} s.")
       run.watchdog.beat()
     for epoch in range(first_epoch, config.num_epochs):
