@@ -53,8 +53,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (0-bas
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None,
     "Call jax.distributed.initialize() and let it detect the cluster (SLURM, "
-    "TPU pods, ...). Default: only when --coordinator_address is given or "
-    "SLURM_JOB_ID / a TPU pod environment is present.")
+    "TPU pods, ...). Default: only when --coordinator_address is given, in a SLURM "
+    "job step of several tasks (srun; the SLURM_STEP_* variables) or on a TPU slice "
+    "of several hosts (TPU_WORKER_HOSTNAMES); pass --distributed on a Cloud TPU VM "
+    "pod slice, whose hosts jax finds from the metadata server.")
 _LOWER_FOR = flags.DEFINE_list(
     "lower_for", None,
     "Platforms (any of cpu, cuda, rocm, tpu): build the train and eval steps as for "
@@ -87,15 +89,19 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 def _initialize_distributed() -> None:
   import jax
-  explicit = _COORDINATOR.value is not None
-  detected = "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ
-  if not (_DISTRIBUTED.value or (_DISTRIBUTED.value is None and (explicit or detected))):
+  from training import train_lib
+  initialize, reason = train_lib.multi_process_launch(
+      os.environ, coordinator_address=_COORDINATOR.value, distributed=_DISTRIBUTED.value)
+  if not initialize:
+    print(f"Running as a {reason}.", flush=True)
     return
   # Collectives between CPU processes (the setting only affects CPU devices).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+  if jax.process_index() == 0:
+    print(f"Multi-process: {jax.process_count()} processes ({reason}).", flush=True)
 
 
 def _hide_tfds_warnings(record: python_logging.LogRecord) -> bool:

@@ -74,8 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 0.01  # peak value of the schedule
   config.momentum = 0.9  # for optimizer='momentum'
   config.nesterov = False  # Nesterov momentum, for optimizer='momentum'
-  # 'adam': decoupled (AdamW); 'sgd' / 'momentum': L2, i.e. weight_decay * w
-  # added to the gradient before momentum (as the ResNet papers).
+  # Applies to kernels only (leaves with ndim > 1; not biases or BN scales and
+  # offsets, as flax's ImageNet example). 'adam': decoupled (AdamW); 'sgd' /
+  # 'momentum': L2, i.e. weight_decay * w added to the gradient before momentum
+  # (as the ResNet papers).
   config.weight_decay = 0.0
   # Training targets (1 - s) * one_hot + s / num_classes; 0 = off.
   config.label_smoothing = 0.0
@@ -95,13 +97,29 @@ def get_config() -> ml_collections.ConfigDict:
   # Checkpoints, logging, reliability.
   config.checkpoint_every_steps = 200  # also saved at the end of every epoch
   config.max_checkpoints_to_keep = 2
+  # Every this many steps: TensorBoard's step metrics (train/loss, learning
+  # rate, images/s) and, without a terminal's progress bar, one log line.
   config.log_every_steps = 20
+  # TensorBoard event files in <workdir>/tensorboard (process 0).
+  config.tensorboard = True
+  # Evaluate the test split after every epoch too (by default only after the
+  # last: choose the model on validation, look at the test split once).
+  config.evaluate_test_every_epoch = False
   # Steps with a non-finite loss or gradient are skipped; this many in a row
   # stop the run.
   config.max_consecutive_nonfinite = 20
   # On SIGTERM (SLURM, TPU preemption) all processes agree, at the next step
   # that is a multiple of this, to save a checkpoint there and exit (code 75).
   config.preemption_check_every_steps = 10
+  # After SIGTERM, at most this many seconds to save and exit; past it the
+  # process prints every thread's stack and exits with status 1 (a run stuck
+  # in a collective whose peer is gone never reaches the next check). Below
+  # the scheduler's SIGTERM-to-SIGKILL wait: SLURM's KillWait, often 30 s.
+  config.sigterm_grace_seconds = 25.0
+  # A run whose steps (or evaluation batches, or checkpoint saves) stop for
+  # this long prints every thread's stack and exits with status 1; 0 = off.
+  # Compilation does not count.
+  config.stall_timeout_seconds = 1800.0
   # Testing hook: 0-based global steps whose batch is replaced with NaN.
   config.inject_nan_at_steps = ()
 

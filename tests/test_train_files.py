@@ -1,5 +1,7 @@
 """training.files.atomic_write: the new file or the old one, never a partial one."""
 
+import os
+
 import pytest
 
 from training import files
@@ -25,3 +27,15 @@ def test_atomic_write_failure_keeps_the_old_file_and_removes_the_temporary(tmp_p
     files.atomic_write(path, write_half_then_fail)
   assert path.read_bytes() == b"old"
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_as_path_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+  # pathlib would turn the bucket into the local directory <cwd>/gs:/bucket/run.
+  assert os.fspath(files.as_path("gs://bucket/run")) == "gs://bucket/run"
+  assert files.is_uri("gs://bucket/run") and not files.is_uri("runs/x")
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(files.as_path("runs/x")) == str(tmp_path / "runs" / "x")
+  assert os.fspath(files.as_path("~/x")) == os.path.expanduser("~/x")
+  path = files.as_path("runs/x") / "metrics.jsonl"
+  files.atomic_write(path, lambda f: f.write(b"ok"))
+  assert (tmp_path / "runs" / "x" / "metrics.jsonl").read_bytes() == b"ok"

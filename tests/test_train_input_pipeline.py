@@ -1,5 +1,6 @@
 """training.input_pipeline: tfds datasets, augmentation, exact deterministic batches."""
 
+import os
 import pathlib
 import shutil
 
@@ -85,6 +86,48 @@ def test_process_rows_from_the_sharding(mesh8):
   sharding = NamedSharding(mesh8, P("data"))
   # One process holds all 8 devices here: every row is its own.
   assert input_pipeline.process_rows(sharding, 64) == slice(0, 64)
+
+
+def _tpu_topology_devices(name):
+  """The devices of a compile-only TPU slice (libtpu; no TPU needed)."""
+  pytest.importorskip("libtpu")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a Cloud TPU VM
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other tests may hold it
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+
+
+@pytest.mark.parametrize("topology", ["v5e:4x4", "v5p:2x2x4", "v5p:4x4x4"])
+def test_every_process_of_a_tpu_pod_gets_its_devices_rows(topology):
+  devices = _tpu_topology_devices(topology)
+  mesh = train_lib.create_mesh(devices=devices)
+  num_processes = len({d.process_index for d in devices})
+  assert num_processes > 1
+  order = [d.process_index for d in mesh.devices.flat]
+  assert order != sorted(order)  # the slice order interleaves the hosts
+  sharding = NamedSharding(mesh, P("data"))
+  batch_size = 8 * len(devices)
+  split = _toy_split(4 * batch_size)
+  kwargs = dict(global_batch_size=batch_size, seed=0, epoch=1)
+  whole = list(input_pipeline.train_batches(split, rows=slice(None), **kwargs))
+  index_map = sharding.devices_indices_map((batch_size,))
+  seen = np.zeros(batch_size, int)
+  for process in range(num_processes):
+    rows = input_pipeline.process_rows(sharding, batch_size, process)
+    local = list(input_pipeline.train_batches(split, rows=rows, **kwargs))
+    # As jax.make_array_from_process_local_data places it: the process's rows
+    # in increasing order, each device's shard from its place among them.
+    positions = np.arange(batch_size)[rows]
+    for device, index in index_map.items():
+      if device.process_index != process:
+        continue
+      shard_rows = np.arange(batch_size)[index[0]]
+      seen[shard_rows] += 1
+      at = np.searchsorted(positions, shard_rows)
+      for step, batch in enumerate(whole):
+        np.testing.assert_array_equal(local[step].labels[at], batch.labels[shard_rows])
+        np.testing.assert_array_equal(local[step].images[at], batch.images[shard_rows])
+  assert (seen == 1).all()  # every row of the global batch on exactly one device
 
 
 def test_eval_batches_cover_every_example_once():

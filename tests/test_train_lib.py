@@ -7,6 +7,7 @@ faster.
 """
 
 import functools
+import importlib
 import json
 import shutil
 import signal
@@ -57,6 +58,15 @@ def test_outputs_in_workdir(one_device_run):
   for key in ("epoch", "step", "train_loss", "train_accuracy", "val_loss",
               "val_accuracy", "test_loss", "test_accuracy", "examples_per_sec"):
     assert key in final
+  # The test split is evaluated after the last epoch only.
+  assert "test_accuracy" not in records[0] and "val_accuracy" in records[0]
+  # TensorBoard: step metrics every log_every_steps (2) and the epoch metrics.
+  tags = _tensorboard_scalars(workdir / train_lib.TENSORBOARD_DIR)
+  assert sorted(tags["train/loss"]) == list(range(2, 17, 2))
+  np.testing.assert_allclose(list(tags["train/learning_rate"].values()), 0.003)
+  assert sorted(tags["epoch/val_accuracy"]) == [8, 16]
+  assert tags["epoch/val_accuracy"][16] == pytest.approx(final["val_accuracy"])
+  assert sorted(tags["epoch/test_accuracy"]) == [16]
   assert final["step"] == 16 and final["examples_per_sec"] > 0
   assert all(np.isfinite(r["train_loss"]) and r["train_loss"] < 2.5 for r in records)
   assert records[1]["train_loss"] < records[0]["train_loss"]
@@ -69,6 +79,21 @@ def test_outputs_in_workdir(one_device_run):
       progress=ocp.args.JsonRestore())).progress
   assert (progress["epoch"], progress["batch_in_epoch"]) == (2, 0)
   manager.close()
+
+
+def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the event files in `logdir`."""
+  tf, _ = input_pipeline._import_tf()
+  from tensorflow.core.util import event_pb2
+  scalars = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        assert value.metadata.plugin_data.plugin_name == "scalars"
+        scalars.setdefault(value.tag, {})[event.step] = float(
+            tf.make_ndarray(value.tensor))
+  return scalars
 
 
 def test_rerun_resumes_and_ignores_half_written_checkpoints(one_device_run, tmp_path):
@@ -104,6 +129,19 @@ def test_resume_refuses_a_different_run(one_device_run, tmp_path):
   config = utils.tiny_config(num_devices=1, model="mlp")
   with pytest.raises(ValueError, match=r"model='cnn' there, 'mlp' here"):
     train_lib.train_and_evaluate(config, tmp_path / "run")
+  # Every field that changes the run, with how to start fresh.
+  config = utils.tiny_config(num_devices=1, learning_rate=0.01, lr_schedule="cosine",
+                             bn_momentum=0.9, half_precision=True)
+  with pytest.raises(ValueError, match=r"bn_momentum=0\.99 there, 0\.9 here; "
+                     r"half_precision=False there, True here; learning_rate=0\.003 there, "
+                     r"0\.01 here; lr_schedule='constant' there, 'cosine' here; "
+                     r"num_epochs=None there, 2 here; .*use a new --workdir"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  # What may change: the number of epochs of a constant rate, devices, logging.
+  config = utils.tiny_config(num_devices=2, num_epochs=3, log_every_steps=1)
+  assert len(utils.read_metrics(tmp_path / "run")) == 2
+  train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert len(utils.read_metrics(tmp_path / "run")) == 3
 
 
 def _state_and_step(config, num_devices=8):
@@ -142,7 +180,7 @@ def test_injected_nan_batch_is_skipped_and_counted(tmp_path):
   final = train_lib.train_and_evaluate(config, tmp_path)
   records = utils.read_metrics(tmp_path)
   assert [r["nonfinite_steps"] for r in records] == [1, 1]
-  assert all(np.isfinite(r[k]) for r in records for k in utils.COMPARED_METRICS)
+  assert all(np.isfinite(value) for r in utils.compared(records) for value in r.values())
   assert final["train_accuracy"] > 0.5
 
 
@@ -181,7 +219,7 @@ def test_bn_groups_pool_statistics_per_group():
 @pytest.mark.parametrize("overrides, message", [
     (dict(batch_size=60), r"batch_size=60 must be a positive multiple of the number "
                           r"of devices \(8\)"),
-    (dict(eval_batch_size=100), "eval_batch_size=100"),
+    (dict(eval_batch_size=0), "eval_batch_size must be > 0"),
     (dict(model="resnet"), "unknown model 'resnet'"),
     (dict(optimizer="adagrad"), "unknown optimizer 'adagrad'"),
     (dict(lr_schedule="step"), "unknown lr_schedule 'step'"),
@@ -250,23 +288,27 @@ def test_half_precision_trains_with_float32_state():
     assert leaf.dtype in (np.float32, np.int32), leaf.dtype
 
 
-def test_nesterov_and_l2_weight_decay_before_momentum():
+def test_nesterov_and_l2_weight_decay_of_kernels_before_momentum():
   config = utils.tiny_config(optimizer="momentum", nesterov=True, weight_decay=1e-2,
                              learning_rate=0.1)
   tx = train_lib.create_optimizer(config, steps_per_epoch=8)
-  expected = optax.chain(optax.add_decayed_weights(1e-2),
-                         optax.sgd(0.1, momentum=0.9, nesterov=True))
-  params = {"w": jnp.array([1.0, -2.0, 3.0])}
-  grads = {"w": jnp.array([0.5, 0.5, -1.0])}
+  expected = optax.sgd(0.1, momentum=0.9, nesterov=True)
+  params = {"kernel": jnp.array([[1.0, -2.0, 3.0]]), "bias": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"kernel": jnp.array([[0.5, 0.5, -1.0]]), "bias": jnp.array([0.5, 0.5, -1.0])}
+  # As flax's ImageNet example: the kernel's gradient gains weight_decay * w; a
+  # bias (or BN scale, ndim 1) is not decayed.
+  decayed = {"kernel": grads["kernel"] + 1e-2 * params["kernel"], "bias": grads["bias"]}
   state, expected_state = tx.init(params), expected.init(params)
   for _ in range(3):
     updates, state = tx.update(grads, state, params)
-    expected_updates, expected_state = expected.update(grads, expected_state, params)
-    np.testing.assert_allclose(updates["w"], expected_updates["w"], rtol=1e-6)
-  plain = train_lib.create_optimizer(utils.tiny_config(optimizer="momentum"), 8)
-  plain_updates, plain_state = plain.update(grads, plain.init(params), params)
-  plain_updates, _ = plain.update(grads, plain_state, params)
-  assert not np.allclose(plain_updates["w"], updates["w"])
+    expected_updates, expected_state = expected.update(decayed, expected_state, params)
+    chex.assert_trees_all_close(updates, expected_updates, rtol=1e-6)
+  adamw = train_lib.create_optimizer(utils.tiny_config(weight_decay=0.1), 8)
+  updates, _ = adamw.update(grads, adamw.init(params), params)
+  plain = optax.adam(0.003)
+  plain_updates, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_allclose(updates["bias"], plain_updates["bias"], rtol=1e-6)
+  assert not np.allclose(updates["kernel"], plain_updates["kernel"])
 
 
 def test_label_smoothing_trains_on_smoothed_targets():
@@ -321,11 +363,11 @@ class _SigtermAtSecondCheck(train_lib._StopRequest):
   """Delivers a real SIGTERM to this process just before the second check."""
   checks = 0
 
-  def agreed(self):
+  def agreed(self, state=None):
     type(self).checks += 1
     if type(self).checks == 2:
       signal.raise_signal(signal.SIGTERM)
-    return super().agreed()
+    return super().agreed(state)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_uninterrupted(
@@ -357,3 +399,63 @@ def test_resnet_trains_under_shard_map_with_precise_bn(tmp_path):
   final = train_lib.train_and_evaluate(config, tmp_path)
   assert final["step"] == 2 and np.isfinite(final["train_loss"])
   assert 0.0 <= final["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("eval_batch_size", [250, 7, 1000])
+def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_size):
+  # 1001 examples: an uneven last batch; eval batches that are not multiples of 8.
+  model = models.mnist_cnn()
+  state = train_lib.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+  # Non-trivial running statistics, so that the BN layers matter.
+  state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.3, state.bn_state))
+  rng = np.random.default_rng(0)
+  split = input_pipeline.Split(rng.integers(0, 256, (1001, 28, 28, 1), dtype=np.uint8),
+                               rng.integers(0, 10, 1001).astype(np.int32))
+  config = utils.tiny_config()
+  results = {}
+  for num_devices in (1, 8):
+    mesh = train_lib.create_mesh(num_devices)
+    eval_fn = train_lib.make_eval_step(config, mesh, model)
+    for chained in (False, True):
+      results[num_devices, chained] = train_lib.evaluate(
+          eval_fn, state, split, global_batch_size=eval_batch_size, mesh=mesh,
+          chained=chained)
+  logits, _ = model.apply(state.params, state.bn_state,
+                          input_pipeline._normalize(split.images, split.preprocessing), False)
+  expected_accuracy = int(np.sum(np.argmax(logits, -1) == split.labels)) / 1001
+  expected_loss = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, split.labels)))
+  for result in results.values():
+    assert result["accuracy"] == expected_accuracy
+    np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
+  assert results[1, False]["accuracy"] == results[8, False]["accuracy"]
+  np.testing.assert_allclose(results[1, False]["loss"], results[8, False]["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("config_name", ["mnist_bn", "resnet_cifar", "resnet_imagenet"])
+def test_the_shipped_configs_are_valid_on_8_devices(config_name):
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  train_lib.validate_config(config, 8)
+  assert train_lib.eval_batch_rows(config.eval_batch_size, 8) % 8 == 0
+
+
+_SRUN_STEP = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+              "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("environ, flags, expected, reason", [
+    ({}, {}, False, "single process (no --coordinator_address"),
+    # salloc shell: an allocation but no job step; jax's detection would fail.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, {}, False, "SLURM allocation without"),
+    ({**_SRUN_STEP, "SLURM_NTASKS": "1"}, {}, False, "SLURM allocation without"),
+    (_SRUN_STEP, {}, True, "SLURM job step of 2 tasks"),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, {}, True, "TPU slice of 4 hosts"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, {}, False, "single process"),
+    ({}, {"coordinator_address": "h:1234"}, True, "--coordinator_address=h:1234"),
+    (_SRUN_STEP, {"distributed": False}, False, "--distributed=False"),
+    ({}, {"distributed": True}, True, "--distributed=True"),
+])
+def test_multi_process_launch_is_detected_only_when_real(environ, flags, expected, reason):
+  initialize, why = train_lib.multi_process_launch(environ, **flags)
+  assert initialize is expected
+  assert reason in why

@@ -76,6 +76,15 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(cache_env, tmp_
   assert "epoch 2/2" in _log(tmp_path, "process0.log", None)
   assert "epoch 2/2" not in _log(tmp_path, "process1.log", None)
   assert "2 process(es), 8 device(s)" in _log(tmp_path, "process0.log", None)
+  # A log a cluster can read (stdout is a file): compilation, a line every
+  # log_every_steps (2), the result.
+  log = _log(tmp_path, "process0.log", None)
+  for line in ("Multi-process: 2 processes (--coordinator_address=127.0.0.1:",
+               "Compiling the train and eval steps...", "Compiled in ",
+               "step 2/16 (epoch 0.25): loss ", "step 16/16 (epoch 2.00): loss ",
+               f"Finished in {tmp_path / 'two'}: best val_acc "):
+    assert line in log, log[-3000:]
+  assert re.search(r"lr 0\.003 [\d,]+ images/s ETA \d+m\d\ds", log), log[-3000:]
 
 
 @pytest.mark.parametrize("victim", [1, 0])
@@ -200,3 +209,110 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resume
   assert _wait(reference) == 0, _log(tmp_path, "reference.log")
   utils.assert_same_curve(utils.read_metrics(workdir),
                           utils.read_metrics(tmp_path / "reference"))
+
+
+# Evaluation with many batches: dispatched as independent programs, the eval
+# steps ran in a different order on the two processes and their cross-process
+# reductions waited on each other forever (3 of 3 runs of this config hung). The
+# runs above evaluate 2 batches per split, too few to show it.
+STRESS_RUNS = 5
+STRESS_RUN_LIMIT = 120  # seconds per run; one took 46-51 s on the 2-core CPU at load 13
+STRESS_FLAGS = ("--config.num_epochs=1", "--config.num_train_examples=128",
+                "--config.num_eval_examples=10000", "--config.eval_batch_size=200",
+                "--config.checkpoint_every_steps=0",  # 50 eval batches per split
+                "--config.stall_timeout_seconds=60")  # a hang prints its stacks
+
+
+def test_two_processes_with_50_eval_batches_per_split_finish_every_time(cache_env,
+                                                                        tmp_path):
+  del cache_env
+  for run in range(STRESS_RUNS):
+    processes = _start_two_processes(tmp_path / f"run{run}", tmp_path, *STRESS_FLAGS)
+    try:
+      started = time.monotonic()
+      for i, process in enumerate(processes):
+        remaining = STRESS_RUN_LIMIT - (time.monotonic() - started)
+        try:
+          returncode = process.wait(timeout=max(remaining, 1))
+        except subprocess.TimeoutExpired:
+          pytest.fail(f"run {run + 1}/{STRESS_RUNS} did not finish within "
+                      f"{STRESS_RUN_LIMIT} s:\n{_log(tmp_path, f'process{i}.log')}")
+        assert returncode == 0, _log(tmp_path, f"process{i}.log")
+    finally:
+      for process in processes:
+        if process.poll() is None:
+          process.kill()
+          process.wait()
+    record, = utils.read_metrics(tmp_path / f"run{run}")
+    assert record["epoch"] == 1
+
+
+def _start_and_freeze_process_1(tmp_path, *flags):
+  """Two processes training; once a checkpoint exists, process 1 is frozen (SIGSTOP).
+
+  Process 0 then waits inside a collective that never completes; the
+  coordination service would notice the silent peer only after 300 s.
+  """
+  processes = _start_two_processes(tmp_path / "run", tmp_path, "--config.num_epochs=1000",
+                                   "--heartbeat_timeout_seconds=300", *flags)
+  deadline = time.monotonic() + TIMEOUT
+  while not _latest_complete_step(tmp_path / "run" / "checkpoints"):
+    assert time.monotonic() < deadline, _log(tmp_path, "process0.log")
+    assert all(p.poll() is None for p in processes), _log(tmp_path, "process0.log")
+    time.sleep(0.2)
+  processes[1].send_signal(signal.SIGSTOP)
+  return processes
+
+
+def _complete_steps(checkpoints) -> set[int]:
+  return {int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()}
+
+
+def test_sigterm_to_a_process_stuck_in_a_collective_exits_after_the_grace_period(
+    cache_env, tmp_path):
+  del cache_env
+  grace = 4
+  processes = _start_and_freeze_process_1(
+      tmp_path, f"--config.sigterm_grace_seconds={grace}",
+      "--config.stall_timeout_seconds=0")
+  try:
+    time.sleep(2)  # process 0 is now blocked on its frozen peer
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = _complete_steps(checkpoints)
+    signalled = time.monotonic()
+    processes[0].send_signal(signal.SIGTERM)
+    returncode = _wait(processes[0], timeout=grace + 60)
+    took = time.monotonic() - signalled
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  log = _log(tmp_path, "process0.log", None)
+  assert returncode not in (0, 75), log[-3000:]  # neither finished nor "saved, rerun"
+  assert f"exiting with an error if that takes more than {grace} s" in log, log[-3000:]
+  assert f"Timeout (0:00:0{grace})!" in log and "train_lib.py" in log, log[-3000:]
+  assert grace <= took < grace + 60
+  # No checkpoint was completed after the peer froze; orbax's temporary
+  # directories (a save cut off) are never restored.
+  assert _complete_steps(checkpoints) == before
+
+
+def test_a_run_whose_steps_stop_dumps_its_stacks_and_exits(cache_env, tmp_path):
+  del cache_env
+  stall = 8
+  processes = _start_and_freeze_process_1(tmp_path, f"--config.stall_timeout_seconds={stall}")
+  try:
+    frozen = time.monotonic()
+    returncode = _wait(processes[0], timeout=stall + 60)
+    took = time.monotonic() - frozen
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  log = _log(tmp_path, "process0.log", None)
+  assert returncode == 1, log[-3000:]
+  assert f"Timeout (0:00:0{stall})!" in log, log[-3000:]
+  assert "Thread" in log and "train_lib.py" in log, log[-3000:]  # where it was stuck
+  assert took < stall + 60

@@ -227,7 +227,14 @@ def _info_path(data_dir: pathlib.Path, dataset: str) -> pathlib.Path:
 
 @contextlib.contextmanager
 def _file_lock(path: pathlib.Path):
-  """Serializes dataset preparation between processes on this host."""
+  """Serializes dataset preparation between processes on this host.
+
+  A data_dir in a bucket (a URI) has no lock: prepare it once before the job
+  (`tfds build`, docs/train.md), so that every host finds it prepared.
+  """
+  if files.is_uri(path):
+    yield
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w") as lock_file:
     fcntl.flock(lock_file, fcntl.LOCK_EX)
@@ -323,7 +330,8 @@ def _prepare(builder, dataset: str, data_dir: pathlib.Path,
     elif manual_dir is not None:
       _check_archives(builder, dataset, manual_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    download_dir = tempfile.mkdtemp(prefix=f"{dataset}-extract-", dir=data_dir)
+    download_dir = tempfile.mkdtemp(prefix=f"{dataset}-extract-",
+                                    dir=None if files.is_uri(data_dir) else data_dir)
     config = tfds.download.DownloadConfig(
         manual_dir=str(manual_dir) if manual_dir is not None else None)
     # tfds prints its own banner and progress bars to stdout; one line of ours
@@ -388,7 +396,7 @@ def _load_in_memory(dataset: str, splits: list[str], data_dir: pathlib.Path,
     info = json.loads(info_path.read_text())
     arrays = {}
     for split, path in zip(splits, cached):
-      with np.load(path) as npz:
+      with path.open("rb") as file, np.load(file) as npz:
         arrays[split] = Split(npz["images"], npz["labels"])
     return arrays, DatasetInfo(dataset, tuple(info["image_shape"]), info["num_classes"])
 
@@ -529,7 +537,7 @@ def load_dataset(dataset: str, splits: list[str], *, data_dir=None, manual_dir=N
     ValueError: unknown dataset or augmentation, wrong checksum, bad split,
       image size or number of classes that the dataset does not have.
   """
-  data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser().resolve()
+  data_dir = files.as_path(data_dir or default_data_dir())
   if manual_dir:
     manual_dir = pathlib.Path(manual_dir).expanduser()
   process_index = jax.process_index() if process_index is None else process_index
@@ -606,20 +614,38 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
-  """Rows of a global batch held by this process's devices under `sharding`.
+Rows = slice | np.ndarray  # this process's rows of a global batch
 
-  Raises:
-    ValueError: the rows are not contiguous (the mesh must list each
-      process's devices together).
+
+def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int,
+                 process_index: int | None = None) -> Rows:
+  """Rows of a global batch held by a process's devices under `sharding`.
+
+  Any device order works: `jax.make_mesh` orders TPU devices by their place
+  in the slice, so a process's devices need not be adjacent in the mesh (a
+  v5e 4x4 slice: processes [0,0,1,1,1,1,0,2,3,3,3,3,2,2,2,0] along the data
+  axis). A process's batch is its rows in increasing order, which is how
+  `jax.make_array_from_process_local_data` (`to_global`) maps it onto the
+  process's devices.
+
+  Args:
+    sharding: the batch sharding (over the first axis).
+    global_batch_size: rows of a global batch.
+    process_index: whose rows; default this process.
+
+  Returns:
+    A slice when the rows are contiguous, else their sorted indices.
   """
-  index_map = sharding.addressable_devices_indices_map((global_batch_size,))
-  bounds = sorted({index[0].indices(global_batch_size)[:2] for index in index_map.values()})
-  for (_, stop), (start, _) in zip(bounds, bounds[1:]):
-    if stop != start:
-      raise ValueError(f"this process's rows {bounds} of the global batch are not "
-                       "contiguous; order mesh devices by process.")
-  return slice(bounds[0][0], bounds[-1][1])
+  process_index = jax.process_index() if process_index is None else process_index
+  index_map = sharding.devices_indices_map((global_batch_size,))
+  rows = sorted({row for device, index in index_map.items()
+                 if device.process_index == process_index
+                 for row in range(*index[0].indices(global_batch_size))})
+  if not rows:
+    raise ValueError(f"process {process_index} holds no device of the sharding.")
+  if rows == list(range(rows[0], rows[-1] + 1)):
+    return slice(rows[0], rows[-1] + 1)
+  return np.asarray(rows)
 
 
 def _normalize(images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
@@ -630,8 +656,8 @@ def _normalize(images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
   return (images - mean) * scale if mean.any() else images * scale
 
 
-def _rows_count(rows: slice, global_batch_size: int) -> int:
-  return len(range(*rows.indices(global_batch_size)))
+def _rows_count(rows: Rows, global_batch_size: int) -> int:
+  return len(np.arange(global_batch_size)[rows])
 
 
 # Augmentations: TensorFlow functions of one image and a stateless seed.
@@ -697,7 +723,7 @@ def _tf_options(tf):
 
 
 def _in_memory_train_batches(split: Split, order: np.ndarray, *, global_batch_size: int,
-                             seed: int, epoch: int, rows: slice, first_step: int,
+                             seed: int, epoch: int, rows: Rows, first_step: int,
                              num_steps: int) -> Iterator[Batch]:
   num_images = len(split.images)
   if split.preprocessing.augmentation == "none":
@@ -744,7 +770,7 @@ def _share_sizes(stream: Stream) -> list[int]:
 
 
 def _streamed_train_batches(stream: Stream, *, global_batch_size: int, seed: int,
-                            epoch: int, rows: slice, first_step: int, num_steps: int
+                            epoch: int, rows: Rows, first_step: int, num_steps: int
                             ) -> Iterator[Batch]:
   tf, tfds = _import_tf()
   local_rows = _rows_count(rows, global_batch_size)
@@ -778,7 +804,7 @@ def _streamed_train_batches(stream: Stream, *, global_batch_size: int, seed: int
 
 
 def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: int,
-                  rows: slice, start_step: int = 0) -> Iterator[Batch]:
+                  rows: Rows, start_step: int = 0) -> Iterator[Batch]:
   """This process's rows of each global training batch of `epoch`, augmented.
 
   In-memory sources give the same global batches whatever the topology;
@@ -804,7 +830,7 @@ def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: i
       rows=rows, first_step=start_step, num_steps=num_steps)
 
 
-def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: slice
+def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: Rows
                            ) -> Iterator[Batch]:
   tf, tfds = _import_tf()
   local_rows = _rows_count(rows, global_batch_size)
@@ -829,21 +855,36 @@ def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: slic
     yield Batch(_normalize(images, preprocessing), labels, mask)
 
 
-def eval_batches(source: Source, *, global_batch_size: int, rows: slice
-                 ) -> Iterator[Batch]:
-  """Every example once; the last batch is padded (mask False), never augmented.
+def eval_batches(source: Source, *, global_batch_size: int, rows: Rows,
+                 examples_per_batch: int | None = None) -> Iterator[Batch]:
+  """Every example once, never augmented; padding rows have mask False.
 
-  In-memory sources go in order; each process of a streamed source reads its
-  share, padded so that all processes run the same number of batches.
+  In-memory sources go in order: global batch `k` holds examples
+  `[k * examples_per_batch, (k + 1) * examples_per_batch)` followed by
+  padding up to `global_batch_size` rows (and the last one fewer examples),
+  so the batches hold the same examples whatever the number of devices. Each
+  process of a streamed source reads its share, padded so that all processes
+  run the same number of batches.
+
+  Args:
+    source: the examples.
+    global_batch_size: rows of a global batch (a multiple of the devices).
+    rows: this process's rows of each global batch (`process_rows`).
+    examples_per_batch: examples per global batch, at most
+      `global_batch_size`; default `global_batch_size`.
   """
+  examples_per_batch = examples_per_batch or global_batch_size
+  if not 0 < examples_per_batch <= global_batch_size:
+    raise ValueError(f"examples_per_batch must be in [1, {global_batch_size}], got "
+                     f"{examples_per_batch}.")
   if isinstance(source, Stream):
     yield from _streamed_eval_batches(source, global_batch_size=global_batch_size,
                                       rows=rows)
     return
   count = len(source.labels)
-  for start in range(0, count, global_batch_size):
+  for start in range(0, count, examples_per_batch):
     indices = np.arange(start, start + global_batch_size)[rows]
-    valid = indices < count
+    valid = indices < min(start + examples_per_batch, count)
     indices = np.where(valid, indices, 0)
     yield Batch(_normalize(source.images[indices % len(source.images)],
                            source.preprocessing), source.labels[indices], valid)

@@ -413,12 +413,16 @@ def _build(config: ml_collections.ConfigDict, devices: list | None = None,
                                                      model, tx), jax.random.key(0)),
                     replicated)
   train_batch = abstract_batch(config.batch_size, info.image_shape, batch_sharding)
-  eval_batch = abstract_batch(config.eval_batch_size, info.image_shape, batch_sharding)
+  eval_batch = abstract_batch(
+      train_lib.eval_batch_rows(config.eval_batch_size, mesh.devices.size),
+      info.image_shape, batch_sharding)
   steps = {
       "train_step": (train_lib.make_train_step(config, mesh, model, tx),
                      (state, train_batch)),
       "eval_step": (train_lib.make_eval_step(config, mesh, model),
-                    (state.params, state.bn_state, eval_batch)),
+                    (state.params, state.bn_state,
+                     _abstract(jax.eval_shape(train_lib.zero_eval_sums), replicated),
+                     eval_batch)),
   }
   return _Programs(info, mesh.devices.size, state, train_batch, steps)
 

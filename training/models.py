@@ -627,13 +627,23 @@ class _TrainingForward(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _linen_batch_statistics(module: nn.Module, compute_dtype, params: Params,
-                            state: State, images: jax.Array) -> State:
-  """Each BN layer's statistics of this batch (momentum 0 stores exactly them)."""
+def _linen_accumulate(module: nn.Module, compute_dtype, params: Params, state: State,
+                      images: jax.Array, pooled):
+  """`pooled` (per layer `jaxbn.Moments`) merged with this batch's statistics.
+
+  Each batch's program consumes the previous one's output, so the programs
+  (and their cross-device reductions) run in one order on every process.
+  """
   batch_module = module.clone(bn_momentum=0.0, dtype=compute_dtype)
   _, updates = batch_module.apply({"params": params, "batch_stats": state}, images,
                                   train=True, mutable=["batch_stats"])
-  return updates["batch_stats"]
+  stats = updates["batch_stats"]  # momentum 0 stores exactly the batch statistics
+  moments = jax.tree.map(
+      lambda mean, var: jaxbn.Moments(jnp.ones((), jnp.float32), mean.astype(jnp.float32),
+                                      var.astype(jnp.float32)),
+      _means(stats), _variances(stats))
+  return jax.tree.map(jaxbn.merge_moments, pooled, moments,
+                      is_leaf=lambda node: isinstance(node, jaxbn.Moments))
 
 
 def recompute_bn_stats(model: Model, params: Params, state: State,
@@ -675,15 +685,13 @@ def recompute_bn_stats(model: Model, params: Params, state: State,
   if model.module is None:
     return jaxbn.recompute_stats(_TrainingForward(model.apply, compute_dtype), params,
                                  state, images, num_batches=num_batches)
-  pooled, used = None, 0
+  pooled = jax.tree.map(
+      lambda mean: jaxbn.Moments(jnp.zeros((), jnp.float32),
+                                 jnp.zeros(jnp.shape(mean), jnp.float32),
+                                 jnp.zeros(jnp.shape(mean), jnp.float32)), _means(state))
+  used = 0
   for batch in itertools.islice(images, num_batches):
-    stats = _linen_batch_statistics(model.module, compute_dtype, params, state, batch)
-    moments = jax.tree.map(
-        lambda mean, var: jaxbn.Moments(jnp.ones((), jnp.float32), mean, var),
-        _means(stats), _variances(stats))
-    pooled = moments if pooled is None else jax.tree.map(
-        jaxbn.merge_moments, pooled, moments,
-        is_leaf=lambda node: isinstance(node, jaxbn.Moments))
+    pooled = _linen_accumulate(model.module, compute_dtype, params, state, batch, pooled)
     used += 1
   if used < num_batches:
     raise ValueError(f"recompute_bn_stats needs {num_batches} batches, got {used}.")

@@ -32,17 +32,19 @@ resuming is exact.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import math
 import os
-import pathlib
+import queue
 import signal
 import sys
 import threading
 import time
 from typing import Any, NamedTuple
 
+from etils import epath
 import jax
 from jax import lax
 from jax.experimental import multihost_utils
@@ -64,6 +66,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 PARALLELISMS = ("gspmd", "shard_map")
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "curves.png"
 # curves.png is redrawn after an epoch only if this long has passed since the
 # last drawing (epochs of a long run), and always when train_and_evaluate ends.
@@ -128,14 +131,57 @@ class EvalSums(NamedTuple):
 
 # --- setup --------------------------------------------------------------------
 
-def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-  """A 1-D `('data',)` mesh; each process's devices are adjacent.
+# What jax's SLURM detection (jax._src.clusters.SlurmCluster) reads: the
+# variables `srun` sets for a job step, not only the allocation's SLURM_JOB_ID.
+SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+                        "SLURM_PROCID", "SLURM_LOCALID")
+# Hosts of a multi-host TPU slice as GKE (and the TPU VM runtime) lists them.
+TPU_WORKER_VARIABLES = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+
+
+def multi_process_launch(environ, *, coordinator_address: str | None = None,
+                         distributed: bool | None = None) -> tuple[bool, str]:
+  """Whether to call `jax.distributed.initialize()`, and why, in one line.
+
+  Args:
+    environ: the environment (`os.environ`).
+    coordinator_address: train.py's --coordinator_address (explicit launch).
+    distributed: train.py's --distributed: True/False force the answer; None
+      detects a SLURM job step of several tasks or a multi-host TPU slice.
+
+  Returns:
+    `(initialize, reason)`.
+  """
+  if distributed is not None:
+    return distributed, f"--distributed={distributed}"
+  if coordinator_address:
+    return True, f"--coordinator_address={coordinator_address}"
+  if all(name in environ for name in SLURM_STEP_VARIABLES):
+    tasks = environ["SLURM_NTASKS"]
+    if tasks.isdigit() and int(tasks) > 1:
+      return True, f"SLURM job step of {tasks} tasks (srun)"
+  for name in TPU_WORKER_VARIABLES:
+    hosts = [host for host in environ.get(name, "").split(",") if host]
+    if len(hosts) > 1:
+      return True, f"TPU slice of {len(hosts)} hosts ({name})"
+  if "SLURM_JOB_ID" in environ:
+    return False, ("single process: a SLURM allocation without a job step of several "
+                   "tasks (start one process per task with srun; see docs/train.md)")
+  return False, ("single process (no --coordinator_address, SLURM job step of several "
+                 "tasks or multi-host TPU slice found)")
+
+
+def create_mesh(num_devices: int = 0, devices=None) -> jax.sharding.Mesh:
+  """A 1-D `('data',)` mesh (`jax.make_mesh`: TPU devices in slice order).
 
   Args:
     num_devices: use the first `num_devices` devices (single process only);
       0 = all devices of all processes.
+    devices: the devices to choose from; default `jax.devices()` (others:
+      e.g. a compile-only TPU topology's).
   """
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
   if num_devices:
     if not 0 < num_devices <= len(devices):
       raise ValueError(f"num_devices must be in [0, {len(devices)}] (0 = all), "
@@ -179,11 +225,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   check(config.seed >= 0, f"seed must be >= 0, got {config.seed}.")
   check(config.num_train_examples >= 0 and config.num_eval_examples >= 0,
         "num_train_examples and num_eval_examples must be >= 0 (0 = all).")
-  for field in ("batch_size", "eval_batch_size"):
-    size = config[field]
-    check(size > 0 and size % num_devices == 0,
-          f"{field}={size} must be a positive multiple of the number of devices "
-          f"({num_devices}) so that every device gets the same number of examples.")
+  check(config.batch_size > 0 and config.batch_size % num_devices == 0,
+        f"batch_size={config.batch_size} must be a positive multiple of the number of "
+        f"devices ({num_devices}) so that every device trains on the same number of "
+        "examples (eval_batch_size may be any size: its batches are padded).")
+  check(config.eval_batch_size > 0,
+        f"eval_batch_size must be > 0, got {config.eval_batch_size}.")
   group = config.bn_group_size
   check(group >= 0 and (group == 0 or num_devices % group == 0),
         f"bn_group_size={group} must be 0 (all devices) or divide the number of "
@@ -208,6 +255,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                                             or config.use_bn),
         f"precise_bn_batches must be >= 0 (0 = off) and needs use_bn=True, got "
         f"{config.precise_bn_batches}.")
+  check(config.stall_timeout_seconds >= 0 and config.sigterm_grace_seconds > 0,
+        f"stall_timeout_seconds must be >= 0 (0 = off) and sigterm_grace_seconds > 0, "
+        f"got {config.stall_timeout_seconds} and {config.sigterm_grace_seconds}.")
   check(config.preemption_check_every_steps >= 1,
         f"preemption_check_every_steps must be >= 1, got "
         f"{config.preemption_check_every_steps}.")
@@ -236,17 +286,24 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
       pct_start=max(warmup_steps, 1) / total_steps)
 
 
+def decay_mask(params):
+  """True for the leaves weight decay applies to: kernels (ndim > 1), not the
+  biases and BN scales and offsets, as flax's ImageNet example."""
+  return jax.tree.map(lambda leaf: jnp.ndim(leaf) > 1, params)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      steps_per_epoch: int) -> optax.GradientTransformation:
   schedule = create_learning_rate_schedule(config, steps_per_epoch)
   if config.optimizer == "adam":
     if config.weight_decay:
-      return optax.adamw(schedule, weight_decay=config.weight_decay)
+      return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
     return optax.adam(schedule)
-  # SGD: L2 regularization (the gradient of weight_decay / 2 * |w|^2 added
-  # before momentum), as in the ResNet papers and flax's ImageNet example.
+  # SGD: L2 regularization of the kernels (the gradient of weight_decay / 2 *
+  # |w|^2 added before momentum), as in the ResNet papers and flax's ImageNet
+  # example, which penalizes only leaves with ndim > 1.
   momentum = config.momentum if config.optimizer == "momentum" else None
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=momentum, nesterov=config.nesterov))
 
 
@@ -340,16 +397,26 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       epoch_sums=new_sums)
 
 
-def eval_step(params, bn_state, batch: input_pipeline.Batch, *, model: models.Model,
-              compute_dtype=jnp.float32) -> EvalSums:
-  """Sums of loss and correct predictions over the valid (mask) examples."""
+def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
+              model: models.Model, compute_dtype=jnp.float32) -> EvalSums:
+  """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
+
+  Taking the previous batch's sums makes the evaluation one chain of programs:
+  each waits for the one before, so every process runs them (and their
+  cross-process reductions) in the same order.
+  """
   logits, _ = model.apply(params, bn_state, batch.images, False,
                           compute_dtype=compute_dtype)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
   correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
-  return EvalSums(loss=jnp.sum(jnp.where(batch.mask, losses, 0.0)),
-                  correct=jnp.sum(correct, dtype=jnp.int32),
-                  examples=jnp.sum(batch.mask, dtype=jnp.int32))
+  return EvalSums(loss=sums.loss + jnp.sum(jnp.where(batch.mask, losses, 0.0)),
+                  correct=sums.correct + jnp.sum(correct, dtype=jnp.int32),
+                  examples=sums.examples + jnp.sum(batch.mask, dtype=jnp.int32))
+
+
+def zero_eval_sums() -> EvalSums:
+  return EvalSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                  jnp.zeros((), jnp.int32))
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -383,22 +450,72 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    model: models.Model):
+  """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`)."""
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
   step = functools.partial(eval_step, model=model, compute_dtype=compute_dtype)
-  return jax.jit(step, in_shardings=(replicated, replicated, NamedSharding(mesh, P(AXIS))),
+  return jax.jit(step, in_shardings=(replicated, replicated, replicated,
+                                     NamedSharding(mesh, P(AXIS))),
                  out_shardings=replicated)
 
 
+def eval_batch_rows(eval_batch_size: int, num_devices: int) -> int:
+  """Rows of a global evaluation batch: `eval_batch_size` rounded up to a
+  multiple of `num_devices` (the extra rows are masked padding)."""
+  return -(-eval_batch_size // num_devices) * num_devices
+
+
 def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
-             global_batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss and accuracy of the running-statistics model over a whole split."""
+             global_batch_size: int, mesh: jax.sharding.Mesh,
+             chained: bool | None = None, heartbeat=None) -> dict[str, float]:
+  """Loss and accuracy of the running-statistics model over a whole split.
+
+  With several processes each batch's program starts only when the one before
+  has finished (each adds to the sums of the one before, `eval_step`, and is
+  waited for), so every process runs them, and their cross-process
+  reductions, in the same order. Dispatched all at once, two processes of 4
+  CPU devices hung in 3 of 3 runs of 50 batches per split (gloo); chained but
+  not waited for, in 3 of 3 as well. One process has no peer to disagree
+  with: each batch's program starts from zero sums and several run at once.
+
+  Args:
+    eval_fn: `make_eval_step`'s function.
+    state: the train state (its params and BN running statistics are used).
+    split: the examples, each counted once (`input_pipeline.eval_batches`).
+    global_batch_size: examples per evaluation step over all processes (any
+      size: each batch is padded to `eval_batch_rows`, so the batches hold
+      the same examples on any number of devices).
+    mesh: the `('data',)` mesh.
+    chained: one chain of programs, each waited for; default (None): when
+      there are several processes. False with several processes raises a
+      ValueError.
+    heartbeat: called after each batch is dispatched (the watchdog's `beat`).
+
+  Returns:
+    `{'loss': mean loss, 'accuracy': fraction correct}` over the split.
+  """
+  multi_process = jax.process_count() > 1
+  if chained is None:
+    chained = multi_process
+  if multi_process and not chained:
+    raise ValueError("chained must be True (or None) with several processes.")
   sharding = NamedSharding(mesh, P(AXIS))
-  rows = input_pipeline.process_rows(sharding, global_batch_size)
-  sums = [eval_fn(state.params, state.bn_state, batch)
-          for batch in input_pipeline.prefetch_to_device(
-              input_pipeline.eval_batches(split, global_batch_size=global_batch_size,
-                                          rows=rows), sharding, global_batch_size)]
+  padded = eval_batch_rows(global_batch_size, mesh.devices.size)
+  rows = input_pipeline.process_rows(sharding, padded)
+  zeros = jax.device_put(zero_eval_sums(), NamedSharding(mesh, P()))
+  batches = input_pipeline.prefetch_to_device(
+      input_pipeline.eval_batches(split, global_batch_size=padded, rows=rows,
+                                  examples_per_batch=global_batch_size),
+      sharding, padded)
+  if heartbeat is not None:
+    batches = _beating(batches, heartbeat)
+  if chained:
+    total = zeros
+    for batch in batches:
+      total = jax.block_until_ready(eval_fn(state.params, state.bn_state, total, batch))
+    sums = [total]
+  else:
+    sums = [eval_fn(state.params, state.bn_state, zeros, batch) for batch in batches]
   sums = jax.device_get(sums)
   examples = sum(int(s.examples) for s in sums)
   loss = math.fsum(float(s.loss) for s in sums)
@@ -406,9 +523,27 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
   return {"loss": loss / max(examples, 1), "accuracy": correct / max(examples, 1)}
 
 
+def one_at_a_time(items):
+  """Yields each item once all the work dispatched before it has finished.
+
+  For loops that dispatch programs with cross-process collectives but do not
+  hand out their results (`models.recompute_bn_stats`): with several
+  processes the programs then run in the same order on every process.
+  """
+  for item in items:
+    jax.block_until_ready(jax.live_arrays())
+    yield item
+
+
+def _beating(items, heartbeat):
+  for item in items:
+    yield item
+    heartbeat()
+
+
 # --- checkpoints and outputs ----------------------------------------------------
 
-def create_checkpoint_manager(workdir: pathlib.Path,
+def create_checkpoint_manager(workdir: epath.Path,
                               config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """Orbax manager of `workdir/checkpoints`, asynchronous and multi-host aware.
 
@@ -453,29 +588,31 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainStat
     if differ:
       raise ValueError(
           f"workdir {manager.directory.parent} holds a checkpoint of a different run than "
-          f"this config ({'; '.join(differ)}); use a new --workdir or the same settings.")
+          f"this config ({'; '.join(differ)}). To resume it, rerun with those settings; "
+          f"to start fresh, use a new --workdir (or delete {manager.directory}).")
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state))).state
   return state, progress
 
 
-def write_metrics(workdir: pathlib.Path, history: list[dict]) -> None:
+def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
   """Rewrites `metrics.jsonl` (one JSON object per epoch) from the history."""
   text = "".join(json.dumps(record) + "\n" for record in history)
   files.atomic_write(workdir / METRICS_FILE, lambda f: f.write(text.encode()))
 
 
-def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
+def plot_curves(path: epath.Path, history: list[dict]) -> None:
   """Loss and accuracy per epoch (train / validation / test) as a PNG."""
   from matplotlib import ticker
   from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-  epochs = [record["epoch"] for record in history]
   figure = Figure(figsize=(10, 4))
   axes = figure.subplots(1, 2)
   for ax, metric in zip(axes, ("loss", "accuracy")):
     for split in ("train", "val", "test"):
-      ax.plot(epochs, [record[f"{split}_{metric}"] for record in history], "o-",
-              label=split)
+      points = [(record["epoch"], record[f"{split}_{metric}"]) for record in history
+                if f"{split}_{metric}" in record]  # test: the last epoch (or on request)
+      if points:
+        ax.plot(*zip(*points), "o-", label=split)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric)
@@ -485,50 +622,170 @@ def plot_curves(path: pathlib.Path, history: list[dict]) -> None:
   files.atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
 
+# Fields that may differ between a checkpoint and the run resuming it: where
+# files are, how the run is spread over devices (the metrics agree to float
+# rounding), how often it logs, saves and checks, and what it evaluates.
+RESUMABLE_FIELDS = frozenset({
+    "data_dir", "manual_dir", "num_devices", "parallelism", "eval_batch_size",
+    "num_eval_examples", "validation_split", "test_split", "evaluate_test_every_epoch",
+    "checkpoint_every_steps", "max_checkpoints_to_keep", "log_every_steps",
+    "max_consecutive_nonfinite", "preemption_check_every_steps", "sigterm_grace_seconds",
+    "stall_timeout_seconds", "inject_nan_at_steps", "tensorboard"})
+
+
 def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
-  """What must not change between a checkpoint and a resumed run."""
-  return {"dataset": config.dataset, "model": config.model, "seed": config.seed,
-          "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
-          "num_train_examples": config.num_train_examples, "use_bn": config.use_bn,
-          "bias_before_bn": config.bias_before_bn}
+  """What must not change between a checkpoint and a resumed run.
+
+  Every config field except `RESUMABLE_FIELDS`; `num_epochs` and
+  `warmup_epochs` only when the learning-rate schedule depends on them (a
+  constant rate may train for more epochs), and `momentum` / `nesterov` only
+  for the momentum optimizer.
+  """
+  signature = {key: value for key, value in config.to_dict().items()
+               if key not in RESUMABLE_FIELDS}
+  if config.lr_schedule == "constant":
+    del signature["num_epochs"], signature["warmup_epochs"]
+  if config.optimizer != "momentum":
+    del signature["momentum"], signature["nesterov"]
+  signature["steps_per_epoch"] = steps_per_epoch
+  # As JSON stores it (tuples become lists), so that equal settings compare equal.
+  return json.loads(json.dumps(signature))
 
 
 # --- preemption and PreciseBN --------------------------------------------------
 
+class _Watchdog:
+  """Ends a process whose run stopped progressing, or that outlives SIGTERM's grace.
+
+  Both deadlines are `faulthandler.dump_traceback_later` timers: a C thread that
+  needs neither the GIL nor the main thread (which may be stuck inside a
+  collective whose peer is gone), prints every thread's Python stack to stderr
+  (headed "Timeout (H:MM:SS)!") and exits with status 1. `beat` re-arms the
+  stall timer; after SIGTERM the grace timer replaces it and beats no longer
+  move it.
+  """
+
+  def __init__(self, stall_seconds: float, grace_seconds: float):
+    self._stall = stall_seconds
+    self._grace = grace_seconds
+    self._lock = threading.Lock()
+    self._armed = False
+    self._terminating = False
+    self._last_arm = -math.inf
+
+  def beat(self) -> None:
+    """Progress: the stall deadline moves to `stall_seconds` from now."""
+    if not self._stall or self._terminating:
+      return
+    now = time.monotonic()
+    if now - self._last_arm < min(1.0, self._stall / 10):
+      return  # re-arming starts a C thread; once a second is plenty
+    with self._lock:
+      if not self._terminating:
+        faulthandler.dump_traceback_later(self._stall, exit=True, file=_stderr())
+        self._armed, self._last_arm = True, now
+
+  def pause(self) -> None:
+    """No stall deadline until the next `beat` (e.g. while compiling)."""
+    with self._lock:
+      if self._armed and not self._terminating:
+        faulthandler.cancel_dump_traceback_later()
+        self._armed, self._last_arm = False, -math.inf
+
+  def terminate(self) -> None:
+    """SIGTERM: the process exits within `grace_seconds` whatever happens."""
+    with self._lock:
+      if self._terminating:
+        return
+      self._terminating = True
+      print(f"SIGTERM: saving a checkpoint at the next step the processes agree on; "
+            f"exiting with an error if that takes more than {self._grace:g} s.",
+            file=sys.stderr, flush=True)
+      faulthandler.dump_traceback_later(self._grace, exit=True, file=_stderr())
+      self._armed = True
+
+  def close(self) -> None:
+    with self._lock:
+      if self._armed:
+        faulthandler.cancel_dump_traceback_later()
+        self._armed = False
+
+
+def _stderr():
+  """A stderr with a file descriptor (pytest's captured sys.stderr has none)."""
+  try:
+    sys.stderr.fileno()
+    return sys.stderr
+  except (AttributeError, OSError, ValueError):
+    return sys.__stderr__
+
+
 class _StopRequest:
   """SIGTERM sets a flag; processes agree on it at the same steps.
 
-  Python runs signal handlers in the main thread only, so the handler is
-  installed only when `train_and_evaluate` runs there; elsewhere SIGTERM keeps
-  its previous meaning.
+  Python runs signal handlers in the main thread only, and only between
+  bytecodes: a main thread stuck in a collective never would. So the signal
+  also wakes a helper thread (through `signal.set_wakeup_fd`), which starts
+  the watchdog's grace period. Installed only when `train_and_evaluate` runs
+  in the main thread; elsewhere SIGTERM keeps its previous meaning.
   """
 
-  def __init__(self):
+  def __init__(self, watchdog: _Watchdog | None = None):
     self.requested = False
+    self._watchdog = watchdog
     self._previous = None
-    self._installed = False
+    self._previous_wakeup_fd = -1
+    self._pipe = None
+    self._thread = None
 
   def install(self) -> None:
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
+    if threading.current_thread() is not threading.main_thread():
+      return
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    self._pipe = (read_fd, write_fd)
+    self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    self._thread = threading.Thread(target=self._watch, args=(read_fd,), daemon=True,
+                                    name="sigterm-watch")
+    self._thread.start()
 
   def uninstall(self) -> None:
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._installed = False
+    if self._pipe is None:
+      return
+    signal.set_wakeup_fd(self._previous_wakeup_fd)
+    signal.signal(signal.SIGTERM, self._previous)
+    read_fd, write_fd = self._pipe
+    os.write(write_fd, b"\0")  # wakes the thread, which then returns
+    self._thread.join()
+    os.close(read_fd)
+    os.close(write_fd)
+    self._pipe = self._thread = None
+
+  def _watch(self, read_fd: int) -> None:
+    while True:
+      received = os.read(read_fd, 64)
+      if not received or 0 in received:
+        return
+      if signal.SIGTERM in received:
+        self.requested = True
+        if self._watchdog is not None:
+          self._watchdog.terminate()
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def agreed(self) -> bool:
+  def agreed(self, state=None) -> bool:
     """True on every process if any process got SIGTERM (a collective).
 
-    Every process must call this at the same steps.
+    Every process must call this at the same steps. With several processes
+    `state` (the last step's output) is waited for first, so that the
+    agreement's program does not run next to a step's.
     """
     if jax.process_count() == 1:
       return self.requested
+    jax.block_until_ready(state)
     flags = multihost_utils.process_allgather(np.int32(self.requested))
     return bool(np.any(flags))
 
@@ -541,10 +798,14 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
   """
   config = run.config
   batch_sharding = NamedSharding(run.mesh, P(AXIS))
-  images = (input_pipeline.to_global(batch, batch_sharding, config.batch_size).images
-            for batch in input_pipeline.train_batches(
-                run.train, global_batch_size=config.batch_size, seed=config.seed,
-                epoch=epoch, rows=run.rows))
+  images = _beating((input_pipeline.to_global(batch, batch_sharding,
+                                              config.batch_size).images
+                     for batch in input_pipeline.train_batches(
+                         run.train, global_batch_size=config.batch_size,
+                         seed=config.seed, epoch=epoch, rows=run.rows)),
+                    run.watchdog.beat)
+  if jax.process_count() > 1:
+    images = one_at_a_time(images)
   bn_state = models.recompute_bn_stats(
       run.model, state.params, state.bn_state, images,
       num_batches=config.precise_bn_batches,
@@ -568,6 +829,11 @@ class _Progress:
     self._enabled = enabled and sys.stderr.isatty()
     self._bar = None
 
+  @property
+  def shown(self) -> bool:
+    """Whether a bar is drawn (else `train_epoch` prints a line per log step)."""
+    return self._enabled
+
   def start_epoch(self, epoch: int, num_epochs: int, total: int, initial: int):
     if self._enabled:
       from tqdm import tqdm
@@ -586,16 +852,75 @@ class _Progress:
       self._bar = None
 
 
+class SummaryWriter:
+  """TensorBoard scalars in `logdir` (process 0), written by a background thread.
+
+  TensorFlow's own summary writer (`tf.summary.write` with the scalars
+  plugin's metadata: what `tf.summary.scalar` writes), since TensorFlow is
+  already a dependency of the input pipeline; `clu.metric_writers`, as flax's
+  examples use, needs the separate `tensorboard` package as well. The thread
+  imports TensorFlow (seconds), so training does not wait for it. Failures
+  are reported once on stderr and do not stop the run.
+  """
+
+  def __init__(self, logdir, enabled: bool = True):
+    self._queue = queue.Queue()
+    self._thread = None
+    if enabled:
+      self._thread = threading.Thread(target=self._write, args=(str(logdir),),
+                                      daemon=True, name="tensorboard")
+      self._thread.start()
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._thread is not None:
+      self._queue.put((int(step), {k: float(v) for k, v in values.items()}))
+
+  def close(self) -> None:
+    """Writes what is queued and closes the file."""
+    if self._thread is not None:
+      self._queue.put(None)
+      self._thread.join()
+      self._thread = None
+
+  def _write(self, logdir: str) -> None:
+    try:
+      tf, _ = input_pipeline._import_tf()
+      from tensorflow.core.framework import summary_pb2
+      writer = tf.summary.create_file_writer(logdir)
+      metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    except Exception as error:  # noqa: BLE001 - the run goes on without TensorBoard
+      print(f"TensorBoard summaries are off: {error!r}", file=sys.stderr, flush=True)
+      while self._queue.get() is not None:
+        pass
+      return
+    while (item := self._queue.get()) is not None:
+      step, values = item
+      with writer.as_default():
+        for tag, value in values.items():
+          tf.summary.write(tag, tf.constant(value, tf.float32), step=step,
+                           metadata=metadata)
+      if self._queue.empty():
+        writer.flush()
+    writer.close()
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 class _Run(NamedTuple):
   """What the epoch functions share within one `train_and_evaluate` call."""
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: epath.Path
   mesh: jax.sharding.Mesh
   train: input_pipeline.Source
   validation: input_pipeline.Source
   test: input_pipeline.Source
   steps_per_epoch: int
-  rows: slice  # this process's rows of every global training batch
+  rows: input_pipeline.Rows  # this process's rows of every global training batch
   manager: ocp.CheckpointManager
   signature: dict
   history: list[dict]
@@ -603,6 +928,9 @@ class _Run(NamedTuple):
   is_main: bool
   model: models.Model
   stop: _StopRequest
+  watchdog: _Watchdog
+  schedule: optax.Schedule
+  summary: SummaryWriter
 
   def progress_record(self, step: int) -> dict:
     return {"step": step, "epoch": step // self.steps_per_epoch,
@@ -647,9 +975,12 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
         if batch_step in nan_steps else batch
         for batch_step, batch in enumerate(host_batches, start=step))
   start_time, last_logged, saving_time = time.perf_counter(), step, 0.0
+  total_steps = config.num_epochs * run.steps_per_epoch
+  last_time, last_saving, last_sums = start_time, 0.0, jax.device_get(state.epoch_sums)
   for batch in input_pipeline.prefetch_to_device(host_batches, batch_sharding,
                                                  config.batch_size):
     state = step_fn(state, batch)
+    run.watchdog.beat()
     step += 1
     end_of_epoch = step % run.steps_per_epoch == 0
     if step % config.log_every_steps == 0 or end_of_epoch:
@@ -659,7 +990,20 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
       examples = (step - epoch * run.steps_per_epoch - first_batch) * config.batch_size
       run.progress.update(step - last_logged, float(sums.loss) / max(int(sums.steps), 1),
                           examples / max(elapsed, 1e-9))
-      last_logged = step
+      now = time.perf_counter()
+      window = max(now - last_time - (saving_time - last_saving), 1e-9)
+      finite = int(sums.steps) - int(last_sums.steps)
+      loss = (float(sums.loss) - float(last_sums.loss)) / max(finite, 1)
+      learning_rate = float(run.schedule(step - 1))  # the rate the last step used
+      images_per_sec = (step - last_logged) * config.batch_size / window
+      run.summary.scalars(step, {"train/loss": loss, "train/learning_rate": learning_rate,
+                                 "train/images_per_sec": images_per_sec})
+      if not run.progress.shown:
+        eta = (total_steps - step) * window / (step - last_logged)
+        run.log(f"step {step}/{total_steps} (epoch {step / run.steps_per_epoch:.2f}): "
+                f"loss {loss:.4f} lr {learning_rate:.4g} {images_per_sec:,.0f} images/s "
+                f"ETA {_format_duration(eta)} (training steps)")
+      last_logged, last_time, last_saving, last_sums = step, now, saving_time, sums
     saved = False
     if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
         and not end_of_epoch):
@@ -667,10 +1011,11 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
       if config.precise_bn_batches:
         state = recompute_bn_state(run, state, epoch)
       save_checkpoint(run.manager, state, run.progress_record(step))
+      run.watchdog.beat()
       saving_time += time.perf_counter() - save_started
       saved = True
     if (not end_of_epoch and step % config.preemption_check_every_steps == 0
-        and run.stop.agreed()):
+        and run.stop.agreed(state)):
       if not saved:
         save_checkpoint(run.manager, state, run.progress_record(step))
       run.progress.close()
@@ -683,31 +1028,36 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
 
 
 def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
-                   examples_per_sec: float) -> dict:
-  """The epoch's `metrics.jsonl` record: training sums, validation and test."""
+                   examples_per_sec: float, *, with_test: bool) -> dict:
+  """The epoch's `metrics.jsonl` record: training sums, validation (and test)."""
   sums = jax.device_get(state.epoch_sums)
   batch_size = run.config.eval_batch_size
   val = evaluate(eval_fn, state, run.validation, global_batch_size=batch_size,
-                 mesh=run.mesh)
-  test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size, mesh=run.mesh)
-  return {
+                 mesh=run.mesh, heartbeat=run.watchdog.beat)
+  record = {
       "epoch": epoch + 1, "step": int(jax.device_get(state.step)),
       "train_loss": float(sums.loss) / max(int(sums.steps), 1),
       "train_accuracy": int(sums.correct) / max(int(sums.examples), 1),
       "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-      "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-      "examples_per_sec": examples_per_sec,
-      "nonfinite_steps": int(sums.nonfinite_steps),
   }
+  if with_test:
+    test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size,
+                    mesh=run.mesh, heartbeat=run.watchdog.beat)
+    record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+  record.update(examples_per_sec=examples_per_sec,
+                nonfinite_steps=int(sums.nonfinite_steps))
+  return record
 
 
 def _format_record(record: dict, num_epochs: int) -> str:
   line = (f"epoch {record['epoch']}/{num_epochs} step {record['step']}: "
           f"train_loss {record['train_loss']:.4f} "
           f"train_acc {record['train_accuracy']:.4f} "
-          f"val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f} "
-          f"test_loss {record['test_loss']:.4f} test_acc {record['test_accuracy']:.4f} "
-          f"{record['examples_per_sec']:,.0f} examples/s")
+          f"val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f} ")
+  if "test_loss" in record:
+    line += (f"test_loss {record['test_loss']:.4f} "
+             f"test_acc {record['test_accuracy']:.4f} ")
+  line += f"{record['examples_per_sec']:,.0f} examples/s"
   if record["nonfinite_steps"]:
     line += f" ({record['nonfinite_steps']} non-finite steps skipped)"
   return line
@@ -723,6 +1073,14 @@ def split_names(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
     return names
   defaults = input_pipeline.default_splits(config.dataset)
   return tuple(name or default for name, default in zip(names, defaults))
+
+
+def _abstract_batch(example: input_pipeline.Batch, global_batch_size: int,
+                    sharding: jax.sharding.Sharding) -> input_pipeline.Batch:
+  """The shapes of a global batch of `global_batch_size` rows like `example`'s."""
+  return input_pipeline.Batch(*(
+      jax.ShapeDtypeStruct((global_batch_size,) + local.shape[1:], local.dtype,
+                           sharding=sharding) for local in example))
 
 
 def _load_splits(config: ml_collections.ConfigDict):
@@ -744,8 +1102,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Trains and evaluates per `config`, checkpointing into `workdir`.
 
   Resumes from the latest checkpoint in `workdir`. Process 0 prints a
-  parameter table and one line per epoch and writes `metrics.jsonl` and
-  `curves.png`.
+  parameter table and one line per epoch and writes `metrics.jsonl`,
+  `curves.png` and TensorBoard files. `workdir` may be a URI
+  (`gs://bucket/run`); with several hosts it must be one directory that every
+  host reaches (orbax writes each host's shards of a checkpoint there).
 
   Returns:
     The last epoch's metrics (the last line of `metrics.jsonl`).
@@ -757,7 +1117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Preempted: SIGTERM was received; all processes saved a checkpoint at the
       same step (rerun to resume).
   """
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+  workdir = files.as_path(workdir)
   is_main = jax.process_index() == 0
   mesh = create_mesh(config.num_devices)
   validate_config(config, mesh.devices.size)
@@ -782,13 +1142,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)
     config_json = config.to_json_best_effort(indent=2).encode()
     files.atomic_write(workdir / "config.json", lambda f: f.write(config_json))
+  watchdog = _Watchdog(config.stall_timeout_seconds, config.sigterm_grace_seconds)
   run = _Run(config=config, workdir=workdir, mesh=mesh, train=train,
              validation=validation, test=test, steps_per_epoch=steps_per_epoch,
              rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
              manager=create_checkpoint_manager(workdir, config),
              signature=_run_signature(config, steps_per_epoch), history=[],
              progress=_Progress(is_main), is_main=is_main, model=model,
-             stop=_StopRequest())
+             stop=_StopRequest(watchdog), watchdog=watchdog,
+             schedule=create_learning_rate_schedule(config, steps_per_epoch),
+             summary=SummaryWriter(workdir / TENSORBOARD_DIR,
+                                   enabled=is_main and config.tensorboard))
   last_plot, plotted = time.monotonic(), 0
   try:
     run.stop.install()
@@ -815,35 +1179,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     first_epoch = int(jax.device_get(state.step)) // steps_per_epoch
     if first_epoch < config.num_epochs:
+      run.watchdog.pause()  # compiling is no stall
       # Compiling ahead keeps compilation out of the measured examples/s.
       example = next(input_pipeline.train_batches(
           train, global_batch_size=config.batch_size, seed=config.seed, epoch=0,
           rows=run.rows))
+      run.log("Compiling the train and eval steps...")
+      compile_started = time.perf_counter()
       step_fn = make_train_step(config, mesh, model, tx).lower(
           state, input_pipeline.to_global(example, batch_sharding, config.batch_size)
       ).compile()
-      eval_fn = make_eval_step(config, mesh, model)
+      eval_fn = make_eval_step(config, mesh, model).lower(
+          state.params, state.bn_state, jax.device_put(zero_eval_sums(), replicated),
+          _abstract_batch(example, eval_batch_rows(config.eval_batch_size,
+                                                   mesh.devices.size), batch_sharding)
+      ).compile()
+      run.log(f"Compiled in {time.perf_counter() - compile_started:.1f} s.")
+      run.watchdog.beat()
     for epoch in range(first_epoch, config.num_epochs):
       state, examples_per_sec = train_epoch(run, step_fn, state, epoch)
       if config.precise_bn_batches:
         state = recompute_bn_state(run, state, epoch)
-      record = evaluate_epoch(run, eval_fn, state, epoch, examples_per_sec)
+      record = evaluate_epoch(
+          run, eval_fn, state, epoch, examples_per_sec,
+          with_test=config.evaluate_test_every_epoch or epoch + 1 == config.num_epochs)
       run.history.append(record)
+      run.summary.scalars(record["step"], {
+          f"epoch/{key}": value for key, value in record.items()
+          if key not in ("epoch", "step")})
       state = state._replace(epoch_sums=jax.device_put(zero_epoch_sums(), replicated))
       save_checkpoint(run.manager, state, run.progress_record(record["step"]))
+      run.watchdog.beat()
       if is_main:
         write_metrics(workdir, run.history)
         if time.monotonic() - last_plot >= PLOT_EVERY_SECONDS:
           plot_curves(workdir / PLOT_FILE, run.history)
           last_plot, plotted = time.monotonic(), len(run.history)
       run.log(_format_record(record, config.num_epochs))
-      if epoch + 1 < config.num_epochs and run.stop.agreed():
+      if epoch + 1 < config.num_epochs and run.stop.agreed(state):
         raise Preempted(record["step"])
   finally:
     run.stop.uninstall()
     run.progress.close()
     run.manager.wait_until_finished()
     run.manager.close()
+    run.watchdog.close()
+    run.summary.close()
     if is_main and len(run.history) > plotted:  # also when preempted or failing
       plot_curves(workdir / PLOT_FILE, run.history)
+  if run.history:
+    best = max(run.history, key=lambda record: record["val_accuracy"])
+    run.log(f"Finished in {workdir}: best val_acc {best['val_accuracy']:.4f} "
+            f"(epoch {best['epoch']}); last: "
+            + _format_record(run.history[-1], config.num_epochs))
   return dict(run.history[-1]) if run.history else {}
