@@ -5,14 +5,15 @@ step counter) so checkpoints are interchangeable, and delegate the arithmetic
 to `jaxbn.batch_norm`'s training kernel, where a step count would only choose
 the shift of the one-pass variance. Without one, the shift is the stored
 running mean as it is (no extra read of `x`). In programs compiled for CPU
-and without `axis_name`, a step on which that running mean is more than 8 batch standard deviations from some
-feature's batch mean (a fresh state on data with |mean| >> std: the running
-mean, undebiased, can be far from the data for hundreds of steps) redoes the
-sums around the batch's own mean inside a `lax.cond`, so the variance is
-accurate at any mean/std ratio on every step and the steady state reads `x`
-as often as `jaxbn.batch_norm`. Under `axis_name` that would cost a second
-collective, and on GPUs and TPUs the compilers would run the redo on every
-step, so there the stored running mean is used as it is.
+and without `axis_name`, a step on which that running mean is more than 8
+batch standard deviations from some feature's batch mean (a fresh state on
+data with |mean| >> std: the running mean, undebiased, can be far from the
+data for hundreds of steps) redoes the sums around the batch's own mean
+inside a `lax.cond`, so the variance is accurate at any mean/std ratio on
+every step and the steady state reads `x` as often as `jaxbn.batch_norm`.
+Under `axis_name` that would cost a second collective, and on GPUs and TPUs
+the compilers would run the redo on every step, so there the stored running
+mean is used as it is.
 """
 
 from __future__ import annotations
