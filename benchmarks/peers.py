@@ -7,7 +7,8 @@ BN -> ReLU -> Dense 10; 38,910 numbers, Keras' BN momentum 0.99 and epsilon
 train[:50000], validation train[50000:], test; pixels in [0, 1]) with the same
 hyperparameters as `configs/mnist_bn.py` (Adam, one-cycle learning rate
 peaking at 0.01 after 0.3 epochs, 3 epochs, full batches only), and
-evaluates validation and test after every epoch, as train.py does, in
+evaluates validation and test after every epoch (train.py with
+`--config.evaluate_test_every_epoch=True`; by default it evaluates test once, at the end), in
 batches of `EVAL_BATCH_SIZE` (train.py's default `eval_batch_size`):
 
 * `train.py`: `python train.py --config.batch_size=B` in a fresh workdir (its
@@ -130,7 +131,9 @@ def _worker_train_py(args) -> dict:
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="peers-train-py-"))
   command = [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}",
              f"--config.batch_size={args.batch_size}",
-             f"--config.num_epochs={args.epochs}"]
+             f"--config.num_epochs={args.epochs}",
+             # The other peers evaluate the test split every epoch; so does this one.
+             "--config.evaluate_test_every_epoch=True"]
   if args.num_train:
     command += [f"--config.num_train_examples={args.num_train}",
                 f"--config.num_eval_examples={args.num_eval}",

@@ -160,7 +160,7 @@ def test_recompute_stats_ignores_garbage():
 
 
 def test_flax_gradients_are_nan_where_the_adapter_is_exact():
-  """The README's features table: flax's masked-garbage gradients are NaN."""
+  """The docs/comparison.md's table: flax's masked-garbage gradients are NaN."""
   x = _data((6, 3)).at[VALID_ROWS:].set(jnp.nan)
   results = []
   for norm in (nn.BatchNorm, jaxbn_linen.BatchNorm):
