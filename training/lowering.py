@@ -372,18 +372,6 @@ class _Programs(NamedTuple):
   steps: dict[str, tuple[Any, tuple]]  # name -> (jitted step, its arguments)
 
 
-def mesh_over(devices: list) -> jax.sharding.Mesh:
-  """`train_lib.create_mesh`'s 1-D `('data',)` mesh over the given devices.
-
-  For compile-only devices of another machine (a pod's): they carry their own
-  process indices, and the mesh orders them as `create_mesh` orders this
-  machine's (each process's devices adjacent), without asking this process.
-  """
-  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-  return jax.make_mesh((len(ordered),), (train_lib.AXIS,), devices=ordered,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _build(config: ml_collections.ConfigDict, devices: list | None = None,
            norm: Any = None) -> _Programs:
   """What `train_lib.train_and_evaluate` builds, from shapes only.
@@ -396,7 +384,7 @@ def _build(config: ml_collections.ConfigDict, devices: list | None = None,
       `jaxbn.linen.BatchNorm` (benchmarks compare flax's and none).
   """
   mesh = (train_lib.create_mesh(config.num_devices) if devices is None
-          else mesh_over(devices))
+          else train_lib.create_mesh(devices=devices))
   train_lib.validate_config(config, mesh.devices.size)
   info = dataset_info(config)
   model = train_lib.create_model(config, info)
