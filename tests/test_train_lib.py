@@ -194,7 +194,9 @@ def test_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
 
 def test_bn_groups_pool_statistics_per_group():
   # 8 devices in 2 groups of 4: each group normalizes its 32 examples alone.
-  config = utils.tiny_config(parallelism="shard_map", bn_group_size=4)
+  # Momentum 0: the running statistics are the groups' batch statistics, which
+  # differ enough for the pooled variance to differ from a plain average.
+  config = utils.tiny_config(parallelism="shard_map", bn_group_size=4, bn_momentum=0.0)
   state, step, batch, model, mesh = _state_and_step(config)
   params, bn_state = jax.device_get((state.params, state.bn_state))
   new_state = jax.device_get(step(state, input_pipeline.to_global(
@@ -206,10 +208,15 @@ def test_bn_groups_pool_statistics_per_group():
         logits, batch.labels[group]).mean())
     group_states.append(group_state)
   np.testing.assert_allclose(new_state.epoch_sums.loss, np.mean(losses), rtol=1e-5)
-  # The running statistics are the groups' average, identical on every device.
-  expected_mean = (group_states[0]["bn2"].mean + group_states[1]["bn2"].mean) / 2
-  np.testing.assert_allclose(new_state.bn_state["bn2"].mean, expected_mean,
+  # The running statistics are the groups' pooled ones, identical on every
+  # device: mean of the means; mean of the variances plus variance of the means.
+  means = np.stack([g["bn2"].mean for g in group_states])
+  variances = np.stack([g["bn2"].var for g in group_states])
+  np.testing.assert_allclose(new_state.bn_state["bn2"].mean, means.mean(0),
                              rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(new_state.bn_state["bn2"].var,
+                             variances.mean(0) + means.var(0), rtol=1e-5, atol=1e-7)
+  assert np.any(means.var(0) > 1e-6)  # the groups differ: the check can fail
   global_logits, _ = model.apply(params, bn_state, batch.images, True)
   global_loss = optax.softmax_cross_entropy_with_integer_labels(
       global_logits, batch.labels).mean()

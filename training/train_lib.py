@@ -56,6 +56,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+import jaxbn
+
 from training import files
 from training import input_pipeline
 from training import models
@@ -369,10 +371,9 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     examples *= lax.axis_size(axis_name)
     if bn_axis_index_groups is not None:
       # Groups computed different statistics; keep one replicated running
-      # average (the flax examples' cross-replica mean of batch_stats).
-      new_bn_state = jax.tree.map(
-          lambda s: lax.pmean(s, axis_name) if jnp.issubdtype(s.dtype, jnp.inexact)
-          else s, new_bn_state)
+      # average: the pooled mean and variance of the groups' (a plain pmean of
+      # the variances would drop the variance of the means).
+      new_bn_state = _sync_bn_state(new_bn_state, axis_name)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   finite = _all_finite((loss, grads, new_params))
@@ -395,6 +396,14 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       bn_state=keep_if_finite(new_bn_state, state.bn_state),
       consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
       epoch_sums=new_sums)
+
+
+def _sync_bn_state(bn_state, axis_name):
+  """Pools per-replica running statistics: `jaxbn.BatchNormState`s or flax's `batch_stats`."""
+  is_state = lambda node: isinstance(node, jaxbn.BatchNormState)
+  if any(is_state(node) for node in jax.tree.leaves(bn_state, is_leaf=is_state)):
+    return jaxbn.sync_stats(bn_state, axis_name)
+  return jaxbn.linen.sync_stats(bn_state, axis_name)
 
 
 def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
