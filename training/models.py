@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 import functools
-import itertools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -626,26 +625,6 @@ class _TrainingForward(NamedTuple):
     return self.apply(params, state, images, True, compute_dtype=self.compute_dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _linen_accumulate(module: nn.Module, compute_dtype, params: Params, state: State,
-                      images: jax.Array, pooled):
-  """`pooled` (per layer `jaxbn.Moments`) merged with this batch's statistics.
-
-  Each batch's program consumes the previous one's output, so the programs
-  (and their cross-device reductions) run in one order on every process.
-  """
-  batch_module = module.clone(bn_momentum=0.0, dtype=compute_dtype)
-  _, updates = batch_module.apply({"params": params, "batch_stats": state}, images,
-                                  train=True, mutable=["batch_stats"])
-  stats = updates["batch_stats"]  # momentum 0 stores exactly the batch statistics
-  moments = jax.tree.map(
-      lambda mean, var: jaxbn.Moments(jnp.ones((), jnp.float32), mean.astype(jnp.float32),
-                                      var.astype(jnp.float32)),
-      _means(stats), _variances(stats))
-  return jax.tree.map(jaxbn.merge_moments, pooled, moments,
-                      is_leaf=lambda node: isinstance(node, jaxbn.Moments))
-
-
 def recompute_bn_stats(model: Model, params: Params, state: State,
                        images: Iterable[jax.typing.ArrayLike], *, num_batches: int,
                        compute_dtype=jnp.float32) -> State:
@@ -656,16 +635,11 @@ def recompute_bn_stats(model: Model, params: Params, state: State,
   variance with equal weight per batch (mean of the means; mean of the
   variances plus the variance of the means), as `jaxbn.recompute_stats`.
 
-  Sequential models call `jaxbn.recompute_stats` itself. It finds the
-  `jaxbn.BatchNormState`s in `state`; a linen model's `batch_stats` are
-  flax's plain `{'mean', 'var'}` arrays, which `jaxbn.linen.BatchNorm` hands
-  to the core as arrays, so there is no state object to probe. For those the
-  module is cloned with `bn_momentum=0` (it must have that attribute, as
-  `training.resnet.ResNet` does), whose updated `batch_stats` are exactly each
-  layer's batch statistics, and the same pooling is applied with
-  `jaxbn.merge_moments`. Both work on batches sharded over devices (the
-  statistics are then global) and keep a feature's old values where the
-  pooled ones are not finite.
+  Sequential models call `jaxbn.recompute_stats`, which finds their
+  `jaxbn.BatchNormState`s; linen models (flax's `{'mean', 'var'}`
+  `batch_stats`) call `jaxbn.linen.recompute_stats`. Both work on batches
+  sharded over devices (the statistics are then global) and keep a feature's
+  old values where the pooled ones are not finite.
 
   Args:
     model: the model.
@@ -685,36 +659,10 @@ def recompute_bn_stats(model: Model, params: Params, state: State,
   if model.module is None:
     return jaxbn.recompute_stats(_TrainingForward(model.apply, compute_dtype), params,
                                  state, images, num_batches=num_batches)
-  pooled = jax.tree.map(
-      lambda mean: jaxbn.Moments(jnp.zeros((), jnp.float32),
-                                 jnp.zeros(jnp.shape(mean), jnp.float32),
-                                 jnp.zeros(jnp.shape(mean), jnp.float32)), _means(state))
-  used = 0
-  for batch in itertools.islice(images, num_batches):
-    pooled = _linen_accumulate(model.module, compute_dtype, params, state, batch, pooled)
-    used += 1
-  if used < num_batches:
-    raise ValueError(f"recompute_bn_stats needs {num_batches} batches, got {used}.")
-
-  def keep_finite(moments, old_mean, old_var):
-    keep = jnp.isfinite(moments.mean) & jnp.isfinite(moments.var)
-    return {"mean": jnp.where(keep, moments.mean, old_mean).astype(old_mean.dtype),
-            "var": jnp.where(keep, moments.var, old_var).astype(old_var.dtype)}
-
-  return jax.tree.map(keep_finite, pooled, _means(state), _variances(state),
-                      is_leaf=lambda node: isinstance(node, jaxbn.Moments))
-
-
-def _is_layer_stats(node) -> bool:
-  return isinstance(node, dict) and set(node) == {"mean", "var"}
-
-
-def _means(batch_stats):
-  return jax.tree.map(lambda layer: layer["mean"], batch_stats, is_leaf=_is_layer_stats)
-
-
-def _variances(batch_stats):
-  return jax.tree.map(lambda layer: layer["var"], batch_stats, is_leaf=_is_layer_stats)
+  module = model.module.clone(dtype=compute_dtype)
+  variables = {"params": params, "batch_stats": state}
+  return jaxbn.linen.recompute_stats(module, variables, images, num_batches=num_batches,
+                                     train=True)["batch_stats"]
 
 
 # --- parameter table ----------------------------------------------------------
