@@ -39,7 +39,6 @@ import importlib
 import json
 import os
 import time
-from typing import Any
 
 if __name__ == "__main__":  # compile-only: no local accelerator is looked for
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -52,6 +51,7 @@ from benchmarks import _harness  # noqa: E402
 from jaxbn import linen as jaxbn_linen  # noqa: E402
 from training import hlo  # noqa: E402
 from training import lowering  # noqa: E402
+from training import resnet  # noqa: E402
 from training import targets  # noqa: E402
 
 DEFAULT_TARGETS = "h100:2,tpu-v5e:2x2"
@@ -60,21 +60,7 @@ FLOOR_PASSES = 3
 CONFIGS = {"resnet50": "configs/resnet_imagenet.py", "resnet20": "configs/resnet_cifar.py"}
 
 
-class NoNorm(nn.Module):
-  """The identity with BatchNorm's constructor arguments (the no-norm reference)."""
-  use_running_average: bool | None = None
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Any = None
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  scale_init: Any = None
-
-  def __call__(self, x):
-    return x
-
-
-NORMS = {"jaxbn": jaxbn_linen.BatchNorm, "flax": nn.BatchNorm, "none": NoNorm}
+NORMS = {"jaxbn": jaxbn_linen.BatchNorm, "flax": nn.BatchNorm, "none": resnet.Identity}
 
 
 def make_config(model: str, *, half_precision: bool, parallelism: str, num_devices: int,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from typing import Any
 
 if __name__ == "__main__":  # a CPU benchmark; importing it must not hide accelerators
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,28 +40,10 @@ from training import resnet  # noqa: E402
 NOT_SLOWER_RATIO = 1.05
 
 
-class Identity(nn.Module):
-  """Stands in for a normalization layer (the no-BN reference).
-
-  Accepts the attributes `training.resnet.ResNet` passes to its `norm`.
-  """
-  use_running_average: bool | None = None
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Any = None
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  scale_init: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    return x
-
-
 NORMS = {
     "jaxbn.linen.BatchNorm": jaxbn_linen.BatchNorm,
     "flax.linen.BatchNorm": nn.BatchNorm,
-    "no normalization (reference)": Identity,
+    "no normalization (reference)": resnet.Identity,
 }
 
 

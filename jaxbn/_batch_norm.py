@@ -384,6 +384,21 @@ def batch_norm(params: BatchNormParams | None, state: BatchNormState,
                                single_value_ok=False, countless_state=False)
 
 
+def training_layout_and_shift(call: ParsedCall, state: BatchNormState, *,
+                              single_value_ok: bool, countless_state: bool
+                              ) -> tuple[Layout, jax.Array]:
+  """The layout and the one-pass variance's shift of a training call.
+
+  See `normalize_in_training` for `single_value_ok` and `countless_state`.
+  """
+  layout = call.layout(training_count(call, single_value_ok=single_value_ok))
+  if countless_state:
+    layout = layout._replace(check_shift=call.axis_name is None)
+    return layout, lax.stop_gradient(state.mean.astype(call.compute_dtype))
+  return layout, training_shift(state, call.x, call.momentum, call.reduction_axes,
+                                call.mask, call.axis_name, call.compute_dtype)
+
+
 def normalize_in_training(call: ParsedCall, state: BatchNormState, *,
                           unbiased_running_var: bool, single_value_ok: bool,
                           countless_state: bool) -> tuple[jax.Array, BatchNormState]:
@@ -404,13 +419,8 @@ def normalize_in_training(call: ParsedCall, state: BatchNormState, *,
       `state.count` chooses: the debiased running mean once it is > 0, and
       before that (without `axis_name`, on CPU) the batch's own mean.
   """
-  layout = call.layout(training_count(call, single_value_ok=single_value_ok))
-  if countless_state:
-    layout = layout._replace(check_shift=call.axis_name is None)
-    shift = lax.stop_gradient(state.mean.astype(call.compute_dtype))
-  else:
-    shift = training_shift(state, call.x, call.momentum, call.reduction_axes, call.mask,
-                            call.axis_name, call.compute_dtype)
+  layout, shift = training_layout_and_shift(call, state, single_value_ok=single_value_ok,
+                                            countless_state=countless_state)
   y, stats = normalize_with_batch_stats(call.x, call.scale, call.bias, shift, call.mask,
                                          running_statistics(state, call.compute_dtype),
                                          layout)

@@ -53,13 +53,8 @@ def training_moments(call: _batch_norm.ParsedCall, state: _batch_norm.BatchNormS
     through them, as in `batch_norm`), and the batch's `Moments` under
     stop_gradient; a feature with no valid element has count 0.
   """
-  layout = call.layout(_batch_norm.training_count(call, single_value_ok=single_value_ok))
-  if countless_state:
-    layout = layout._replace(check_shift=call.axis_name is None)
-    shift = lax.stop_gradient(state.mean.astype(call.compute_dtype))
-  else:
-    shift = _batch_norm.training_shift(state, call.x, call.momentum, call.reduction_axes,
-                                       call.mask, call.axis_name, call.compute_dtype)
+  layout, shift = _batch_norm.training_layout_and_shift(
+      call, state, single_value_ok=single_value_ok, countless_state=countless_state)
   y, stats = _batch_norm.normalize_with_batch_stats(
       call.x, call.scale, call.bias, shift, call.mask,
       _batch_norm.running_statistics(state, call.compute_dtype), layout)

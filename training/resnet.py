@@ -53,6 +53,25 @@ ModuleDef = Any
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+class Identity(nn.Module):
+  """The identity in place of a normalization layer: `ResNet(norm=Identity)`.
+
+  The no-normalization reference of the benchmarks; accepts the attributes
+  `ResNet` passes to its `norm`.
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  scale_init: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    return x
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs, each followed by BN; ReLU after the first and after the sum.
 
