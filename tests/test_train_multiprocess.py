@@ -47,6 +47,13 @@ def _wait(process, timeout=TIMEOUT):
     raise
 
 
+def _kill_survivors(processes):
+  for process in processes:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
 def _start_two_processes(workdir, tmp_path, *flags):
   port = utils.free_port()
   return [utils.start_train(
@@ -111,10 +118,7 @@ def test_when_a_peer_dies_the_other_exits_with_an_error(cache_env, tmp_path, vic
     # exiting 0, not which layer notices first.
     assert _PEER_DEATH_REPORT.search(log), log[-3000:]
   finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
+    _kill_survivors(processes)
 
 
 def test_sigkill_at_any_moment_then_rerun_ends_with_the_same_metrics(cache_env, tmp_path):
@@ -187,10 +191,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_resume
     processes[1].send_signal(signal.SIGTERM)
     returncodes = [_wait(process, timeout=120) for process in processes]
   finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
+    _kill_survivors(processes)
   logs = [_log(tmp_path, f"process{i}.log", None) for i in range(2)]
   assert returncodes == [75, 75], logs[0][-3000:] + logs[1][-3000:]
   steps = [int(re.search(r"checkpoint saved at step (\d+)", log).group(1)) for log in logs]
@@ -239,10 +240,7 @@ def test_two_processes_with_50_eval_batches_per_split_finish_every_time(cache_en
                       f"{STRESS_RUN_LIMIT} s:\n{_log(tmp_path, f'process{i}.log')}")
         assert returncode == 0, _log(tmp_path, f"process{i}.log")
     finally:
-      for process in processes:
-        if process.poll() is None:
-          process.kill()
-          process.wait()
+      _kill_survivors(processes)
     record, = utils.read_metrics(tmp_path / f"run{run}")
     assert record["epoch"] == 1
 
@@ -284,10 +282,7 @@ def test_sigterm_to_a_process_stuck_in_a_collective_exits_after_the_grace_period
     returncode = _wait(processes[0], timeout=grace + 60)
     took = time.monotonic() - signalled
   finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
+    _kill_survivors(processes)
   log = _log(tmp_path, "process0.log", None)
   assert returncode not in (0, 75), log[-3000:]  # neither finished nor "saved, rerun"
   assert f"exiting with an error if that takes more than {grace} s" in log, log[-3000:]
@@ -307,10 +302,7 @@ def test_a_run_whose_steps_stop_dumps_its_stacks_and_exits(cache_env, tmp_path):
     returncode = _wait(processes[0], timeout=stall + 60)
     took = time.monotonic() - frozen
   finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
+    _kill_survivors(processes)
   log = _log(tmp_path, "process0.log", None)
   assert returncode == 1, log[-3000:]
   assert f"Timeout (0:00:0{stall})!" in log, log[-3000:]
