@@ -4,7 +4,7 @@
     python -m benchmarks.bn_op --quick    # fewer repetitions
     python -m benchmarks.bn_op --tiny     # smoke test: tiny shapes, seconds
     python -m benchmarks.bn_op --impls jaxbn,flax.linen --shapes 128x28x28x32,4096x512 \
-        --dtypes f32                      # issue 2's jaxbn-vs-flax table
+        --dtypes f32                      # the jaxbn-vs-flax table
 
 Prints, from one run (implementations interleaved round-robin within each
 shape and dtype, so machine drift hits all of them):
@@ -15,7 +15,7 @@ shape and dtype, so machine drift hits all of them):
 * beside each speed figure, the output standard-deviation error of the same
   implementation on inputs with mean/std = 3000 (float32) or mean 50 (bf16);
 * compiled temporary memory (`memory_analysis().temp_size_in_bytes`);
-* the issue's targets with the measured ratios.
+* the speed and memory targets (BENCHMARKS.md) with the measured ratios.
 
 The floor: train mode must read x for the statistics, read x and write y,
 read x and dy for the two backward sums, and read x and dy and write dx: 8
@@ -171,7 +171,7 @@ def _memory_rows(all_results):
 
 
 def _target_rows(all_results):
-  """The issue's targets, as ratios measured in this run."""
+  """The targets BENCHMARKS.md states, as ratios measured in this run."""
   rows = []
   for (shape, dtype_name), (results, nbytes, bandwidth) in all_results.items():
     if "jaxbn" not in results:
