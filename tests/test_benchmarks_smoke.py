@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from benchmarks import _harness
+from training import hlo
 from benchmarks import accuracy
 from benchmarks import bn_op
 from benchmarks import collectives
@@ -26,7 +26,7 @@ def _table_rows(text: str, first_cell_pattern: str) -> list[list[str]]:
 
 
 def test_count_collectives_counts_async_pairs_once_and_marks_cond_branches():
-  hlo = """HloModule m
+  hlo_text = """HloModule m
 
 %branch_a (p: f32[4]) -> f32[4] {
   %p = f32[4]{0} parameter(0)
@@ -41,7 +41,7 @@ ENTRY %main (x: f32[4], c: s32[]) -> f32[4] {
   ROOT %r = f32[4]{0} conditional(%c, %all-reduce-done, %x), branch_computations={%branch_a, %branch_b}
 }
 """
-  counts = _harness.count_collectives(hlo)
+  counts = hlo.count_collectives(hlo_text)
   assert counts.by_op["all-reduce"] == 2
   assert counts.total == 2
   assert counts.in_conditional == 1

@@ -18,6 +18,7 @@ import pytest
 import jaxbn
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
+from training import hlo
 
 MOMENTUM = 0.8
 
@@ -220,7 +221,6 @@ def test_linen_redoes_the_sums_only_when_the_running_mean_is_far():
 
 def test_linen_steady_state_reads_x_as_often_as_the_core():
   """No extra pass for the shift: the adapter's step compiles to the core's passes."""
-  from benchmarks import _harness
   x = _data((16, 8, 8, 8))
   bn = jaxbn_linen.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.key(0), x)
@@ -229,7 +229,7 @@ def test_linen_steady_state_reads_x_as_often_as_the_core():
 
   def passes(loss, *args):
     text = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().as_text()
-    return _harness.array_passes(text, x.size)
+    return hlo.array_passes(text, x.size)
 
   def adapter_loss(params, x):
     y, _ = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])
