@@ -77,6 +77,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from benchmarks import _harness  # noqa: E402  (sets OMP_WAIT_POLICY first)
+from configs import mnist_bn  # noqa: E402
 
 FIRST_RUN = "train.py (first run)"
 TORCH_PASSIVE = "torch NCHW (OMP passive)"
@@ -86,11 +87,13 @@ PEERS = ("train.py", "torch NCHW", "torch channels_last", TORCH_PASSIVE,
 TORCH_OMP_WAIT_POLICY = {"torch NCHW": "", "torch channels_last": "",
                          TORCH_PASSIVE: "PASSIVE"}
 WARMUP_STEPS = 5
-LEARNING_RATE = 0.01
-WARMUP_EPOCHS = 0.3  # configs/mnist_bn.py: the one-cycle rise, in epochs
-BN_MOMENTUM = 0.99  # Keras convention (PyTorch: 1 - 0.99)
-BN_EPSILON = 1e-3
-EVAL_BATCH_SIZE = 250  # configs/mnist_bn.py's eval_batch_size, for every peer
+# Every peer trains with train.py's default recipe (configs/mnist_bn.py).
+_RECIPE = mnist_bn.get_config()
+LEARNING_RATE = _RECIPE.learning_rate
+WARMUP_EPOCHS = _RECIPE.warmup_epochs  # the one-cycle rise, in epochs
+BN_MOMENTUM = _RECIPE.bn_momentum  # Keras convention (PyTorch: 1 - momentum)
+BN_EPSILON = _RECIPE.bn_epsilon
+EVAL_BATCH_SIZE = _RECIPE.eval_batch_size
 RESULT_PREFIX = "PEER_RESULT "
 
 

@@ -201,13 +201,6 @@ def test_peers_torch_worker_profiles_its_steps(capsys):
   assert result["omp_wait_policy"] == "PASSIVE" and result["images_per_sec"] > 0
 
 
-def test_peers_evaluate_at_train_py_default_eval_batch():
-  # Every peer evaluates at the batch size train.py's default config uses.
-  from benchmarks import peers
-  from configs import mnist_bn
-  assert peers.EVAL_BATCH_SIZE == mnist_bn.get_config().eval_batch_size
-
-
 def test_cpu_paths_tiny(capsys):
   from benchmarks import cpu_paths
   result = cpu_paths.main(["--tiny"])
