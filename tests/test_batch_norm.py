@@ -1,5 +1,7 @@
 """Single-device semantics of jaxbn.batch_norm against the notes' NumPy reference."""
 
+import functools
+
 import chex
 import jax
 from jax import lax
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxbn
+from tests import helpers
 from tests import _reference
 
 # (shape, axis, feature_axes after canonicalization)
@@ -20,15 +23,10 @@ LAYOUTS = [
 ]
 
 
-def _random_params(feature_shape, seed=0):
-  rng = np.random.default_rng(seed)
-  return jaxbn.BatchNormParams(
-      scale=jnp.asarray(rng.uniform(0.5, 2.0, feature_shape), jnp.float32),
-      bias=jnp.asarray(rng.normal(size=feature_shape), jnp.float32))
+_random_params = helpers.random_params
 
 
-def _random_input(shape, seed=1, loc=1.5, scale=3.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+_random_input = functools.partial(helpers.normal, seed=1, loc=1.5, scale=3.0)
 
 
 @pytest.mark.parametrize("shape,axis,feature_axes", LAYOUTS)
