@@ -372,6 +372,35 @@ def test_precise_bn_recomputes_the_statistics_before_evaluation_and_saving(tmp_p
                              rtol=1e-4, atol=1e-6)
 
 
+def test_checkpoints_with_jaxbn_batch_norm_states_restore(tmp_path):
+  # The MNIST models' checkpoints from before they were linen modules: a
+  # jaxbn.BatchNormParams / BatchNormState per BN layer, with an update count.
+  config = utils.tiny_config(num_devices=1)
+  model = train_lib.create_model(config, _mnist_tiny()[1])
+  state = jax.jit(functools.partial(
+      train_lib.create_train_state, model, train_lib.create_optimizer(config, 8),
+      input_shape=(28, 28, 1)))(jax.random.key(0))
+  state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.5, state.bn_state))
+
+  def old_params(tree):
+    return {name: jaxbn.BatchNormParams(**layer) if name.startswith("bn") else layer
+            for name, layer in tree.items()}
+
+  old = state._replace(
+      params=old_params(state.params),
+      opt_state=jax.tree.map(lambda node: old_params(node) if isinstance(node, dict) else node,
+                             state.opt_state, is_leaf=lambda node: isinstance(node, dict)),
+      bn_state={name: jaxbn.BatchNormState(layer["mean"], layer["var"], jnp.int32(7))
+                for name, layer in state.bn_state.items()})
+  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  train_lib.save_checkpoint(manager, old, {"step": 3})
+  manager.wait_until_finished()
+  restored, progress = train_lib.restore_checkpoint(manager, jax.eval_shape(lambda: state))
+  manager.close()
+  assert progress == {"step": 3}
+  chex.assert_trees_all_equal(restored, state)
+
+
 class _SigtermAtSecondCheck(train_lib._StopRequest):
   """Delivers a real SIGTERM to this process just before the second check."""
   checks = 0

@@ -599,9 +599,32 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainStat
           f"workdir {manager.directory.parent} holds a checkpoint of a different run than "
           f"this config ({'; '.join(differ)}). To resume it, rerun with those settings; "
           f"to start fresh, use a new --workdir (or delete {manager.directory}).")
+  saved_layout = _with_bn_counters(manager, step, abstract_state)
   state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state))).state
+      state=ocp.args.StandardRestore(saved_layout))).state
+  if saved_layout is not abstract_state:
+    state = state._replace(bn_state={name: {"mean": layer["mean"], "var": layer["var"]}
+                                     for name, layer in state.bn_state.items()})
   return state, progress
+
+
+def _with_bn_counters(manager: ocp.CheckpointManager, step: int,
+                      abstract_state: TrainState) -> TrainState:
+  """`abstract_state` in the layout of `step`'s checkpoint when that one's BN
+  layers also hold an int32 `count`, else `abstract_state` itself.
+
+  Checkpoints of the MNIST CNN and MLP written before they were linen modules
+  keep a `jaxbn.BatchNormState` (mean, var, count) per BN layer; their params
+  and optimizer state have today's layout. `restore_checkpoint` restores the
+  counters too and drops them.
+  """
+  saved = manager.item_metadata(step)["state"].tree["bn_state"]
+  if not saved or any(not isinstance(layer, dict) or set(layer) != {"mean", "var", "count"}
+                      for layer in saved.values()):
+    return abstract_state
+  count = jax.ShapeDtypeStruct((), jnp.int32, sharding=abstract_state.step.sharding)
+  return abstract_state._replace(bn_state={name: {**layer, "count": count}
+                                           for name, layer in abstract_state.bn_state.items()})
 
 
 def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
