@@ -58,7 +58,7 @@ class MultiStatBatchNorm(nn.Module):
   `(features,)`) it is one `jaxbn.batch_norm` layer, so a trained model is
   evaluated with one variant by passing that variant's slice. The attributes
   are those `models.MnistCNN` passes to its `norm`; each variant has its own
-  momentum.
+  momentum (`momentum` updates one variant's statistics in training).
   """
   use_running_average: bool | None = None
   momentum: float = models.KERAS_BN_MOMENTUM
@@ -77,27 +77,25 @@ class MultiStatBatchNorm(nn.Module):
              in (("mean", jnp.zeros, (num_variants, features), jnp.float32),
                  ("var", jnp.ones, (num_variants, features), jnp.float32),
                  ("count", jnp.zeros, (num_variants,), jnp.int32))]
-    training = not self.use_running_average
-    if stats[0].value.ndim == 1:  # one variant's statistics
-      y, new_state = jaxbn.batch_norm(
-          params, jaxbn.BatchNormState(*(v.value for v in stats)), x, training=training,
-          epsilon=self.epsilon)
-      new_states = [new_state]
-    elif training:
-      y, new_states = None, []
-      for k, (momentum, unbiased) in enumerate(VARIANTS):
-        out, new_state = jaxbn.batch_norm(
-            params, jaxbn.BatchNormState(*(v.value[k] for v in stats)), x, training=True,
-            momentum=momentum, epsilon=self.epsilon, unbiased_running_var=unbiased)
-        y = out if y is None else y  # identical outputs; the rest is dead code
-        new_states.append(new_state)
-    else:
-      raise ValueError("inference needs one variant's statistics (variant_stats), got "
-                       f"statistics of shape {stats[0].value.shape}.")
-    if training and not self.is_initializing():
+    stacked = stats[0].value.ndim == 2
+    states = ([jaxbn.BatchNormState(*(v.value[k] for v in stats)) for k in range(num_variants)]
+              if stacked else [jaxbn.BatchNormState(*(v.value for v in stats))])
+    if self.use_running_average:
+      if stacked and not self.is_initializing():
+        raise ValueError("inference needs one variant's statistics (variant_stats), got "
+                         f"statistics of shape {stats[0].value.shape}.")
+      return jaxbn.batch_norm(params, states[0], x, training=False, epsilon=self.epsilon)[0]
+    y, new_states = None, []
+    settings = VARIANTS if stacked else [(self.momentum, False)]
+    for state, (momentum, unbiased) in zip(states, settings):
+      out, new_state = jaxbn.batch_norm(params, state, x, training=True, momentum=momentum,
+                                        epsilon=self.epsilon, unbiased_running_var=unbiased)
+      y = out if y is None else y  # identical outputs; the rest is dead code
+      new_states.append(new_state)
+    if not self.is_initializing():
       for field, variable in enumerate(stats):  # mean, var, count
         values = [state[field] for state in new_states]
-        variable.value = values[0] if stats[0].value.ndim == 1 else jnp.stack(values)
+        variable.value = jnp.stack(values) if stacked else values[0]
     return y
 
 
