@@ -3,12 +3,12 @@
 * Evaluation: images/s of train.py's eval step (`train_lib.evaluate`, the MNIST
   CNN with running statistics) over 10,000 images at several eval batch
   sizes; `configs/mnist_bn.py` uses the fastest (250 here).
-* The experiments' harness (`experiments._mnist.Trainer`, instances stepped
+* The experiments' harness (`training.instances.Trainer`, instances stepped
   one after the other inside a `lax.scan`): seconds for 40 steps of 3
-  instances at batch 32 with `models.conv_valid` (im2col with a hand-written
-  gradient, the fastest in a plain jitted step) against
-  `models.conv_valid_in_loops` (im2col with the automatic gradient), which the
-  experiments use.
+  instances at batch 32 with `models.ValidConv` (on CPU `ops.conv_matmuls`:
+  im2col with a hand-written gradient for the first layer, the fastest in a
+  plain jitted step) against `models.LoopConv` (`ops.conv_im2col`: im2col with
+  the automatic gradient), which the experiments use.
 
 Variants alternate within every repeat; the tables report medians.
 
@@ -30,8 +30,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_bn  # noqa: E402
-from experiments import _mnist  # noqa: E402
 from training import input_pipeline  # noqa: E402
+from training import instances  # noqa: E402
 from training import models  # noqa: E402
 from training import train_lib  # noqa: E402
 
@@ -47,10 +47,10 @@ def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int) -> dict[in
   """Median images/s of train.py's evaluation at each eval batch size."""
   config = mnist_bn.get_config()
   mesh = train_lib.create_mesh(1)  # one device, as train.py on a CPU host
-  model = models.mnist_cnn()
+  model = models.MnistCNN()
   tx = train_lib.create_optimizer(config, 100)
-  state = jax.jit(lambda key: train_lib.create_train_state(model, tx, key))(
-      jax.random.key(0))
+  state = jax.jit(lambda key: train_lib.create_train_state(
+      model, tx, key, input_shape=(28, 28, 1)))(jax.random.key(0))
   eval_fn = train_lib.make_eval_step(config, mesh, model)
   split = _random_split(num_examples)
   times = {b: [] for b in batch_sizes}
@@ -67,13 +67,11 @@ def harness_seconds(num_steps: int, repeats: int) -> dict[str, float]:
   """Median seconds for `num_steps` harness steps of 3 MNIST-CNN instances, batch 32."""
   split = _random_split(4096)
   seeds, learning_rates = [0, 1, 2], [0.01] * 3
-  variants = {"models.conv_valid": models.conv_valid,
-              "models.conv_valid_in_loops": models.conv_valid_in_loops}
+  variants = {"models.ValidConv": models.ValidConv, "models.LoopConv": models.LoopConv}
   trainers, carries, times = {}, {}, {name: [] for name in variants}
   for name, conv in variants.items():
-    trainers[name] = _mnist.Trainer(
-        models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10, conv=conv),
-        "sgd", split, 32)
+    trainers[name] = instances.Trainer(
+        models.create_model("cnn", num_classes=10, conv=conv), "sgd", split, 32)
     carries[name] = trainers[name].init(seeds)
   for repeat in range(repeats + 1):  # the first round compiles
     for name, trainer in trainers.items():

@@ -1,6 +1,6 @@
 """The MNIST CNN trained end to end by train.py, PyTorch and Keras 3, side by side.
 
-Every peer trains the same network (`training.models.mnist_cnn`: Conv 10@5x5 ->
+Every peer trains the same network (`training.models.MnistCNN`: Conv 10@5x5 ->
 BN -> ReLU -> MaxPool -> Conv 20@5x5 -> BN -> ReLU -> MaxPool -> Dense 100 ->
 BN -> ReLU -> Dense 10; 38,910 numbers, Keras' BN momentum 0.99 and epsilon
 1e-3, Glorot-uniform kernels, zero biases) on the same data (MNIST

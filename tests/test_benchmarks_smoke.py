@@ -206,5 +206,5 @@ def test_cpu_paths_tiny(capsys):
   result = cpu_paths.main(["--tiny"])
   assert set(result["eval_images_per_sec"]) == {50, 100}
   assert all(v > 0 for v in result["eval_images_per_sec"].values())
-  assert set(result["harness_seconds"]) == {"models.conv_valid", "models.conv_valid_in_loops"}
+  assert set(result["harness_seconds"]) == {"models.ValidConv", "models.LoopConv"}
   assert "| eval batch | images/s |" in capsys.readouterr().out

@@ -24,7 +24,7 @@ uninterrupted one).
 
 PreciseBN (`precise_bn_batches > 0`): before each evaluation and each
 checkpoint the BN running statistics are recomputed with the current weights
-over that many training batches (`models.recompute_bn_stats`), replacing the
+over that many training batches (`jaxbn.linen.recompute_stats`), replacing the
 exponential moving average, which lags behind the weights (most visibly at a
 high learning rate). The preemption checkpoint is saved without it, so that
 resuming is exact.
@@ -45,6 +45,7 @@ import time
 from typing import Any, NamedTuple
 
 from etils import epath
+from flax import linen as nn
 import jax
 from jax import lax
 from jax.experimental import multihost_utils
@@ -113,7 +114,8 @@ class TrainState(NamedTuple):
       global data position.
     params: model parameters (float32).
     opt_state: optax state.
-    bn_state: BN running statistics (`jaxbn.BatchNormState` per layer).
+    bn_state: BN running statistics: the model's flax `batch_stats` collection
+      (`{'mean', 'var'}` per BN layer; `{}` without BN).
     consecutive_nonfinite: int32, skipped steps in a row up to now.
     epoch_sums: this epoch's training metrics so far.
   """
@@ -266,9 +268,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def create_model(config: ml_collections.ConfigDict,
-                 info: input_pipeline.DatasetInfo) -> models.Model:
+                 info: input_pipeline.DatasetInfo) -> nn.Module:
   return models.create_model(
-      config.model, input_shape=info.image_shape, num_classes=info.num_classes,
+      config.model, num_classes=info.num_classes,
       use_bn=config.use_bn, bias_before_bn=config.bias_before_bn,
       bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon,
       zero_init_last_bn=config.zero_init_last_bn)
@@ -309,9 +311,12 @@ def create_optimizer(config: ml_collections.ConfigDict,
                      optax.sgd(schedule, momentum=momentum, nesterov=config.nesterov))
 
 
-def create_train_state(model: models.Model, tx: optax.GradientTransformation,
-                       key: jax.Array) -> TrainState:
-  params, bn_state = model.init(key)
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       key: jax.Array, *, input_shape: tuple[int, ...]) -> TrainState:
+  """The initial state of `model` for images of shape `(batch,) + input_shape`."""
+  variables = model.init(key, jnp.zeros((1,) + tuple(input_shape), jnp.float32),
+                         train=False)
+  params, bn_state = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), bn_state=bn_state,
                     consecutive_nonfinite=jnp.zeros((), jnp.int32),
@@ -327,7 +332,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *,
-               model: models.Model, tx: optax.GradientTransformation,
+               model: nn.Module, tx: optax.GradientTransformation,
                compute_dtype=jnp.float32, axis_name: str | None = None,
                bn_axis_index_groups=None, label_smoothing: float = 0.0) -> TrainState:
   """One optimization step on a batch (global under jit, local under shard_map).
@@ -348,9 +353,12 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     params, optimizer state and BN statistics and counts the step as skipped.
   """
   def loss_fn(params):
-    logits, new_bn_state = model.apply(
-        params, state.bn_state, batch.images, True, bn_axis_name=axis_name,
-        bn_axis_index_groups=bn_axis_index_groups, compute_dtype=compute_dtype)
+    logits, updates = model.clone(
+        dtype=compute_dtype, axis_name=axis_name,
+        axis_index_groups=bn_axis_index_groups).apply(
+            {"params": params, "batch_stats": state.bn_state}, batch.images, train=True,
+            mutable=["batch_stats"])
+    new_bn_state = updates.get("batch_stats", {})
     if label_smoothing:
       targets = optax.smooth_labels(
           jax.nn.one_hot(batch.labels, logits.shape[-1]), label_smoothing)
@@ -373,7 +381,7 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       # Groups computed different statistics; keep one replicated running
       # average: the pooled mean and variance of the groups' (a plain pmean of
       # the variances would drop the variance of the means).
-      new_bn_state = _sync_bn_state(new_bn_state, axis_name)
+      new_bn_state = jaxbn.linen.sync_stats(new_bn_state, axis_name)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   finite = _all_finite((loss, grads, new_params))
@@ -398,24 +406,16 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       epoch_sums=new_sums)
 
 
-def _sync_bn_state(bn_state, axis_name):
-  """Pools per-replica running statistics: `jaxbn.BatchNormState`s or flax's `batch_stats`."""
-  is_state = lambda node: isinstance(node, jaxbn.BatchNormState)
-  if any(is_state(node) for node in jax.tree.leaves(bn_state, is_leaf=is_state)):
-    return jaxbn.sync_stats(bn_state, axis_name)
-  return jaxbn.linen.sync_stats(bn_state, axis_name)
-
-
 def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
-              model: models.Model, compute_dtype=jnp.float32) -> EvalSums:
+              model: nn.Module, compute_dtype=jnp.float32) -> EvalSums:
   """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
 
   Taking the previous batch's sums makes the evaluation one chain of programs:
   each waits for the one before, so every process runs them (and their
   cross-process reductions) in the same order.
   """
-  logits, _ = model.apply(params, bn_state, batch.images, False,
-                          compute_dtype=compute_dtype)
+  logits = model.clone(dtype=compute_dtype).apply(
+      {"params": params, "batch_stats": bn_state}, batch.images, train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
   correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
   return EvalSums(loss=sums.loss + jnp.sum(jnp.where(batch.mask, losses, 0.0)),
@@ -429,7 +429,7 @@ def zero_eval_sums() -> EvalSums:
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                    model: models.Model, tx: optax.GradientTransformation):
+                    model: nn.Module, tx: optax.GradientTransformation):
   """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`."""
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
@@ -458,7 +458,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   model: models.Model):
+                   model: nn.Module):
   """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`)."""
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
@@ -536,7 +536,7 @@ def one_at_a_time(items):
   """Yields each item once all the work dispatched before it has finished.
 
   For loops that dispatch programs with cross-process collectives but do not
-  hand out their results (`models.recompute_bn_stats`): with several
+  hand out their results (`jaxbn.linen.recompute_stats`): with several
   processes the programs then run in the same order on every process.
   """
   for item in items:
@@ -599,9 +599,32 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainStat
           f"workdir {manager.directory.parent} holds a checkpoint of a different run than "
           f"this config ({'; '.join(differ)}). To resume it, rerun with those settings; "
           f"to start fresh, use a new --workdir (or delete {manager.directory}).")
+  saved_layout = _with_bn_counters(manager, step, abstract_state)
   state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state))).state
+      state=ocp.args.StandardRestore(saved_layout))).state
+  if saved_layout is not abstract_state:
+    state = state._replace(bn_state={name: {"mean": layer["mean"], "var": layer["var"]}
+                                     for name, layer in state.bn_state.items()})
   return state, progress
+
+
+def _with_bn_counters(manager: ocp.CheckpointManager, step: int,
+                      abstract_state: TrainState) -> TrainState:
+  """`abstract_state` in the layout of `step`'s checkpoint when that one's BN
+  layers also hold an int32 `count`, else `abstract_state` itself.
+
+  Checkpoints of the MNIST CNN and MLP written before they were linen modules
+  keep a `jaxbn.BatchNormState` (mean, var, count) per BN layer; their params
+  and optimizer state have today's layout. `restore_checkpoint` restores the
+  counters too and drops them.
+  """
+  saved = manager.item_metadata(step)["state"].tree["bn_state"]
+  if not saved or any(not isinstance(layer, dict) or set(layer) != {"mean", "var", "count"}
+                      for layer in saved.values()):
+    return abstract_state
+  count = jax.ShapeDtypeStruct((), jnp.int32, sharding=abstract_state.step.sharding)
+  return abstract_state._replace(bn_state={name: {**layer, "count": count}
+                                           for name, layer in abstract_state.bn_state.items()})
 
 
 def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
@@ -815,10 +838,10 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
                     run.watchdog.beat)
   if jax.process_count() > 1:
     images = one_at_a_time(images)
-  bn_state = models.recompute_bn_stats(
-      run.model, state.params, state.bn_state, images,
-      num_batches=config.precise_bn_batches,
-      compute_dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+  module = run.model.clone(dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+  bn_state = jaxbn.linen.recompute_stats(
+      module, {"params": state.params, "batch_stats": state.bn_state}, images,
+      num_batches=config.precise_bn_batches, train=True)["batch_stats"]
   # Back to the replicated layout the compiled step expects (a jit of one
   # module-level function, so it compiles once).
   replicate = jax.jit(_identity, out_shardings=NamedSharding(run.mesh, P()))
@@ -935,7 +958,7 @@ class _Run(NamedTuple):
   history: list[dict]
   progress: _Progress
   is_main: bool
-  model: models.Model
+  model: nn.Module
   stop: _StopRequest
   watchdog: _Watchdog
   schedule: optax.Schedule
@@ -1144,7 +1167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   tx = create_optimizer(config, steps_per_epoch)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(AXIS))
-  init_fn = jax.jit(functools.partial(create_train_state, model, tx),
+  init_fn = jax.jit(functools.partial(create_train_state, model, tx,
+                                      input_shape=info.image_shape),
                     out_shardings=replicated)
   key = jax.random.key(config.seed)
   if is_main:
@@ -1176,7 +1200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       run.history.extend(progress["history"])
       run.log(f"Resuming from step {progress['step']} (epoch {progress['epoch'] + 1}, "
               f"batch {progress['batch_in_epoch']}) in {workdir}.")
-    run.log(models.format_parameter_table(models.parameter_table(model)))
+    run.log(models.format_parameter_table(models.parameter_table(model, info.image_shape)))
     run.log(f"{config.dataset}: {num_train} train / "
             f"{input_pipeline.count_examples(validation)} val / "
             f"{input_pipeline.count_examples(test)} test examples; "
