@@ -89,6 +89,8 @@ def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 
       entry[1] = state
   wall = {name: statistics.median(times) for name, times in wall.items()}
   cpu = {name: statistics.median(times) for name, times in cpu.items()}
+  # Every variant took the same steps from the same initial weights.
+  sums = {name: jax.device_get(entry[1].epoch_sums) for name, entry in compiled.items()}
   return {
       "batch_size": batch_size, "steps": steps, "repeats": repeats,
       "seconds_per_step": wall, "cpu_seconds_per_step": cpu,
@@ -99,6 +101,8 @@ def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 
       # backward, running-statistics update) cost per step.
       "bn_cpu_seconds_per_step": {name: cpu[name] - cpu["no BN"]
                                   for name in ("jaxbn", "flax.linen")},
+      "mean_train_loss": {name: float(s.loss) / int(s.steps) for name, s in sums.items()},
+      "train_steps": {name: int(s.steps) for name, s in sums.items()},
   }
 
 
