@@ -5,7 +5,7 @@ trainable and 260 non-trainable (the BN moving means and variances, 2 per
 feature). This builds `training.models.MnistCNN` and counts the leaves of its
 `params` (trainable) and of its `batch_stats`, the BN running means and
 variances (non-trainable), layer by layer (`models.parameter_table`: one row
-per layer with numbers; the seed's ReLU, pooling and flatten rows hold none).
+per layer, the parameter-free ReLU, pooling and flatten layers included).
 
   python -m experiments.param_table --workdir runs/experiments
 """
@@ -47,7 +47,7 @@ def run(args) -> dict:
   cnn = _table(models.create_model("cnn", num_classes=10))
   matches = {
       "totals": all(cnn[k] == v for k, v in SEED_TOTALS.items()),
-      "rows": all(
+      "rows": [r["layer"] for r in cnn["rows"]] == list(SEED_TABLE) and all(
           tuple(r["output_shape"]) == SEED_TABLE[r["layer"]][0]
           and r["total"] == SEED_TABLE[r["layer"]][1] for r in cnn["rows"]),
   }

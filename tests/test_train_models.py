@@ -38,15 +38,21 @@ def test_mnist_cnn_matches_the_keras_table_of_the_notes():
   model = models.MnistCNN(num_classes=10)
   assert _totals(model) == (38_910, 38_650, 260)
   rows = models.parameter_table(model, MNIST)
+  # The notes' Keras layers, in their order (the parameter-free ones included).
   assert [(row.layer, row.kind) for row in rows] == [
-      ("conv1", "ValidConv"), ("bn1", "BatchNorm"), ("conv2", "ValidConv"),
-      ("bn2", "BatchNorm"), ("dense1", "Dense"), ("bn3", "BatchNorm"), ("dense2", "Dense")]
+      ("conv1", "ValidConv"), ("bn1", "BatchNorm"), ("relu1", "ReLU"), ("pool1", "MaxPool2D"),
+      ("conv2", "ValidConv"), ("bn2", "BatchNorm"), ("relu2", "ReLU"), ("pool2", "MaxPool2D"),
+      ("flatten", "Flatten"), ("dense1", "Dense"), ("bn3", "BatchNorm"), ("relu3", "ReLU"),
+      ("dense2", "Dense")]
   rows = {row.layer: row for row in rows}
   # The notes' Keras per-layer rows: shapes and counts.
   assert (rows["conv1"].output_shape, rows["conv1"].trainable) == ((24, 24, 10), 260)
   assert (rows["bn1"].output_shape, rows["bn1"].trainable,
           rows["bn1"].non_trainable) == ((24, 24, 10), 20, 20)
   assert (rows["conv2"].output_shape, rows["conv2"].trainable) == ((8, 8, 20), 5020)
+  assert (rows["pool2"].output_shape, rows["flatten"].output_shape) == ((4, 4, 20), (320,))
+  assert sum(rows[name].trainable + rows[name].non_trainable
+             for name in ("relu1", "pool1", "relu2", "pool2", "flatten", "relu3")) == 0
   assert (rows["dense1"].trainable, rows["bn3"].non_trainable) == (32_100, 200)
   assert (rows["dense2"].output_shape, rows["dense2"].trainable) == ((10,), 1010)
   # Pooling twice and flattening: 4 x 4 x 20 inputs of dense1.

@@ -91,6 +91,32 @@ def _norm(model: nn.Module, train: bool) -> ModuleDef:
       axis_index_groups=model.axis_index_groups)
 
 
+# Parameter-free layers as modules, so that they are rows of `parameter_table`
+# (Keras' `model.summary()` lists them).
+
+
+class ReLU(nn.Module):
+  """`nn.relu`."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.relu(x)
+
+
+class MaxPool2D(nn.Module):
+  """Max pooling over non-overlapping `window` x `window` patches of NHWC input."""
+  window: int = 2
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return ops.max_pool_2d(x, self.window)
+
+
+class Flatten(nn.Module):
+  """`(batch, ...) -> (batch, features)`."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
 class MnistCNN(nn.Module):
   """The Keras MNIST CNN.
 
@@ -128,17 +154,17 @@ class MnistCNN(nn.Module):
     hidden_bias = self.bias_before_bn or not self.use_bn
     norm = _norm(self, train)
 
-    def norm_relu(x, name):
-      return nn.relu(norm(name=name)(x) if self.use_bn else x)
+    def norm_relu(x, index):
+      return ReLU(name=f"relu{index}")(norm(name=f"bn{index}")(x) if self.use_bn else x)
 
     conv = functools.partial(self.conv, use_bias=hidden_bias, dtype=self.dtype)
-    x = norm_relu(conv(10, 5, name="conv1")(jnp.asarray(x)), "bn1")
-    x = ops.max_pool_2d(x, 2)
-    x = norm_relu(conv(20, 5, name="conv2")(x), "bn2")
-    x = ops.max_pool_2d(x, 2).reshape(x.shape[0], -1)
+    x = norm_relu(conv(10, 5, name="conv1")(jnp.asarray(x)), 1)
+    x = MaxPool2D(name="pool1")(x)
+    x = norm_relu(conv(20, 5, name="conv2")(x), 2)
+    x = Flatten(name="flatten")(MaxPool2D(name="pool2")(x))
     x = nn.Dense(100, use_bias=hidden_bias, dtype=self.dtype, kernel_init=glorot_uniform,
                  name="dense1")(x)
-    x = norm_relu(x, "bn3")
+    x = norm_relu(x, 3)
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=glorot_uniform,
                  name="dense2")(x)
     return x.astype(jnp.float32)
@@ -251,7 +277,7 @@ def parameter_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[Tabl
   """Per-layer output shapes and number counts, like Keras' `model.summary()`.
 
   One row per top-level submodule that runs (e.g. a conv, a BN, a residual
-  block), in the order they run; parameter-free functions (ReLU, pooling,
+  block), in the order they run; parameter-free layers that are modules (the CNN's ReLU, pooling,
   flatten) have none. Trainable numbers are the `params` leaves; non-trainable
   ones the `batch_stats` leaves (BN running means and variances). Nothing is
   computed (`jax.eval_shape`).
