@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from tests import _fake_imagenet  # noqa: E402
+from training import fake_imagenet  # noqa: E402
 from training import input_pipeline  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main() -> None:
   rows.append(("synthetic 32x32x3 (in memory, cifar)", synthetic["train"]))
   with tempfile.TemporaryDirectory() as tmp:
     per_class = -(-needed // 2)
-    _fake_imagenet.write_fake_imagenet(
+    fake_imagenet.write_fake_imagenet(
         pathlib.Path(tmp) / "manual", train_per_class=per_class, num_validation=1,
         train_sizes=lambda i: (375, 500))
     imagenet, _ = input_pipeline.load_dataset(

@@ -679,9 +679,10 @@ def normalize(images: jax.typing.ArrayLike, preprocessing: Preprocessing) -> jax
   if jnp.dtype(images.dtype) != jnp.uint8:
     raise TypeError(f"normalize: images must be uint8 pixels (0..255), got "
                     f"{jnp.dtype(images.dtype)}.")
-  mean = np.asarray(preprocessing.mean, np.float32)
-  scale = np.float32(1.0) / np.asarray(preprocessing.std, np.float32)
   images = jnp.asarray(images).astype(jnp.float32)
+  per_channel = (1,) * (images.ndim - 1) + (-1,)
+  mean = np.asarray(preprocessing.mean, np.float32).reshape(per_channel)
+  scale = (np.float32(1.0) / np.asarray(preprocessing.std, np.float32)).reshape(per_channel)
   return (images - mean) * scale if mean.any() else images * scale
 
 
