@@ -15,7 +15,11 @@ the device):
   pipeline, `configs/resnet_imagenet.py`).
 
 The tf.data sources run with 1 and 2 workers (`num_workers`: threads of one
-core each), and the table divides by the workers: images/s per host core.
+core each). Two measures per core: images/s divided by the workers (what a
+host with that many free cores gets per core), and images per CPU second of
+all the process's threads (the work per image, which other jobs on a shared
+machine do not change; on a quiet host the two agree when every worker has
+its core).
 The last lines compare the ImageNet rate per core with what one H100 consumes
 in ResNet-50's train step, the roofline ESTIMATE stored in
 `benchmarks/results/compiled_resnet50.json` (`python -m benchmarks.compiled`;
@@ -43,17 +47,21 @@ COMPILED_RESULTS = (pathlib.Path(__file__).resolve().parent / "results"
                     / "compiled_resnet50.json")
 
 
-def _images_per_sec(source, batch_size: int, num_batches: int, num_workers: int) -> float:
+def _throughput(source, batch_size: int, num_batches: int, num_workers: int
+                ) -> tuple[float, float]:
+  """(images per wall second, images per CPU second of this process's threads)."""
   batches = input_pipeline.train_batches(source, global_batch_size=batch_size, seed=0,
                                          epoch=0, rows=slice(0, batch_size),
                                          num_workers=num_workers)
   next(batches)  # pipeline start-up (threads, shuffle buffer) is not throughput
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), time.process_time()
   count = 0
   for count, _ in enumerate(batches, start=1):
     if count == num_batches:
       break
-  return count * batch_size / (time.perf_counter() - start)
+  images = count * batch_size
+  return (images / (time.perf_counter() - start),
+          images / max(time.process_time() - start_cpu, 1e-9))
 
 
 def h100_resnet50_images_per_sec(path: pathlib.Path = COMPILED_RESULTS) -> tuple[float, str]:
@@ -74,14 +82,14 @@ def h100_resnet50_images_per_sec(path: pathlib.Path = COMPILED_RESULTS) -> tuple
   raise ValueError(f"{path} has no h100 resnet50 jaxbn row; run `{results['command']}`.")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--num_batches", type=int, default=20)
   parser.add_argument("--workers", default="1,2",
                       help="comma-separated tf.data worker counts to time")
   parser.add_argument("--tiny", action="store_true", help="a few seconds: smoke test")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.tiny:
     args.batch_size, args.num_batches = 8, 2
   workers = [int(n) for n in args.workers.split(",")]
@@ -105,22 +113,25 @@ def main() -> None:
     rows.append((imagenet_name, imagenet["train"], True))
     print(f"batch {args.batch_size}, {args.num_batches} batches after the first; "
           f"{input_pipeline.host_cores()} host cores\n")
-    print("| source | tf.data workers | host images/s | images/s per worker core |\n"
-          "|---|---:|---:|---:|")
+    print("| source | tf.data workers | host images/s | images/s per worker | "
+          "images per CPU second | cores busy |\n|---|---:|---:|---:|---:|---:|")
     for name, source, uses_workers in rows:
       for num_workers in workers if uses_workers else [1]:
-        rate = _images_per_sec(source, args.batch_size, args.num_batches, num_workers)
+        rate, per_cpu_second = _throughput(source, args.batch_size, args.num_batches,
+                                           num_workers)
+        busy = rate / per_cpu_second
         if uses_workers:
-          per_core[name, num_workers] = rate / num_workers
-          print(f"| {name} | {num_workers} | {rate:,.0f} | {rate / num_workers:,.0f} |",
-                flush=True)
+          per_core[name, num_workers] = per_cpu_second
+          print(f"| {name} | {num_workers} | {rate:,.0f} | {rate / num_workers:,.0f} | "
+                f"{per_cpu_second:,.0f} | {busy:.2f} |", flush=True)
         else:
-          print(f"| {name} | none (numpy gather) | {rate:,.0f} | |", flush=True)
+          print(f"| {name} | none (numpy gather) | {rate:,.0f} | | {per_cpu_second:,.0f} | "
+                f"{busy:.2f} |", flush=True)
   h100, where = h100_resnet50_images_per_sec()
   best = max(rate for (name, _), rate in per_core.items() if name == imagenet_name)
   print(f"\nOne H100 in ResNet-50's train step: {h100:,.0f} images/s, a compiler-based "
         f"roofline ESTIMATE, not a timing ({COMPILED_RESULTS.name}: {where}).")
-  print(f"At {best:,.0f} ImageNet images/s per host core (the best row above), one "
+  print(f"At {best:,.0f} ImageNet images per CPU second (the best row above), one "
         f"H100 needs about {h100 / best:,.1f} host cores of decode + augment.")
 
 
