@@ -54,7 +54,7 @@ def _compiled_step(norm, batch_size: int, steps_per_epoch: int):
                                     input_shape=(28, 28, 1)),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
-  batch = input_pipeline.Batch(rng.random((batch_size, 28, 28, 1), np.float32),
+  batch = input_pipeline.Batch(rng.integers(0, 256, (batch_size, 28, 28, 1), np.uint8),
                                rng.integers(0, 10, batch_size).astype(np.int32),
                                np.ones(batch_size, bool))
   batch = input_pipeline.to_global(batch, NamedSharding(mesh, P("data")), batch_size)

@@ -120,7 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
   # this long prints every thread's stack and exits with status 1; 0 = off.
   # Compilation does not count.
   config.stall_timeout_seconds = 1800.0
-  # Testing hook: 0-based global steps whose batch is replaced with NaN.
-  config.inject_nan_at_steps = ()
+  # tf.data threads that decode and augment images, one core each
+  # (0 = all host cores); the batches are the same for any number.
+  config.data_workers = 0
 
   return config

@@ -172,7 +172,7 @@ def test_exported_cpu_train_step_runs_like_the_jitted_step(tmp_path):
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = input_pipeline.Batch(
-      rng.uniform(size=(64, 28, 28, 1)).astype(np.float32),
+      rng.integers(0, 256, size=(64, 28, 28, 1), dtype=np.uint8),
       rng.integers(0, 10, size=64).astype(np.int32), np.ones(64, bool))
   batch = input_pipeline.to_global(batch, batch_sharding, 64)
   expected = train_lib.make_train_step(config, mesh, model, tx)(

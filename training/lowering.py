@@ -202,11 +202,11 @@ def _abstract(tree, sharding):
 
 def abstract_batch(global_batch_size: int, image_shape: tuple[int, ...],
                    sharding: jax.sharding.Sharding) -> input_pipeline.Batch:
-  """A global `Batch` of shapes only, sharded like the training batches."""
+  """A global `Batch` of shapes only (uint8 images), sharded like the training batches."""
   def spec(shape, dtype):
     return jax.ShapeDtypeStruct((global_batch_size,) + tuple(shape), dtype,
                                 sharding=sharding)
-  return input_pipeline.Batch(images=spec(image_shape, jnp.float32),
+  return input_pipeline.Batch(images=spec(image_shape, jnp.uint8),
                               labels=spec((), jnp.int32), mask=spec((), jnp.bool_))
 
 

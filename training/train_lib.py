@@ -265,6 +265,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   check(config.preemption_check_every_steps >= 1,
         f"preemption_check_every_steps must be >= 1, got "
         f"{config.preemption_check_every_steps}.")
+  check(config.data_workers >= 0,
+        f"data_workers must be >= 0 (0 = all host cores), got {config.data_workers}.")
 
 
 def create_model(config: ml_collections.ConfigDict,
@@ -333,15 +335,17 @@ def _all_finite(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *,
                model: nn.Module, tx: optax.GradientTransformation,
+               preprocessing: input_pipeline.Preprocessing,
                compute_dtype=jnp.float32, axis_name: str | None = None,
                bn_axis_index_groups=None, label_smoothing: float = 0.0) -> TrainState:
   """One optimization step on a batch (global under jit, local under shard_map).
 
   Args:
     state: the current train state.
-    batch: images `(batch, H, W, C)` float32, labels `(batch,)` int32.
+    batch: images `(batch, H, W, C)` uint8, labels `(batch,)` int32.
     model: the model.
     tx: the optimizer.
+    preprocessing: how the images become model inputs (`input_pipeline.normalize`).
     compute_dtype: activation dtype (bfloat16 for half precision).
     axis_name: the mapped batch axis under shard_map, else None.
     bn_axis_index_groups: groups of devices that pool BN statistics.
@@ -352,6 +356,8 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     The new state; on a non-finite loss, gradient or update it keeps the old
     params, optimizer state and BN statistics and counts the step as skipped.
   """
+  batch = batch._replace(images=input_pipeline.normalize(batch.images, preprocessing))
+
   def loss_fn(params):
     logits, updates = model.clone(
         dtype=compute_dtype, axis_name=axis_name,
@@ -407,15 +413,18 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
 
 
 def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
-              model: nn.Module, compute_dtype=jnp.float32) -> EvalSums:
+              model: nn.Module, preprocessing: input_pipeline.Preprocessing,
+              compute_dtype=jnp.float32) -> EvalSums:
   """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
 
+  The uint8 images become model inputs with `input_pipeline.normalize`.
   Taking the previous batch's sums makes the evaluation one chain of programs:
   each waits for the one before, so every process runs them (and their
   cross-process reductions) in the same order.
   """
+  images = input_pipeline.normalize(batch.images, preprocessing)
   logits = model.clone(dtype=compute_dtype).apply(
-      {"params": params, "batch_stats": bn_state}, batch.images, train=False)
+      {"params": params, "batch_stats": bn_state}, images, train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
   correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
   return EvalSums(loss=sums.loss + jnp.sum(jnp.where(batch.mask, losses, 0.0)),
@@ -428,14 +437,26 @@ def zero_eval_sums() -> EvalSums:
                   jnp.zeros((), jnp.int32))
 
 
+def dataset_preprocessing(config: ml_collections.ConfigDict) -> input_pipeline.Preprocessing:
+  """The normalization of `config.dataset`'s images (what `load_dataset` gives its splits)."""
+  mean, std = input_pipeline.pixel_statistics(config.dataset)
+  return input_pipeline.Preprocessing(mean=mean, std=std)
+
+
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                    model: nn.Module, tx: optax.GradientTransformation):
-  """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`."""
+                    model: nn.Module, tx: optax.GradientTransformation, *,
+                    preprocessing: input_pipeline.Preprocessing | None = None):
+  """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`.
+
+  `preprocessing` normalizes the uint8 batches on the device; default
+  `dataset_preprocessing(config)`.
+  """
+  preprocessing = preprocessing or dataset_preprocessing(config)
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(AXIS))
   if config.parallelism == "gspmd":
-    step = functools.partial(train_step, model=model, tx=tx,
+    step = functools.partial(train_step, model=model, tx=tx, preprocessing=preprocessing,
                              compute_dtype=compute_dtype,
                              label_smoothing=config.label_smoothing)
     return jax.jit(step, in_shardings=(replicated, batch_sharding),
@@ -446,7 +467,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if group_size != num_devices:
     groups = [list(range(start, start + group_size))
               for start in range(0, num_devices, group_size)]
-  step = functools.partial(train_step, model=model, tx=tx, compute_dtype=compute_dtype,
+  step = functools.partial(train_step, model=model, tx=tx, preprocessing=preprocessing,
+                           compute_dtype=compute_dtype,
                            axis_name=AXIS, bn_axis_index_groups=groups,
                            label_smoothing=config.label_smoothing)
   # check_vma=False: the pmap-style contract (per-device gradients, averaged
@@ -458,11 +480,17 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   model: nn.Module):
-  """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`)."""
+                   model: nn.Module, *,
+                   preprocessing: input_pipeline.Preprocessing | None = None):
+  """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`).
+
+  `preprocessing`: as `make_train_step`'s.
+  """
+  preprocessing = preprocessing or dataset_preprocessing(config)
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
-  step = functools.partial(eval_step, model=model, compute_dtype=compute_dtype)
+  step = functools.partial(eval_step, model=model, preprocessing=preprocessing,
+                           compute_dtype=compute_dtype)
   return jax.jit(step, in_shardings=(replicated, replicated, replicated,
                                      NamedSharding(mesh, P(AXIS))),
                  out_shardings=replicated)
@@ -476,7 +504,8 @@ def eval_batch_rows(eval_batch_size: int, num_devices: int) -> int:
 
 def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
              global_batch_size: int, mesh: jax.sharding.Mesh,
-             chained: bool | None = None, heartbeat=None) -> dict[str, float]:
+             chained: bool | None = None, heartbeat=None,
+             num_workers: int = 0) -> dict[str, float]:
   """Loss and accuracy of the running-statistics model over a whole split.
 
   With several processes each batch's program starts only when the one before
@@ -499,6 +528,7 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
       there are several processes. False with several processes raises a
       ValueError.
     heartbeat: called after each batch is dispatched (the watchdog's `beat`).
+    num_workers: tf.data threads decoding streamed images (0 = all host cores).
 
   Returns:
     `{'loss': mean loss, 'accuracy': fraction correct}` over the split.
@@ -514,7 +544,8 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
   zeros = jax.device_put(zero_eval_sums(), NamedSharding(mesh, P()))
   batches = input_pipeline.prefetch_to_device(
       input_pipeline.eval_batches(split, global_batch_size=padded, rows=rows,
-                                  examples_per_batch=global_batch_size),
+                                  examples_per_batch=global_batch_size,
+                                  num_workers=num_workers),
       sharding, padded)
   if heartbeat is not None:
     batches = _beating(batches, heartbeat)
@@ -662,7 +693,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_eval_examples", "validation_split", "test_split", "evaluate_test_every_epoch",
     "checkpoint_every_steps", "max_checkpoints_to_keep", "log_every_steps",
     "max_consecutive_nonfinite", "preemption_check_every_steps", "sigterm_grace_seconds",
-    "stall_timeout_seconds", "inject_nan_at_steps", "tensorboard"})
+    "stall_timeout_seconds", "tensorboard", "data_workers"})
 
 
 def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
@@ -830,11 +861,12 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
   """
   config = run.config
   batch_sharding = NamedSharding(run.mesh, P(AXIS))
-  images = _beating((input_pipeline.to_global(batch, batch_sharding,
-                                              config.batch_size).images
+  images = _beating((_normalize_on_device(input_pipeline.to_global(
+      batch, batch_sharding, config.batch_size).images, run.train.preprocessing)
                      for batch in input_pipeline.train_batches(
                          run.train, global_batch_size=config.batch_size,
-                         seed=config.seed, epoch=epoch, rows=run.rows)),
+                         seed=config.seed, epoch=epoch, rows=run.rows,
+                         num_workers=config.data_workers)),
                     run.watchdog.beat)
   if jax.process_count() > 1:
     images = one_at_a_time(images)
@@ -850,6 +882,9 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
 
 def _identity(tree):
   return tree
+
+
+_normalize_on_device = jax.jit(input_pipeline.normalize, static_argnames="preprocessing")
 
 
 # --- the loop -------------------------------------------------------------------
@@ -996,16 +1031,10 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
   batch_sharding = NamedSharding(run.mesh, P(AXIS))
   step = int(jax.device_get(state.step))
   first_batch = step - epoch * run.steps_per_epoch
-  nan_steps = set(int(s) for s in config.inject_nan_at_steps)
   run.progress.start_epoch(epoch, config.num_epochs, run.steps_per_epoch, first_batch)
   host_batches = input_pipeline.train_batches(
       run.train, global_batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-      rows=run.rows, start_step=first_batch)
-  if nan_steps:
-    host_batches = (
-        batch._replace(images=np.full_like(batch.images, np.nan))
-        if batch_step in nan_steps else batch
-        for batch_step, batch in enumerate(host_batches, start=step))
+      rows=run.rows, start_step=first_batch, num_workers=config.data_workers)
   start_time, last_logged, saving_time = time.perf_counter(), step, 0.0
   total_steps = config.num_epochs * run.steps_per_epoch
   last_time, last_saving, last_sums = start_time, 0.0, jax.device_get(state.epoch_sums)
@@ -1065,7 +1094,8 @@ def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
   sums = jax.device_get(state.epoch_sums)
   batch_size = run.config.eval_batch_size
   val = evaluate(eval_fn, state, run.validation, global_batch_size=batch_size,
-                 mesh=run.mesh, heartbeat=run.watchdog.beat)
+                 mesh=run.mesh, heartbeat=run.watchdog.beat,
+                 num_workers=run.config.data_workers)
   record = {
       "epoch": epoch + 1, "step": int(jax.device_get(state.step)),
       "train_loss": float(sums.loss) / max(int(sums.steps), 1),
@@ -1074,7 +1104,8 @@ def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
   }
   if with_test:
     test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size,
-                    mesh=run.mesh, heartbeat=run.watchdog.beat)
+                    mesh=run.mesh, heartbeat=run.watchdog.beat,
+                    num_workers=run.config.data_workers)
     record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
   record.update(examples_per_sec=examples_per_sec,
                 nonfinite_steps=int(sums.nonfinite_steps))
@@ -1216,13 +1247,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       # Compiling ahead keeps compilation out of the measured examples/s.
       example = next(input_pipeline.train_batches(
           train, global_batch_size=config.batch_size, seed=config.seed, epoch=0,
-          rows=run.rows))
+          rows=run.rows, num_workers=config.data_workers))
       run.log("Compiling the train and eval steps...")
       compile_started = time.perf_counter()
-      step_fn = make_train_step(config, mesh, model, tx).lower(
+      step_fn = make_train_step(config, mesh, model, tx,
+                                preprocessing=train.preprocessing).lower(
           state, input_pipeline.to_global(example, batch_sharding, config.batch_size)
       ).compile()
-      eval_fn = make_eval_step(config, mesh, model).lower(
+      eval_fn = make_eval_step(config, mesh, model,
+                               preprocessing=validation.preprocessing).lower(
           state.params, state.bn_state, jax.device_put(zero_eval_sums(), replicated),
           _abstract_batch(example, eval_batch_rows(config.eval_batch_size,
                                                    mesh.devices.size), batch_sharding)
