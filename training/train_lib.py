@@ -597,8 +597,10 @@ def create_checkpoint_manager(workdir: epath.Path,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_checkpoints_to_keep, create=True,
       enable_async_checkpointing=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                               item_names=("state", "progress"))
+  return ocp.CheckpointManager(
+      workdir / "checkpoints", options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "progress": ocp.JsonCheckpointHandler()})
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
