@@ -231,6 +231,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"batch_size={config.batch_size} must be a positive multiple of the number of "
         f"devices ({num_devices}) so that every device trains on the same number of "
         "examples (eval_batch_size may be any size: its batches are padded).")
+  accum = config.grad_accum_steps
+  per_device = config.batch_size // num_devices
+  check(accum >= 1 and per_device % accum == 0,
+        f"grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
+        f"(batch_size={config.batch_size} over {num_devices} devices: {per_device} "
+        "examples) into equal microbatches.")
+  check(accum == 1 or config.model in resnet.RESNETS,
+        f"grad_accum_steps={accum} needs a flax.linen model (one of "
+        f"{sorted(resnet.RESNETS)}); model {config.model!r} is not one yet: set "
+        "grad_accum_steps=1.")
   check(config.eval_batch_size > 0,
         f"eval_batch_size must be > 0, got {config.eval_batch_size}.")
   group = config.bn_group_size
@@ -329,7 +339,8 @@ def _all_finite(tree) -> jax.Array:
 def train_step(state: TrainState, batch: input_pipeline.Batch, *,
                model: models.Model, tx: optax.GradientTransformation,
                compute_dtype=jnp.float32, axis_name: str | None = None,
-               bn_axis_index_groups=None, label_smoothing: float = 0.0) -> TrainState:
+               bn_axis_index_groups=None, label_smoothing: float = 0.0,
+               grad_accum_steps: int = 1, batch_shards: int = 1) -> TrainState:
   """One optimization step on a batch (global under jit, local under shard_map).
 
   Args:
@@ -342,6 +353,12 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     bn_axis_index_groups: groups of devices that pool BN statistics.
     label_smoothing: the training loss's targets are
       `optax.smooth_labels(one_hot, label_smoothing)` (0 = plain labels).
+    grad_accum_steps: k > 1 runs the batch as k microbatches one after the
+      other (`accumulate_microbatches`; linen models only) and applies their
+      mean gradient once.
+    batch_shards: the batch's rows are this many equal per-device blocks
+      (gspmd: the mesh's devices; shard_map: 1, the local block); each
+      microbatch takes its rows from every block.
 
   Returns:
     The new state; on a non-finite loss, gradient or update it keeps the old
@@ -351,18 +368,18 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     logits, new_bn_state = model.apply(
         params, state.bn_state, batch.images, True, bn_axis_name=axis_name,
         bn_axis_index_groups=bn_axis_index_groups, compute_dtype=compute_dtype)
-    if label_smoothing:
-      targets = optax.smooth_labels(
-          jax.nn.one_hot(batch.labels, logits.shape[-1]), label_smoothing)
-      loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
-    else:
-      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-          logits, batch.labels))
-    return loss, (logits, new_bn_state)
+    return _training_loss(logits, batch.labels, label_smoothing), (logits, new_bn_state)
 
-  (loss, (logits, new_bn_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  correct = jnp.sum(jnp.argmax(logits, -1) == batch.labels, dtype=jnp.int32)
+  if grad_accum_steps == 1:
+    (loss, (logits, new_bn_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    correct = _correct_count(logits, batch.labels)
+  else:
+    loss, grads, correct, new_bn_state = accumulate_microbatches(
+        state.params, state.bn_state, split_microbatches(batch, grad_accum_steps,
+                                                         batch_shards),
+        model=model, compute_dtype=compute_dtype, axis_name=axis_name,
+        bn_axis_index_groups=bn_axis_index_groups, label_smoothing=label_smoothing)
   examples = batch.labels.shape[0]
   if axis_name is not None:
     # Equal per-device batches: the mean of local means is the global mean.
@@ -396,6 +413,135 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       bn_state=keep_if_finite(new_bn_state, state.bn_state),
       consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
       epoch_sums=new_sums)
+
+
+def _training_loss(logits: jax.Array, labels: jax.Array,
+                   label_smoothing: float) -> jax.Array:
+  """Mean softmax cross-entropy of `(batch, classes)` logits and `(batch,)` labels."""
+  if label_smoothing:
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _correct_count(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.argmax(logits, -1) == labels, dtype=jnp.int32)
+
+
+def split_microbatches(batch: input_pipeline.Batch, num_microbatches: int,
+                       batch_shards: int = 1) -> input_pipeline.Batch:
+  """`batch` as `num_microbatches` microbatches stacked on a new leading axis.
+
+  The rows are `batch_shards` equal blocks (one per device under gspmd);
+  microbatch `j` is rows `[j * m, (j + 1) * m)` of every block, `m` being
+  the block's rows over `num_microbatches`, so each device's microbatch is
+  its own rows (no data moves) and shard_map's local split (one block) makes
+  the same microbatches.
+
+  Args:
+    batch: arrays of `rows` leading rows, `rows` divisible by
+      `batch_shards * num_microbatches`.
+    num_microbatches: `k`.
+    batch_shards: the equal blocks of rows.
+
+  Returns:
+    The same fields, each of shape `(k, rows // k) + field.shape[1:]`.
+  """
+  def split(field):
+    shape = field.shape[1:]
+    rows = field.shape[0] // (batch_shards * num_microbatches)
+    blocks = field.reshape((batch_shards, num_microbatches, rows) + shape)
+    return jnp.swapaxes(blocks, 0, 1).reshape(
+        (num_microbatches, batch_shards * rows) + shape)
+  return jax.tree.map(split, batch)
+
+
+def _accumulating_forward(model: models.Model, params, bn_state, batch_moments,
+                          images: jax.Array, *, compute_dtype, axis_name,
+                          bn_axis_index_groups):
+  """A linen model's training forward pass that pools BN moments.
+
+  `jaxbn.linen.BatchNorm`'s `batch_moments` collection is mutable: each
+  layer adds the microbatch's moments to `batch_moments` and sets its
+  `batch_stats` to one running-average update from the step's starting
+  statistics with the moments pooled so far.
+
+  Returns:
+    `(logits, batch_stats, batch_moments)`: float32 `(batch, classes)` logits
+    and the two updated collections.
+  """
+  module = model.module.clone(dtype=jnp.dtype(compute_dtype), axis_name=axis_name,
+                              axis_index_groups=bn_axis_index_groups)
+  variables = {"params": params, "batch_stats": bn_state,
+               jaxbn.linen.MOMENTS_COLLECTION: batch_moments}
+  logits, updates = module.apply(
+      variables, images, train=True,
+      mutable=["batch_stats", jaxbn.linen.MOMENTS_COLLECTION])
+  return (logits.astype(jnp.float32), updates["batch_stats"],
+          updates[jaxbn.linen.MOMENTS_COLLECTION])
+
+
+def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch, *,
+                            model: models.Model, compute_dtype=jnp.float32,
+                            axis_name: str | None = None, bn_axis_index_groups=None,
+                            label_smoothing: float = 0.0):
+  """Loss, gradient, correct count and BN statistics of a batch run in microbatches.
+
+  A `lax.scan` over the `k` microbatches runs forward and backward on one at
+  a time (activations of one microbatch in memory); each is normalized with
+  its own batch statistics, and the BN moments of all `k` are pooled so that
+  the running statistics get one update, the full batch's
+  (docs/microbatch.md).
+
+  Args:
+    params: the model's parameters.
+    bn_state: its `batch_stats` at the start of the step.
+    microbatches: `split_microbatches`'s output, fields `(k, rows, ...)`.
+    model: a linen model (`models.linen_model`).
+    compute_dtype, axis_name, bn_axis_index_groups, label_smoothing: as
+      `train_step`'s.
+
+  Returns:
+    `(loss, grads, correct, bn_state)`: the mean of the microbatches' mean
+    losses and of their gradients, the correct predictions summed, and the
+    running statistics updated once with the pooled moments of all rows
+    (local values: `train_step` averages them over `axis_name`).
+
+  Raises:
+    ValueError: `model` is not a linen model.
+  """
+  if model.module is None:
+    raise ValueError("gradient accumulation needs a flax.linen model "
+                     "(models.linen_model); this model has no module.")
+  forward = functools.partial(_accumulating_forward, model,
+                              compute_dtype=compute_dtype, axis_name=axis_name,
+                              bn_axis_index_groups=bn_axis_index_groups)
+  num_microbatches = microbatches.labels.shape[0]
+
+  def loss_fn(params, bn_state, batch_moments, microbatch):
+    logits, bn_state, batch_moments = forward(params, bn_state, batch_moments,
+                                              microbatch.images)
+    loss = _training_loss(logits, microbatch.labels, label_smoothing)
+    return loss, (_correct_count(logits, microbatch.labels), bn_state, batch_moments)
+
+  def step(carry, microbatch):
+    grads_sum, loss_sum, correct_sum, bn_state, batch_moments = carry
+    (loss, (correct, bn_state, batch_moments)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params, bn_state, batch_moments, microbatch)
+    return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
+            correct_sum + correct, bn_state, batch_moments), None
+
+  # An all-zero accumulator is an empty one; its structure is the first call's.
+  first_images = microbatches.images[0]
+  empty_moments = jax.tree.map(
+      lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+      jax.eval_shape(lambda: forward(params, bn_state, {}, first_images)[2]))
+  start = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+           jnp.zeros((), jnp.int32), bn_state, empty_moments)
+  (grads, loss, correct, bn_state, _), _ = lax.scan(step, start, microbatches)
+  grads = jax.tree.map(lambda grad: grad / num_microbatches, grads)
+  return loss / num_microbatches, grads, correct, bn_state
 
 
 def _sync_bn_state(bn_state, axis_name):
@@ -437,7 +583,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if config.parallelism == "gspmd":
     step = functools.partial(train_step, model=model, tx=tx,
                              compute_dtype=compute_dtype,
-                             label_smoothing=config.label_smoothing)
+                             label_smoothing=config.label_smoothing,
+                             grad_accum_steps=config.grad_accum_steps,
+                             batch_shards=mesh.devices.size)
     return jax.jit(step, in_shardings=(replicated, batch_sharding),
                    out_shardings=replicated, donate_argnums=0)
   num_devices = mesh.devices.size
@@ -448,7 +596,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
               for start in range(0, num_devices, group_size)]
   step = functools.partial(train_step, model=model, tx=tx, compute_dtype=compute_dtype,
                            axis_name=AXIS, bn_axis_index_groups=groups,
-                           label_smoothing=config.label_smoothing)
+                           label_smoothing=config.label_smoothing,
+                           grad_accum_steps=config.grad_accum_steps)
   # check_vma=False: the pmap-style contract (per-device gradients, averaged
   # explicitly with pmean), which is what axis_index_groups supports.
   sharded_step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
@@ -647,8 +796,9 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
 
   Every config field except `RESUMABLE_FIELDS`; `num_epochs` and
   `warmup_epochs` only when the learning-rate schedule depends on them (a
-  constant rate may train for more epochs), and `momentum` / `nesterov` only
-  for the momentum optimizer.
+  constant rate may train for more epochs), `momentum` / `nesterov` only
+  for the momentum optimizer, and `grad_accum_steps` only when above 1 (the
+  microbatches are normalized on their own, so k changes the run).
   """
   signature = {key: value for key, value in config.to_dict().items()
                if key not in RESUMABLE_FIELDS}
@@ -656,6 +806,8 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
     del signature["num_epochs"], signature["warmup_epochs"]
   if config.optimizer != "momentum":
     del signature["momentum"], signature["nesterov"]
+  if config.grad_accum_steps == 1:
+    del signature["grad_accum_steps"]  # the checkpoints of runs from before the field
   signature["steps_per_epoch"] = steps_per_epoch
   # As JSON stores it (tuples become lists), so that equal settings compare equal.
   return json.loads(json.dumps(signature))
@@ -1092,6 +1244,13 @@ def _abstract_batch(example: input_pipeline.Batch, global_batch_size: int,
                            sharding=sharding) for local in example))
 
 
+def _microbatches_note(config: ml_collections.ConfigDict, num_devices: int) -> str:
+  if config.grad_accum_steps == 1:
+    return ""
+  rows = config.batch_size // num_devices // config.grad_accum_steps
+  return f" in {config.grad_accum_steps} microbatches of {rows} per device"
+
+
 def _load_splits(config: ml_collections.ConfigDict):
   """(train, validation, test, info) of `config`'s dataset."""
   names = split_names(config)
@@ -1182,7 +1341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             f"{input_pipeline.count_examples(test)} test examples; "
             f"{jax.process_count()} process(es), "
             f"{mesh.devices.size} device(s), parallelism={config.parallelism}, global "
-            f"batch {config.batch_size}, {steps_per_epoch} steps per epoch.")
+            f"batch {config.batch_size}{_microbatches_note(config, mesh.devices.size)}, "
+            f"{steps_per_epoch} steps per epoch.")
     if is_main and run.history:
       write_metrics(workdir, run.history)
 

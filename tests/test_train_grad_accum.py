@@ -1,0 +1,221 @@
+"""train.py's gradient accumulation (`config.grad_accum_steps`) on the 8 CPU devices.
+
+The step-level tests use a two-stage linen ResNet on 8x8 images (fast to
+compile) wrapped like the shipped ResNets (`models.linen_model`), a global
+batch of 64 rows (8 per device) and k = 4 microbatches of 2 rows per device.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from tests import _train_utils as utils
+from training import input_pipeline
+from training import models
+from training import resnet
+from training import train_lib
+
+NUM_DEVICES = 8
+BATCH = 64
+ACCUM = 4
+IMAGE_SHAPE = (8, 8, 3)
+
+
+@functools.cache
+def _model() -> models.Model:
+  module = resnet.ResNet(stage_sizes=(1, 1), block_cls=resnet.BasicBlock, num_classes=10,
+                         num_filters=4, stem="cifar", shortcut="pad",
+                         zero_init_last_bn=False, bn_momentum=0.9, bn_epsilon=1e-5)
+  return models.linen_model(module, IMAGE_SHAPE)
+
+
+def _gradient_recorder() -> optax.GradientTransformation:
+  """An optimizer whose state is the last gradient it was given; parameters stay."""
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+  def update(grads, state, params=None):
+    del state, params
+    return jax.tree.map(jnp.zeros_like, grads), grads
+
+  return optax.GradientTransformation(init, update)
+
+
+def _batch(seed: int = 0) -> input_pipeline.Batch:
+  rng = np.random.default_rng(seed)
+  # An offset and a scale per channel, so that the running statistics move.
+  images = (rng.normal(size=(BATCH,) + IMAGE_SHAPE) * [1.0, 2.0, 0.5] + [0.5, -1.0, 2.0])
+  return input_pipeline.Batch(images.astype(np.float32),
+                              rng.integers(0, 10, BATCH).astype(np.int32),
+                              np.ones(BATCH, bool))
+
+
+def _microbatch_rows(j: int) -> np.ndarray:
+  """The rows of microbatch j: the j-th 2 of each device's 8 rows."""
+  per_device, rows = BATCH // NUM_DEVICES, BATCH // NUM_DEVICES // ACCUM
+  return np.concatenate([np.arange(d * per_device + j * rows, d * per_device + (j + 1) * rows)
+                         for d in range(NUM_DEVICES)])
+
+
+def _one_step(tx, batch, **overrides):
+  """The state after one train step of a fresh state, and that fresh state."""
+  config = utils.tiny_config(model="resnet20", batch_size=BATCH, **overrides)
+  train_lib.validate_config(config, NUM_DEVICES)
+  mesh = train_lib.create_mesh(NUM_DEVICES)
+  model = _model()
+  start = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
+                  out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
+  start_host = jax.device_get(start)
+  step = train_lib.make_train_step(config, mesh, model, tx)
+  new = step(start, input_pipeline.to_global(batch, NamedSharding(mesh, P("data")), BATCH))
+  return jax.device_get(new), start_host
+
+
+@pytest.fixture(scope="module")
+def full_batch_step():
+  """k = 1 on the whole batch (gspmd): the running statistics to match."""
+  return _one_step(_gradient_recorder(), _batch(), parallelism="gspmd")
+
+
+def _microbatch_loss_and_grad(params, bn_state, rows, batch):
+  """One k = 1 forward and backward pass on `rows` alone (on one device)."""
+  def loss_fn(params):
+    logits, new_state = _model().apply(params, bn_state, batch.images[rows], True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels[rows])
+    return jnp.mean(loss), (logits, new_state)
+  (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  correct = int(np.sum(np.argmax(logits, -1) == batch.labels[rows]))
+  return float(loss), grads, correct, new_state
+
+
+@pytest.mark.parametrize("parallelism", ["gspmd", "shard_map"])
+def test_accumulated_step_gives_the_full_batch_running_statistics(parallelism,
+                                                                  full_batch_step):
+  batch = _batch()
+  full, start = full_batch_step
+  accumulated, _ = _one_step(_gradient_recorder(), batch, parallelism=parallelism,
+                             grad_accum_steps=ACCUM)
+  # Every BN layer's running mean and variance: the full batch's, to 1e-6.
+  chex.assert_trees_all_equal_structs(accumulated.bn_state, full.bn_state)
+  chex.assert_trees_all_close(accumulated.bn_state, full.bn_state, rtol=1e-6, atol=1e-6)
+  # Updating them once per microbatch (k small-batch updates) is far off: the
+  # comparison above fails on a trainer that does that.
+  per_microbatch = start.bn_state
+  for j in range(ACCUM):
+    *_, per_microbatch = _microbatch_loss_and_grad(start.params, per_microbatch,
+                                                   _microbatch_rows(j), batch)
+  differences = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)),
+                                             per_microbatch, full.bn_state))
+  assert max(differences) > 1e-2
+
+  # Each microbatch is normalized with its own statistics: the loss, the
+  # gradient and the correct count are the means (sum) of k separate k = 1
+  # passes over the microbatches, not the full batch's.
+  results = [_microbatch_loss_and_grad(start.params, start.bn_state, _microbatch_rows(j),
+                                       batch) for j in range(ACCUM)]
+  np.testing.assert_allclose(accumulated.epoch_sums.loss, np.mean([r[0] for r in results]),
+                             rtol=1e-6)
+  mean_grads = jax.tree.map(lambda *grads: np.mean(grads, axis=0), *(r[1] for r in results))
+  chex.assert_trees_all_close(accumulated.opt_state, mean_grads, rtol=1e-4, atol=1e-6)
+  assert int(accumulated.epoch_sums.correct) == sum(r[2] for r in results)
+  assert int(accumulated.epoch_sums.examples) == BATCH
+  assert int(accumulated.epoch_sums.steps) == int(accumulated.step) == 1
+  # ...and they differ from the full batch's (so the check above can fail).
+  assert abs(float(accumulated.epoch_sums.loss) - float(full.epoch_sums.loss)) > 1e-4
+
+
+def test_gspmd_and_shard_map_accumulate_the_same_microbatches():
+  batch = _batch(1)
+  gspmd, _ = _one_step(_gradient_recorder(), batch, parallelism="gspmd",
+                       grad_accum_steps=ACCUM)
+  shard_map, _ = _one_step(_gradient_recorder(), batch, parallelism="shard_map",
+                           grad_accum_steps=ACCUM)
+  chex.assert_trees_all_close(gspmd.bn_state, shard_map.bn_state, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(gspmd.opt_state, shard_map.opt_state, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(gspmd.epoch_sums.loss, shard_map.epoch_sums.loss, rtol=1e-6)
+
+
+def test_split_microbatches_takes_each_microbatch_from_every_device_block():
+  batch = _batch()
+  split = jax.device_get(train_lib.split_microbatches(batch, ACCUM, NUM_DEVICES))
+  for j in range(ACCUM):
+    np.testing.assert_array_equal(split.images[j], batch.images[_microbatch_rows(j)])
+    np.testing.assert_array_equal(split.labels[j], batch.labels[_microbatch_rows(j)])
+  # One block (shard_map's local view): consecutive rows.
+  local = jax.device_get(train_lib.split_microbatches(batch, ACCUM))
+  np.testing.assert_array_equal(local.labels.reshape(-1), batch.labels)
+
+
+def test_one_optimizer_step_per_batch_and_nonfinite_microbatch_skips_the_step():
+  config_overrides = dict(parallelism="shard_map", grad_accum_steps=ACCUM)
+  tx = optax.adam(1e-3)
+  batch = _batch()
+  after_one, start = _one_step(tx, batch, **config_overrides)
+  assert int(optax.tree_utils.tree_get(after_one.opt_state, "count")) == 1
+  # A NaN pixel in one microbatch (the last one of device 5): the whole step
+  # is skipped, nothing but the counters changes.
+  poisoned = batch._replace(images=batch.images.copy())
+  poisoned.images[5 * 8 + 7, 3, 3, 1] = np.nan
+  skipped, _ = _one_step(tx, poisoned, **config_overrides)
+  for name in ("params", "opt_state", "bn_state"):
+    chex.assert_trees_all_equal(getattr(skipped, name), getattr(start, name))
+  assert int(skipped.step) == 1 and int(skipped.consecutive_nonfinite) == 1
+  assert int(skipped.epoch_sums.nonfinite_steps) == 1
+  assert int(skipped.epoch_sums.steps) == 0 and float(skipped.epoch_sums.loss) == 0.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(grad_accum_steps=0), r"grad_accum_steps=0 must be >= 1"),
+    (dict(grad_accum_steps=3), r"grad_accum_steps=3 must be >= 1 and divide the "
+                               r"per-device batch \(batch_size=64 over 8 devices: 8 "
+                               r"examples\)"),
+    (dict(grad_accum_steps=16), r"grad_accum_steps=16 must"),
+    (dict(grad_accum_steps=2, model="cnn"),
+     r"grad_accum_steps=2 needs a flax.linen model .*model 'cnn' is not one"),
+])
+def test_bad_grad_accum_configs_fail(overrides, message):
+  config = utils.tiny_config(**{"model": "resnet20", **overrides})
+  with pytest.raises(ValueError, match=message):
+    train_lib.validate_config(config, NUM_DEVICES)
+
+
+def test_accumulate_microbatches_refuses_a_model_without_module():
+  model = models.create_model("mlp", input_shape=IMAGE_SHAPE, num_classes=10)
+  params, bn_state = model.init(jax.random.key(0))
+  microbatches = train_lib.split_microbatches(_batch(), ACCUM)
+  with pytest.raises(ValueError, match="needs a flax.linen model"):
+    train_lib.accumulate_microbatches(params, bn_state, microbatches, model=model)
+
+
+def test_grad_accum_steps_is_part_of_the_run_signature_only_above_one():
+  assert "grad_accum_steps" not in train_lib._run_signature(utils.tiny_config(), 8)
+  signature = train_lib._run_signature(utils.tiny_config(grad_accum_steps=2), 8)
+  assert signature["grad_accum_steps"] == 2
+
+
+def test_train_and_evaluate_with_grad_accum_runs_and_resumes(tmp_path):
+  config = utils.tiny_config(model="resnet20", bn_momentum=0.9, bn_epsilon=1e-5,
+                             num_devices=2, num_epochs=1, batch_size=32, eval_batch_size=64,
+                             num_train_examples=96, num_eval_examples=64,
+                             optimizer="momentum", learning_rate=0.05,
+                             grad_accum_steps=2, checkpoint_every_steps=0)
+  first = train_lib.train_and_evaluate(config, tmp_path)
+  assert first["step"] == 3 and np.isfinite(first["train_loss"])
+  assert first["train_accuracy"] * 96 == round(first["train_accuracy"] * 96)
+  # Another epoch resumes from the checkpoint (constant rate: num_epochs may grow).
+  config.num_epochs = 2
+  second = train_lib.train_and_evaluate(config, tmp_path)
+  assert second["epoch"] == 2 and second["step"] == 6
+  assert utils.read_metrics(tmp_path)[0] == first
+  # Resuming with another number of microbatches is another run.
+  config.grad_accum_steps = 4
+  config.num_epochs = 3
+  with pytest.raises(ValueError, match=r"grad_accum_steps=2 there, 4 here"):
+    train_lib.train_and_evaluate(config, tmp_path)
