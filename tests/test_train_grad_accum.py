@@ -6,8 +6,10 @@ batch of 64 rows (8 per device) and k = 4 microbatches of 2 rows per device.
 """
 
 import functools
+from typing import Any, NamedTuple
 
 import chex
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -16,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxbn import linen as jaxbn_linen
 from tests import _train_utils as utils
 from training import input_pipeline
 from training import models
@@ -36,14 +39,19 @@ def _model() -> models.Model:
   return models.linen_model(module, IMAGE_SHAPE)
 
 
+class Recorded(NamedTuple):
+  updates: jax.Array  # int32: optimizer updates so far
+  grads: Any  # the last gradient
+
+
 def _gradient_recorder() -> optax.GradientTransformation:
-  """An optimizer whose state is the last gradient it was given; parameters stay."""
+  """An optimizer that keeps the last gradient and counts its updates; parameters stay."""
   def init(params):
-    return jax.tree.map(jnp.zeros_like, params)
+    return Recorded(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params))
 
   def update(grads, state, params=None):
-    del state, params
-    return jax.tree.map(jnp.zeros_like, grads), grads
+    del params
+    return jax.tree.map(jnp.zeros_like, grads), Recorded(state.updates + 1, grads)
 
   return optax.GradientTransformation(init, update)
 
@@ -64,56 +72,119 @@ def _microbatch_rows(j: int) -> np.ndarray:
                          for d in range(NUM_DEVICES)])
 
 
-def _one_step(tx, batch, **overrides):
-  """The state after one train step of a fresh state, and that fresh state."""
-  config = utils.tiny_config(model="resnet20", batch_size=BATCH, **overrides)
+@functools.cache
+def _compiled(parallelism: str, grad_accum_steps: int):
+  """`(init, step)` of the gradient recorder: a fresh state (a new one each call:
+  the step donates it) and the jitted train step, compiled once per test module."""
+  config = utils.tiny_config(model="resnet20", batch_size=BATCH, parallelism=parallelism,
+                             grad_accum_steps=grad_accum_steps)
   train_lib.validate_config(config, NUM_DEVICES)
   mesh = train_lib.create_mesh(NUM_DEVICES)
-  model = _model()
-  start = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
-                  out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
-  start_host = jax.device_get(start)
+  model, tx = _model(), _gradient_recorder()
+  init = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
+                 out_shardings=NamedSharding(mesh, P()))
   step = train_lib.make_train_step(config, mesh, model, tx)
-  new = step(start, input_pipeline.to_global(batch, NamedSharding(mesh, P("data")), BATCH))
-  return jax.device_get(new), start_host
+  sharding = NamedSharding(mesh, P("data"))
+  return init, lambda state, batch: step(state, input_pipeline.to_global(batch, sharding,
+                                                                          BATCH))
+
+
+def _one_step(batch, *, parallelism: str, grad_accum_steps: int = 1):
+  """The state after one train step from the initial state, and the initial state."""
+  init, step = _compiled(parallelism, grad_accum_steps)
+  start = init(jax.random.key(0))
+  start_host = jax.device_get(start)
+  return jax.device_get(step(start, batch)), start_host
 
 
 @pytest.fixture(scope="module")
 def full_batch_step():
   """k = 1 on the whole batch (gspmd): the running statistics to match."""
-  return _one_step(_gradient_recorder(), _batch(), parallelism="gspmd")
+  return _one_step(_batch(), parallelism="gspmd")
+
+
+@jax.jit
+def _loss_and_grad(params, bn_state, images, labels):
+  def loss_fn(params):
+    logits, new_state = _model().apply(params, bn_state, images, True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.mean(loss), (logits, new_state)
+  (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, grads, jnp.sum(jnp.argmax(logits, -1) == labels), new_state
 
 
 def _microbatch_loss_and_grad(params, bn_state, rows, batch):
-  """One k = 1 forward and backward pass on `rows` alone (on one device)."""
-  def loss_fn(params):
-    logits, new_state = _model().apply(params, bn_state, batch.images[rows], True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels[rows])
-    return jnp.mean(loss), (logits, new_state)
-  (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  correct = int(np.sum(np.argmax(logits, -1) == batch.labels[rows]))
-  return float(loss), grads, correct, new_state
+  """One k = 1 forward and backward pass on `rows` alone (on one device): the
+  loss, gradient, correct count and running statistics."""
+  return jax.device_get(_loss_and_grad(params, bn_state, batch.images[rows],
+                                       batch.labels[rows]))
+
+
+@jax.jit
+def _bn_inputs(params, bn_state, images) -> dict[str, jax.Array]:
+  """The input of every BN layer (by module path, '/'-joined) in a training forward pass."""
+  inputs = {}
+
+  def record(next_fun, args, kwargs, context):
+    if (isinstance(context.module, jaxbn_linen.BatchNorm)
+        and context.method_name == "__call__"):
+      inputs["/".join(context.module.path)] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    _model().module.apply({"params": params, "batch_stats": bn_state}, images,
+                          train=True, mutable=["batch_stats"])
+  return inputs
+
+
+def _one_update(start_bn_state, inputs: dict, momentum: float = 0.9):
+  """The running statistics after one update with the moments of `inputs`' rows."""
+  expected = jax.tree.map(np.asarray, start_bn_state)
+  for path, x in inputs.items():
+    layer = functools.reduce(lambda tree, name: tree[name], path.split("/"), expected)
+    x = np.asarray(x, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    layer["mean"] = momentum * layer["mean"] + (1 - momentum) * x.mean(axes)
+    layer["var"] = momentum * layer["var"] + (1 - momentum) * x.var(axes)
+  return expected
 
 
 @pytest.mark.parametrize("parallelism", ["gspmd", "shard_map"])
-def test_accumulated_step_gives_the_full_batch_running_statistics(parallelism,
-                                                                  full_batch_step):
+def test_accumulated_step_updates_the_running_statistics_once_with_all_rows(
+    parallelism, full_batch_step):
   batch = _batch()
   full, start = full_batch_step
-  accumulated, _ = _one_step(_gradient_recorder(), batch, parallelism=parallelism,
+  accumulated, _ = _one_step(batch, parallelism=parallelism,
                              grad_accum_steps=ACCUM)
-  # Every BN layer's running mean and variance: the full batch's, to 1e-6.
   chex.assert_trees_all_equal_structs(accumulated.bn_state, full.bn_state)
-  chex.assert_trees_all_close(accumulated.bn_state, full.bn_state, rtol=1e-6, atol=1e-6)
+  # The first BN layer sees the same rows either way: its running statistics
+  # are the full batch's, to 1e-6.
+  chex.assert_trees_all_close(accumulated.bn_state["bn_init"], full.bn_state["bn_init"],
+                              rtol=1e-6, atol=1e-6)
+  # Every layer: one update from the step's starting statistics with the
+  # moments of all the rows it saw in the k microbatches (the later layers'
+  # inputs depend on the earlier layers' per-microbatch normalization).
+  microbatch_inputs = [_bn_inputs(start.params, start.bn_state,
+                                  batch.images[_microbatch_rows(j)]) for j in range(ACCUM)]
+  pooled_inputs = {path: np.concatenate([inputs[path] for inputs in microbatch_inputs])
+                   for path in microbatch_inputs[0]}
+  assert len(pooled_inputs) == len(jax.tree.leaves(full.bn_state)) // 2
+  chex.assert_trees_all_close(accumulated.bn_state,
+                              _one_update(start.bn_state, pooled_inputs),
+                              rtol=1e-6, atol=1e-6)
+  # The same reference reproduces the k = 1 step on the whole batch.
+  chex.assert_trees_all_close(
+      full.bn_state, _one_update(start.bn_state, _bn_inputs(start.params, start.bn_state,
+                                                            batch.images)),
+      rtol=1e-6, atol=1e-6)
   # Updating them once per microbatch (k small-batch updates) is far off: the
-  # comparison above fails on a trainer that does that.
+  # comparisons above fail on a trainer that does that.
   per_microbatch = start.bn_state
   for j in range(ACCUM):
     *_, per_microbatch = _microbatch_loss_and_grad(start.params, per_microbatch,
                                                    _microbatch_rows(j), batch)
-  differences = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)),
-                                             per_microbatch, full.bn_state))
-  assert max(differences) > 1e-2
+  assert np.max(np.abs(per_microbatch["bn_init"]["var"]
+                       - full.bn_state["bn_init"]["var"])) > 1e-2
 
   # Each microbatch is normalized with its own statistics: the loss, the
   # gradient and the correct count are the means (sum) of k separate k = 1
@@ -123,7 +194,8 @@ def test_accumulated_step_gives_the_full_batch_running_statistics(parallelism,
   np.testing.assert_allclose(accumulated.epoch_sums.loss, np.mean([r[0] for r in results]),
                              rtol=1e-6)
   mean_grads = jax.tree.map(lambda *grads: np.mean(grads, axis=0), *(r[1] for r in results))
-  chex.assert_trees_all_close(accumulated.opt_state, mean_grads, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(accumulated.opt_state.grads, mean_grads, rtol=1e-4, atol=1e-6)
+  assert int(accumulated.opt_state.updates) == 1  # one optimizer step per batch
   assert int(accumulated.epoch_sums.correct) == sum(r[2] for r in results)
   assert int(accumulated.epoch_sums.examples) == BATCH
   assert int(accumulated.epoch_sums.steps) == int(accumulated.step) == 1
@@ -133,12 +205,13 @@ def test_accumulated_step_gives_the_full_batch_running_statistics(parallelism,
 
 def test_gspmd_and_shard_map_accumulate_the_same_microbatches():
   batch = _batch(1)
-  gspmd, _ = _one_step(_gradient_recorder(), batch, parallelism="gspmd",
+  gspmd, _ = _one_step(batch, parallelism="gspmd",
                        grad_accum_steps=ACCUM)
-  shard_map, _ = _one_step(_gradient_recorder(), batch, parallelism="shard_map",
+  shard_map, _ = _one_step(batch, parallelism="shard_map",
                            grad_accum_steps=ACCUM)
   chex.assert_trees_all_close(gspmd.bn_state, shard_map.bn_state, rtol=1e-6, atol=1e-6)
-  chex.assert_trees_all_close(gspmd.opt_state, shard_map.opt_state, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(gspmd.opt_state.grads, shard_map.opt_state.grads, rtol=1e-4,
+                              atol=1e-6)
   np.testing.assert_allclose(gspmd.epoch_sums.loss, shard_map.epoch_sums.loss, rtol=1e-6)
 
 
@@ -153,17 +226,12 @@ def test_split_microbatches_takes_each_microbatch_from_every_device_block():
   np.testing.assert_array_equal(local.labels.reshape(-1), batch.labels)
 
 
-def test_one_optimizer_step_per_batch_and_nonfinite_microbatch_skips_the_step():
-  config_overrides = dict(parallelism="shard_map", grad_accum_steps=ACCUM)
-  tx = optax.adam(1e-3)
-  batch = _batch()
-  after_one, start = _one_step(tx, batch, **config_overrides)
-  assert int(optax.tree_utils.tree_get(after_one.opt_state, "count")) == 1
-  # A NaN pixel in one microbatch (the last one of device 5): the whole step
-  # is skipped, nothing but the counters changes.
-  poisoned = batch._replace(images=batch.images.copy())
+def test_nonfinite_microbatch_skips_the_whole_step():
+  # A NaN pixel in one microbatch (the last one of device 5): the step is
+  # skipped; nothing but the counters changes.
+  poisoned = _batch()
   poisoned.images[5 * 8 + 7, 3, 3, 1] = np.nan
-  skipped, _ = _one_step(tx, poisoned, **config_overrides)
+  skipped, start = _one_step(poisoned, parallelism="shard_map", grad_accum_steps=ACCUM)
   for name in ("params", "opt_state", "bn_state"):
     chex.assert_trees_all_equal(getattr(skipped, name), getattr(start, name))
   assert int(skipped.step) == 1 and int(skipped.consecutive_nonfinite) == 1
@@ -188,10 +256,10 @@ def test_bad_grad_accum_configs_fail(overrides, message):
 
 def test_accumulate_microbatches_refuses_a_model_without_module():
   model = models.create_model("mlp", input_shape=IMAGE_SHAPE, num_classes=10)
-  params, bn_state = model.init(jax.random.key(0))
+  assert model.module is None
   microbatches = train_lib.split_microbatches(_batch(), ACCUM)
   with pytest.raises(ValueError, match="needs a flax.linen model"):
-    train_lib.accumulate_microbatches(params, bn_state, microbatches, model=model)
+    train_lib.accumulate_microbatches({}, {}, microbatches, model=model)
 
 
 def test_grad_accum_steps_is_part_of_the_run_signature_only_above_one():
