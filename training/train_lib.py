@@ -22,6 +22,12 @@ and `train.py` exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: rerun the
 same command to resume; the resumed run ends with the same metrics as an
 uninterrupted one).
 
+Gradient accumulation (`grad_accum_steps = k > 1`, linen models): each
+device's rows run as `k` microbatches in a `lax.scan`, each normalized with
+its own statistics; the gradient is their mean, applied once, and the BN
+running statistics are updated once with the moments of all the rows
+(`accumulate_microbatches`, docs/microbatch.md).
+
 PreciseBN (`precise_bn_batches > 0`): before each evaluation and each
 checkpoint the BN running statistics are recomputed with the current weights
 over that many training batches (`models.recompute_bn_stats`), replacing the
@@ -491,7 +497,7 @@ def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch
   A `lax.scan` over the `k` microbatches runs forward and backward on one at
   a time (activations of one microbatch in memory); each is normalized with
   its own batch statistics, and the BN moments of all `k` are pooled so that
-  the running statistics get one update, the full batch's
+  the running statistics get one update, with the moments of every row
   (docs/microbatch.md).
 
   Args:
@@ -807,7 +813,8 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
   if config.optimizer != "momentum":
     del signature["momentum"], signature["nesterov"]
   if config.grad_accum_steps == 1:
-    del signature["grad_accum_steps"]  # the checkpoints of runs from before the field
+    # The signature of a config without the field: its checkpoints resume.
+    del signature["grad_accum_steps"]
   signature["steps_per_epoch"] = steps_per_epoch
   # As JSON stores it (tuples become lists), so that equal settings compare equal.
   return json.loads(json.dumps(signature))
