@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import math
 import os
 import platform
 import re
@@ -197,70 +196,6 @@ def print_table(title: str, headers, rows, note: str | None = None) -> None:
   if note:
     print(f"\n{note}")
   print(flush=True)
-
-
-# The compiled-program readers live in training.hlo (one for tests, benchmarks
-# and train.py --compile_for).
-CollectiveCount = hlo.CollectiveCount
-count_collectives = hlo.count_collectives
-fmt_bytes = hlo.fmt_bytes
-
-
-_BYTES_PER_ELEMENT = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "f64": 8, "pred": 1}
-
-
-class ArrayTraffic(NamedTuple):
-  """Full-size passes over memory of a compiled program (see `array_traffic`)."""
-  reads: int
-  writes: int
-  read_bytes: int
-  write_bytes: int
-
-
-def array_traffic(hlo_text: str, num_elements: int) -> ArrayTraffic:
-  """Full-size reads and writes of the entry computation of compiled HLO.
-
-  Counts, over the top-level ops (fusions, custom fusions, copies...), the
-  operands and results with at least `num_elements` elements: each is one
-  pass over memory of an array of that size, weighed in bytes by its dtype (a
-  bf16 input read once is half an f32 intermediate read once). Parameters,
-  tuples, bitcasts and `conditional` ops (a branch runs only when taken) are
-  not counted.
-  """
-  bodies = hlo.computations(hlo_text)
-  entry = next((name for name in bodies
-                if re.search(r"^ENTRY\s+%" + re.escape(name) + r"\b", hlo_text, re.M)), None)
-  if entry is None:
-    return ArrayTraffic(0, 0, 0, 0)
-  sizes, reads, writes, read_bytes, write_bytes = {}, 0, 0, 0, 0
-  for line in bodies[entry].splitlines():
-    match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)", line)
-    if not match:
-      continue
-    name, shape, op, rest = match.groups()
-    arrays = [(math.prod(int(d) for d in dims.split(",") if d),
-               _BYTES_PER_ELEMENT.get(dtype, 4))
-              for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape)]
-    # The largest array of the result: (elements, bytes).
-    sizes[name] = max(((e, e * width) for e, width in arrays), default=(1, 4))
-    if op in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant",
-              "conditional"):
-      continue
-    operands = [sizes.get(operand, (0, 0))
-                for operand in re.findall(r"%([\w.\-]+)", rest.split("), ")[0])]
-    full_operands = [size for size in operands if size[0] >= num_elements]
-    full_results = [(e, e * width) for e, width in arrays if e >= num_elements]
-    reads += len(full_operands)
-    writes += len(full_results)
-    read_bytes += sum(nbytes for _, nbytes in full_operands)
-    write_bytes += sum(nbytes for _, nbytes in full_results)
-  return ArrayTraffic(reads, writes, read_bytes, write_bytes)
-
-
-def array_passes(hlo_text: str, num_elements: int) -> tuple[int, int]:
-  """`(reads, writes)` of `array_traffic`: full-size passes of compiled HLO."""
-  traffic = array_traffic(hlo_text, num_elements)
-  return traffic.reads, traffic.writes
 
 
 def temp_bytes(compiled) -> int:

@@ -40,6 +40,7 @@ from benchmarks import _impls
 from benchmarks import bn_op
 from benchmarks import scaling
 from benchmarks import train_step_resnet
+from training import hlo
 from training import resnet
 
 DTYPES = ("f32", "bf16")
@@ -188,7 +189,7 @@ def resnet_rows(batch: int, image_size: int, repeats: int, model_kwargs: dict):
   for name, timing in timings.items():
     rows.append([name, timing.ms(), f"{batch / timing.median:,.1f}",
                  _harness.fmt_ratio(reference / timing.median),
-                 _harness.fmt_bytes(memory[name]) if memory[name] is not None else "n/a"])
+                 hlo.fmt_bytes(memory[name]) if memory[name] is not None else "n/a"])
   return rows, peak
 
 
@@ -238,7 +239,7 @@ def main(argv=None) -> None:
                   dict(stage_sizes=(3, 4, 6, 3), block_cls=resnet.BottleneckBlock,
                        num_classes=1000))
   rows, peak = resnet_rows(batch, image_size, repeats, model_kwargs)
-  peak_text = (f"Device peak memory of the whole run: {_harness.fmt_bytes(peak)} "
+  peak_text = (f"Device peak memory of the whole run: {hlo.fmt_bytes(peak)} "
                "(`memory_stats()['peak_bytes_in_use']`)." if peak is not None else
                "This platform reports no device peak memory (`memory_stats()`).")
   name = "ResNet-50" if not args.tiny else "tiny bottleneck ResNet"

@@ -4,7 +4,7 @@
     python -m benchmarks.bn_op --quick    # fewer repetitions
     python -m benchmarks.bn_op --tiny     # smoke test: tiny shapes, seconds
     python -m benchmarks.bn_op --impls jaxbn,flax.linen --shapes 128x28x28x32,4096x512 \
-        --dtypes f32                      # issue 2's jaxbn-vs-flax table
+        --dtypes f32                      # the jaxbn-vs-flax table
 
 Prints, from one run (implementations interleaved round-robin within each
 shape and dtype, so machine drift hits all of them):
@@ -15,7 +15,7 @@ shape and dtype, so machine drift hits all of them):
 * beside each speed figure, the output standard-deviation error of the same
   implementation on inputs with mean/std = 3000 (float32) or mean 50 (bf16);
 * compiled temporary memory (`memory_analysis().temp_size_in_bytes`);
-* the issue's targets with the measured ratios.
+* the speed and memory targets (BENCHMARKS.md) with the measured ratios.
 
 The floor: train mode must read x for the statistics, read x and write y,
 read x and dy for the two backward sums, and read x and dy and write dx: 8
@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import _harness  # noqa: E402
 from benchmarks import _impls  # noqa: E402
+from training import hlo  # noqa: E402
 
 FULL_SHAPES = ((128, 28, 28, 32), (64, 56, 56, 64), (256, 14, 14, 256), (4096, 512),
                (1024, 4096))
@@ -87,7 +88,7 @@ def run_group(shape, dtype_name, impl_names, torch_layouts, repeats, budget):
     infer_compiled = infer.lower(params, state, xl).compile()
     # Accuracy on the first training step (fresh state), as a model would see it.
     y_accuracy = impl.from_layout(train_compiled(params, fresh_state, accl, ctl)[0])
-    reads, writes = _harness.array_passes(train_compiled.as_text(), math.prod(shape))
+    reads, writes = hlo.array_passes(train_compiled.as_text(), math.prod(shape))
     results[impl.name] = {
         "passes": f"{reads} + {writes}",
         "temp_train": _harness.temp_bytes(train_compiled),
@@ -165,13 +166,13 @@ def _memory_rows(all_results):
         continue
       ratio = (result["temp_train"] / flax_temp if flax_temp else float("nan"))
       rows.append([shape_text(shape), dtype_name, name,
-                   _harness.fmt_bytes(result["temp_train"]), _harness.fmt_ratio(ratio),
-                   _harness.fmt_bytes(result["temp_infer"]), result["passes"]])
+                   hlo.fmt_bytes(result["temp_train"]), _harness.fmt_ratio(ratio),
+                   hlo.fmt_bytes(result["temp_infer"]), result["passes"]])
   return rows
 
 
 def _target_rows(all_results):
-  """The issue's targets, as ratios measured in this run."""
+  """The targets BENCHMARKS.md states, as ratios measured in this run."""
   rows = []
   for (shape, dtype_name), (results, nbytes, bandwidth) in all_results.items():
     if "jaxbn" not in results:
@@ -191,8 +192,8 @@ def _target_rows(all_results):
       temp = results["jaxbn"]["temp_train"]
       ratio = temp / flax_temp if flax_temp else float("inf")
       rows.append([where, "train temp memory vs flax.linen", "<= 0.7x",
-                   f"{_harness.fmt_ratio(ratio)} ({_harness.fmt_bytes(temp)} vs "
-                   f"{_harness.fmt_bytes(flax_temp)})", "met" if ratio <= 0.7 else "MISSED"])
+                   f"{_harness.fmt_ratio(ratio)} ({hlo.fmt_bytes(temp)} vs "
+                   f"{hlo.fmt_bytes(flax_temp)})", "met" if ratio <= 0.7 else "MISSED"])
     torch_times = [r["train"].median for n, r in results.items()
                    if n.startswith("torch") and "train" in r]
     if torch_times:

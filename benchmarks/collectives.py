@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import _harness  # noqa: E402
 from benchmarks import _impls  # noqa: E402
+from training import hlo  # noqa: E402
 
 AXIS = "data"
 
@@ -100,15 +101,15 @@ def count_for(impl, mesh, shape):
   for check_vma in (True, False):
     try:
       fwd, step = _shard_map_programs(impl, mesh, params, state, x, ct, check_vma)
-      row["shard_map"] = (_harness.count_collectives(fwd),
-                          _harness.count_collectives(step), check_vma)
+      row["shard_map"] = (hlo.count_collectives(fwd),
+                          hlo.count_collectives(step), check_vma)
       break
     except Exception as error:
       row["shard_map"] = (_error_text(
           error, f"{impl.name}, shard_map check_vma={check_vma}"), "", check_vma)
   try:
     fwd, step = _jit_programs(impl, mesh, params, state, x, ct)
-    row["jit"] = (_harness.count_collectives(fwd), _harness.count_collectives(step))
+    row["jit"] = (hlo.count_collectives(fwd), hlo.count_collectives(step))
   except Exception as error:
     row["jit"] = (_error_text(error, f"{impl.name}, jit over sharded arrays"), "")
   return row

@@ -87,7 +87,7 @@ def bn_activation_bytes(config, num_devices: int) -> tuple[int, int]:
   from training import train_lib
   model = train_lib.create_model(config, info)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  module = model.module.clone(dtype=dtype)
+  module = model.clone(dtype=dtype)
   per_device = config.batch_size // num_devices
   images = jax.ShapeDtypeStruct((per_device,) + info.image_shape, jnp.float32)
 

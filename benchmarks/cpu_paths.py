@@ -3,12 +3,12 @@
 * Evaluation: images/s of train.py's eval step (`train_lib.evaluate`, the MNIST
   CNN with running statistics) over 10,000 images at several eval batch
   sizes; `configs/mnist_bn.py` uses the fastest (250 here).
-* The experiments' harness (`experiments._mnist.Trainer`, instances stepped
+* The experiments' harness (`training.instances.Trainer`, instances stepped
   one after the other inside a `lax.scan`): seconds for 40 steps of 3
-  instances at batch 32 with `models.conv_valid` (im2col with a hand-written
-  gradient, the fastest in a plain jitted step) against
-  `models.conv_valid_in_loops` (im2col with the automatic gradient), which the
-  experiments use.
+  instances at batch 32 with `models.ValidConv` (on CPU `ops.conv_matmuls`:
+  im2col with a hand-written gradient for the first layer, the fastest in a
+  plain jitted step) against `models.LoopConv` (`ops.conv_im2col`: im2col with
+  the automatic gradient), which the experiments use.
 
 Variants alternate within every repeat; the tables report medians.
 
@@ -27,11 +27,12 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_bn  # noqa: E402
-from experiments import _mnist  # noqa: E402
 from training import input_pipeline  # noqa: E402
+from training import instances  # noqa: E402
 from training import models  # noqa: E402
 from training import train_lib  # noqa: E402
 
@@ -43,37 +44,48 @@ def _random_split(num_examples: int) -> input_pipeline.Split:
       rng.integers(0, 10, num_examples).astype(np.int32))
 
 
-def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int) -> dict[int, float]:
-  """Median images/s of train.py's evaluation at each eval batch size."""
+def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int
+                        ) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+  """Median images/s of train.py's evaluation at each eval batch size, and its metrics.
+
+  Returns:
+    `(images_per_sec, metrics)`, both keyed by eval batch size; `metrics` is
+    `train_lib.evaluate`'s loss and accuracy, which must not depend on it.
+  """
   config = mnist_bn.get_config()
   mesh = train_lib.create_mesh(1)  # one device, as train.py on a CPU host
-  model = models.mnist_cnn()
+  model = models.MnistCNN()
   tx = train_lib.create_optimizer(config, 100)
-  state = jax.jit(lambda key: train_lib.create_train_state(model, tx, key))(
-      jax.random.key(0))
+  state = jax.jit(lambda key: train_lib.create_train_state(
+      model, tx, key, input_shape=(28, 28, 1)))(jax.random.key(0))
   eval_fn = train_lib.make_eval_step(config, mesh, model)
   split = _random_split(num_examples)
-  times = {b: [] for b in batch_sizes}
+  times, metrics = {b: [] for b in batch_sizes}, {}
   for repeat in range(repeats + 1):  # the first round compiles
     for batch_size in batch_sizes:
       start = time.perf_counter()
-      train_lib.evaluate(eval_fn, state, split, global_batch_size=batch_size, mesh=mesh)
+      metrics[batch_size] = train_lib.evaluate(eval_fn, state, split,
+                                               global_batch_size=batch_size, mesh=mesh)
       if repeat:
         times[batch_size].append(time.perf_counter() - start)
-  return {b: num_examples / statistics.median(t) for b, t in times.items()}
+  return {b: num_examples / statistics.median(t) for b, t in times.items()}, metrics
 
 
-def harness_seconds(num_steps: int, repeats: int) -> dict[str, float]:
-  """Median seconds for `num_steps` harness steps of 3 MNIST-CNN instances, batch 32."""
+def harness_seconds(num_steps: int, repeats: int) -> tuple[dict[str, float], float]:
+  """Median seconds for `num_steps` harness steps of 3 MNIST-CNN instances, batch 32.
+
+  Returns:
+    `(seconds, difference)`: seconds per convolution variant, and the largest
+    absolute difference between the two variants' parameters after the same
+    steps (the convolutions compute the same function: rounding only).
+  """
   split = _random_split(4096)
   seeds, learning_rates = [0, 1, 2], [0.01] * 3
-  variants = {"models.conv_valid": models.conv_valid,
-              "models.conv_valid_in_loops": models.conv_valid_in_loops}
+  variants = {"models.ValidConv": models.ValidConv, "models.LoopConv": models.LoopConv}
   trainers, carries, times = {}, {}, {name: [] for name in variants}
   for name, conv in variants.items():
-    trainers[name] = _mnist.Trainer(
-        models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10, conv=conv),
-        "sgd", split, 32)
+    trainers[name] = instances.Trainer(
+        models.create_model("cnn", num_classes=10, conv=conv), "sgd", split, 32)
     carries[name] = trainers[name].init(seeds)
   for repeat in range(repeats + 1):  # the first round compiles
     for name, trainer in trainers.items():
@@ -82,7 +94,10 @@ def harness_seconds(num_steps: int, repeats: int) -> dict[str, float]:
           carries[name], seeds, learning_rates, epoch=0, start=0, stop=num_steps))
       if repeat:
         times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  params = [carry.params for carry in carries.values()]
+  difference = max(float(jnp.max(jnp.abs(a - b)))
+                   for a, b in zip(*(jax.tree.leaves(p) for p in params)))
+  return {name: statistics.median(t) for name, t in times.items()}, difference
 
 
 def main(argv=None):
@@ -91,19 +106,20 @@ def main(argv=None):
   parser.add_argument("--tiny", action="store_true", help="checks that it runs")
   args = parser.parse_args(argv)
   if args.tiny:
-    evals = eval_images_per_sec((50, 100), num_examples=200, repeats=1)
-    harness = harness_seconds(num_steps=2, repeats=1)
+    evals, metrics = eval_images_per_sec((50, 100), num_examples=200, repeats=1)
+    harness, difference = harness_seconds(num_steps=2, repeats=1)
   else:
-    evals = eval_images_per_sec((100, 250, 500, 1000, 2000), num_examples=10_000,
-                                repeats=args.repeats)
-    harness = harness_seconds(num_steps=40, repeats=args.repeats)
+    evals, metrics = eval_images_per_sec((100, 250, 500, 1000, 2000), num_examples=10_000,
+                                         repeats=args.repeats)
+    harness, difference = harness_seconds(num_steps=40, repeats=args.repeats)
   command = "python -m benchmarks.cpu_paths" + (" --tiny" if args.tiny else "")
   lines = [f"`{command}`", "", "| eval batch | images/s |", "|---:|---:|"]
   lines += [f"| {b} | {v:,.0f} |" for b, v in evals.items()]
   lines += ["", "| harness conv | seconds (3 instances, batch 32) |", "|---|---:|"]
   lines += [f"| `{name}` | {seconds:.3f} |" for name, seconds in harness.items()]
   print("\n".join(lines))
-  return {"eval_images_per_sec": evals, "harness_seconds": harness}
+  return {"eval_images_per_sec": evals, "eval_metrics": metrics, "harness_seconds": harness,
+          "harness_params_difference": difference}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The MNIST CNN trained end to end by train.py, PyTorch and Keras 3, side by side.
 
-Every peer trains the same network (`training.models.mnist_cnn`: Conv 10@5x5 ->
+Every peer trains the same network (`training.models.MnistCNN`: Conv 10@5x5 ->
 BN -> ReLU -> MaxPool -> Conv 20@5x5 -> BN -> ReLU -> MaxPool -> Dense 100 ->
 BN -> ReLU -> Dense 10; 38,910 numbers, Keras' BN momentum 0.99 and epsilon
 1e-3, Glorot-uniform kernels, zero biases) on the same data (MNIST
@@ -77,6 +77,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from benchmarks import _harness  # noqa: E402  (sets OMP_WAIT_POLICY first)
+from configs import mnist_bn  # noqa: E402
 
 FIRST_RUN = "train.py (first run)"
 TORCH_PASSIVE = "torch NCHW (OMP passive)"
@@ -86,11 +87,13 @@ PEERS = ("train.py", "torch NCHW", "torch channels_last", TORCH_PASSIVE,
 TORCH_OMP_WAIT_POLICY = {"torch NCHW": "", "torch channels_last": "",
                          TORCH_PASSIVE: "PASSIVE"}
 WARMUP_STEPS = 5
-LEARNING_RATE = 0.01
-WARMUP_EPOCHS = 0.3  # configs/mnist_bn.py: the one-cycle rise, in epochs
-BN_MOMENTUM = 0.99  # Keras convention (PyTorch: 1 - 0.99)
-BN_EPSILON = 1e-3
-EVAL_BATCH_SIZE = 250  # configs/mnist_bn.py's eval_batch_size, for every peer
+# Every peer trains with train.py's default recipe (configs/mnist_bn.py).
+_RECIPE = mnist_bn.get_config()
+LEARNING_RATE = _RECIPE.learning_rate
+WARMUP_EPOCHS = _RECIPE.warmup_epochs  # the one-cycle rise, in epochs
+BN_MOMENTUM = _RECIPE.bn_momentum  # Keras convention (PyTorch: 1 - momentum)
+BN_EPSILON = _RECIPE.bn_epsilon
+EVAL_BATCH_SIZE = _RECIPE.eval_batch_size
 RESULT_PREFIX = "PEER_RESULT "
 
 

@@ -1,6 +1,6 @@
 """Examples/s of the MNIST CNN's training step: jaxbn vs flax.linen.BatchNorm.
 
-Both models are `training.models.mnist_cnn` with the same convolutions, dense
+Both models are `training.models.MnistCNN` with the same convolutions, dense
 layers, optimizer (the default config's Adam + one-cycle) and the same jitted,
 state-donating `training.train_lib.train_step`; only the three BN layers
 differ. A third row times the same CNN without BN: the difference to it is
@@ -26,55 +26,35 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_bn  # noqa: E402
+from jaxbn import linen as jaxbn_linen  # noqa: E402
 from training import input_pipeline  # noqa: E402
 from training import models  # noqa: E402
 from training import train_lib  # noqa: E402
 
 
-def flax_batch_norm(name: str) -> models.Layer:
-  """flax.linen.BatchNorm as a `models.Layer`, with Keras' momentum and epsilon."""
-  module = nn.BatchNorm(momentum=models.KERAS_BN_MOMENTUM,
-                        epsilon=models.KERAS_BN_EPSILON, axis=-1)
-
-  def init(key, input_shape):
-    variables = module.init(key, jnp.zeros((2,) + tuple(input_shape)),
-                            use_running_average=False)
-    return variables["params"], variables["batch_stats"], input_shape
-
-  def apply(params, state, x, context):
-    variables = {"params": params, "batch_stats": state}
-    if context.training:
-      y, updates = module.apply(variables, x, use_running_average=False,
-                                mutable=["batch_stats"])
-      return y, updates["batch_stats"]
-    return module.apply(variables, x, use_running_average=True), state
-
-  return models.Layer(name, "BatchNorm", init, apply)
-
-
-# None: the same CNN without BN layers, the floor that shows what BN costs.
-IMPLEMENTATIONS = {"jaxbn": models.batch_norm, "flax.linen": flax_batch_norm,
+# The BN layers' module (Keras' momentum and epsilon, as the model passes
+# them); None: the same CNN without BN layers, the floor that shows what BN costs.
+IMPLEMENTATIONS = {"jaxbn": jaxbn_linen.BatchNorm, "flax.linen": nn.BatchNorm,
                    "no BN": None}
 
 
-def _compiled_step(batch_norm_layer, batch_size: int, steps_per_epoch: int):
+def _compiled_step(norm, batch_size: int, steps_per_epoch: int):
   config = mnist_bn.get_config()
   config.batch_size = batch_size
-  model = models.mnist_cnn((28, 28, 1), 10, use_bn=batch_norm_layer is not None,
-                          batch_norm_layer=batch_norm_layer or models.batch_norm)
+  model = models.MnistCNN(use_bn=norm is not None, norm=norm or jaxbn_linen.BatchNorm)
   tx = train_lib.create_optimizer(config, steps_per_epoch)
   mesh = train_lib.create_mesh(1)
   replicated = NamedSharding(mesh, P())
-  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
+  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx,
+                                    input_shape=(28, 28, 1)),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
-  batch = input_pipeline.Batch(rng.random((batch_size, 28, 28, 1), np.float32),
+  batch = input_pipeline.Batch(rng.integers(0, 256, (batch_size, 28, 28, 1), np.uint8),
                                rng.integers(0, 10, batch_size).astype(np.int32),
                                np.ones(batch_size, bool))
   batch = input_pipeline.to_global(batch, NamedSharding(mesh, P("data")), batch_size)
@@ -89,8 +69,8 @@ def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 
   machine shared with other jobs it is the steadier of the two.
   """
   compiled = {}
-  for name, layer in IMPLEMENTATIONS.items():
-    step, state, batch = _compiled_step(layer, batch_size, steps_per_epoch=390)
+  for name, norm in IMPLEMENTATIONS.items():
+    step, state, batch = _compiled_step(norm, batch_size, steps_per_epoch=390)
     for _ in range(warmup):
       state = step(state, batch)
     jax.block_until_ready(state)
@@ -109,6 +89,8 @@ def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 
       entry[1] = state
   wall = {name: statistics.median(times) for name, times in wall.items()}
   cpu = {name: statistics.median(times) for name, times in cpu.items()}
+  # Every variant took the same steps from the same initial weights.
+  sums = {name: jax.device_get(entry[1].epoch_sums) for name, entry in compiled.items()}
   return {
       "batch_size": batch_size, "steps": steps, "repeats": repeats,
       "seconds_per_step": wall, "cpu_seconds_per_step": cpu,
@@ -119,6 +101,8 @@ def run(batch_size: int = 128, steps: int = 20, repeats: int = 9, warmup: int = 
       # backward, running-statistics update) cost per step.
       "bn_cpu_seconds_per_step": {name: cpu[name] - cpu["no BN"]
                                   for name in ("jaxbn", "flax.linen")},
+      "mean_train_loss": {name: float(s.loss) / int(s.steps) for name, s in sums.items()},
+      "train_steps": {name: int(s.steps) for name, s in sums.items()},
   }
 
 

@@ -70,11 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   # activations of one microbatch; their mean gradient is applied once (one
   # optimizer step per batch). BN normalizes each microbatch with its own
   # statistics and updates the running statistics once, with the moments of the
-  # whole batch. 1 = off; > 1 needs a flax.linen model (the ResNets).
+  # whole batch. 1 = off.
   config.grad_accum_steps = 1
   # Global. On CPU the convolutions' patch matrices of 250 images stay in
-  # cache: 25,042 images/s against 11,328 at 1000 (`python -m
-  # benchmarks.cpu_paths`, idle 2-core CPU); the metrics do not depend on it.
+  # cache, which makes evaluation faster than at larger batches (measured by
+  # `python -m benchmarks.cpu_paths`); the metrics do not depend on it.
   config.eval_batch_size = 250
   config.num_epochs = 3
   config.optimizer = "adam"  # 'sgd', 'momentum' or 'adam'
@@ -127,7 +127,8 @@ def get_config() -> ml_collections.ConfigDict:
   # this long prints every thread's stack and exits with status 1; 0 = off.
   # Compilation does not count.
   config.stall_timeout_seconds = 1800.0
-  # Testing hook: 0-based global steps whose batch is replaced with NaN.
-  config.inject_nan_at_steps = ()
+  # tf.data threads that decode and augment images, one core each
+  # (0 = all host cores); the batches are the same for any number.
+  config.data_workers = 0
 
   return config

@@ -290,13 +290,10 @@ def param_table(page: text.Page, record):
   cnn = r["cnn"]
   page.add("## 7. The seed's parameter table", "", text.provenance(record), "",
            "The seed's Keras `model.summary()` says 38,910 parameters: 38,650 "
-           "trainable, 260 non-trainable. From `training.models.mnist_cnn` "
+           "trainable, 260 non-trainable. From `training.models.MnistCNN` "
            "(`models.parameter_table`):", "", "```", cnn["formatted"], "```", "",
            f"Verdict: {numbers.parameter_table_verdict(r).markdown()}. Totals "
-           f"{cnn['total']:,} / {cnn['trainable']:,} / {cnn['non_trainable']:,}. "
-           f"jaxbn's state additionally holds {cnn['bn_update_counters_int32']} int32 "
-           "update counters (one per BN layer), which Keras does not have and which "
-           "are not counted above.", "",
+           f"{cnn['total']:,} / {cnn['trainable']:,} / {cnn['non_trainable']:,}.", "",
            "| model | total | trainable | non-trainable (running mean + var) |",
            "|---|---:|---:|---:|")
   for key, label in _PARAMETER_ROWS:

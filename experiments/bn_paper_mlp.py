@@ -25,11 +25,11 @@ import numpy as np
 
 from experiments import _common
 from experiments import _mnist
+from training import instances
 from training import models
 
 NAME = "bn_paper_mlp"
 PERCENTILES = (15, 50, 85)
-LAST_SIGMOID = "sigmoid3"
 
 
 def _flags(parser):
@@ -43,15 +43,19 @@ def _flags(parser):
                       help="last-hidden-layer unit whose input distribution is plotted")
 
 
-def _sigmoid_inputs(model: models.Model, params, state, images):
-  """Input of the last hidden layer's sigmoids, `(batch, 100)`, inference mode."""
-  context = models.ApplyContext(training=False)
-  x = images.astype(jnp.float32) * _mnist.PIXEL_SCALE
-  for layer in model.layers:
-    if layer.name == LAST_SIGMOID:
-      return x
-    x, _ = layer.apply(params.get(layer.name), state.get(layer.name), x, context)
-  raise ValueError(f"model has no layer {LAST_SIGMOID!r}")
+def _sigmoid_inputs(model: models.BNPaperMLP, params, state, images):
+  """Input of the last hidden layer's sigmoids, `(batch, 100)`, inference mode.
+
+  The output of the last hidden BN layer (of the last hidden dense layer
+  without BN), captured while the model runs.
+  """
+  last = model.num_hidden_layers
+  layer = f"bn{last}" if model.use_bn else f"dense{last}"
+  x = images.astype(jnp.float32) * instances.PIXEL_SCALE
+  _, captured = model.apply({"params": params, "batch_stats": state}, x, train=False,
+                            capture_intermediates=lambda module, _: module.name == layer,
+                            mutable=["intermediates"])
+  return captured["intermediates"][layer]["__call__"][0]
 
 
 def run(args) -> dict:
@@ -65,9 +69,8 @@ def run(args) -> dict:
              "test_examples": len(data.test.labels), "runs": runs}
   for use_bn in (True, False):
     label = "bn" if use_bn else "nobn"
-    model = models.create_model("mlp", input_shape=(28, 28, 1), num_classes=10,
-                                use_bn=use_bn)
-    trainer = _mnist.Trainer(model, "sgd", data.train, args.batch_size)
+    model = models.create_model("mlp", num_classes=10, use_bn=use_bn)
+    trainer = instances.Trainer(model, "sgd", data.train, args.batch_size)
     inputs_fn = jax.jit(jax.vmap(functools.partial(_sigmoid_inputs, model),
                                  in_axes=(0, 0, None)))
     test_images = jnp.asarray(data.test.images)

@@ -3,7 +3,7 @@
 The seed trains its Keras CNN with BN on 50,000 MNIST images and reports
 96.4 / 98.2 / 98.3 % validation accuracy after epochs 1-3, and says that
 without BN "it takes 10x more epochs to converge". This trains the same CNN
-(`training.models.mnist_cnn`, Keras' BN momentum 0.99 and epsilon 1e-3) with
+(`training.models.MnistCNN`, Keras' BN momentum 0.99 and epsilon 1e-3) with
 and without BN, with Keras' default batch size 32 and learning rates (SGD 0.01,
 SGD + momentum 0.9 at 0.01, Adam 1e-3, RMSprop 1e-3 -- the seed does not say
 which optimizer it used; RMSprop is the one of Keras' MNIST examples of its
@@ -26,6 +26,7 @@ import numpy as np
 
 from experiments import _common
 from experiments import _mnist
+from training import instances
 from training import models
 
 NAME = "bn_vs_nobn"
@@ -52,7 +53,7 @@ def run(args) -> dict:
   if args.quick:
     args.epochs, args.batch_size, args.evals_per_epoch = 1, 64, 2
     args.optimizers = ["adam"]
-  pixel_scale = 1.0 if args.raw_pixels else _mnist.PIXEL_SCALE
+  pixel_scale = 1.0 if args.raw_pixels else instances.PIXEL_SCALE
   runs = {}
   results = {"epochs": args.epochs, "batch_size": args.batch_size,
              "evals_per_epoch": args.evals_per_epoch, "pixel_scale": pixel_scale,
@@ -62,10 +63,10 @@ def run(args) -> dict:
   for optimizer in args.optimizers:
     for use_bn in (True, False):
       label = f"{optimizer}_{'bn' if use_bn else 'nobn'}"
-      model = models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10,
-                                  use_bn=use_bn, conv=models.conv_valid_in_loops)
-      trainer = _mnist.Trainer(model, optimizer, data.train, args.batch_size,
-                               pixel_scale=pixel_scale)
+      model = models.create_model("cnn", num_classes=10, use_bn=use_bn,
+                                  conv=models.LoopConv)
+      trainer = instances.Trainer(model, optimizer, data.train, args.batch_size,
+                                  pixel_scale=pixel_scale)
       eval_steps = _mnist.evaluation_steps(trainer.steps_per_epoch, args.epochs,
                                            args.evals_per_epoch)
       learning_rates = [OPTIMIZERS[optimizer]] * len(args.seeds)

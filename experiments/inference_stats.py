@@ -24,11 +24,17 @@ the initial state (mean 0, variance 1): its weight after t steps is momentum^t.
 from __future__ import annotations
 
 import time
+from typing import Any
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
 
 import jaxbn
 from experiments import _common
 from experiments import _mnist
 from training import input_pipeline
+from training import instances
 from training import models
 
 NAME = "inference_stats"
@@ -42,34 +48,60 @@ def _variant_name(momentum, unbiased) -> str:
   return f"momentum={momentum}, {'unbiased' if unbiased else 'biased'} var"
 
 
-def multi_stat_batch_norm(name: str) -> models.Layer:
-  """A BN layer whose training state is one `BatchNormState` per variant.
+class MultiStatBatchNorm(nn.Module):
+  """A BN layer that keeps one set of running statistics per variant of `VARIANTS`.
 
-  Training normalizes with batch statistics (the same for every variant) and
-  updates every variant's running statistics; given a single
-  `BatchNormState` it behaves like `models.batch_norm`, so a trained model is
-  evaluated with one variant's statistics by passing that variant's states.
+  In training it normalizes with the batch statistics (the same for every
+  variant) and updates every variant's running statistics, stacked along a
+  leading axis of its `batch_stats` (`mean`, `var`: `(variants, features)`;
+  `count`: `(variants,)`). Given one variant's statistics (`variant_stats`:
+  `(features,)`) it is one `jaxbn.batch_norm` layer, so a trained model is
+  evaluated with one variant by passing that variant's slice. The attributes
+  are those `models.MnistCNN` passes to its `norm`; each variant has its own
+  momentum (`momentum` updates one variant's statistics in training).
   """
-  def init(key, input_shape):
-    del key
-    params, state = jaxbn.init(input_shape[-1])
-    return params, tuple(state for _ in VARIANTS), input_shape
+  use_running_average: bool | None = None
+  momentum: float = models.KERAS_BN_MOMENTUM
+  epsilon: float = models.KERAS_BN_EPSILON
+  dtype: Any = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
 
-  def apply(params, state, x, context):
-    if isinstance(state, jaxbn.BatchNormState):
-      return jaxbn.batch_norm(params, state, x, training=context.training,
-                              epsilon=models.KERAS_BN_EPSILON)
-    y = None
-    new_states = []
-    for (momentum, unbiased), variant_state in zip(VARIANTS, state):
-      out, new_state = jaxbn.batch_norm(
-          params, variant_state, x, training=True, momentum=momentum,
-          epsilon=models.KERAS_BN_EPSILON, unbiased_running_var=unbiased)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features, num_variants = x.shape[-1], len(VARIANTS)
+    params = jaxbn.BatchNormParams(
+        self.param("scale", nn.initializers.ones, (features,), jnp.float32),
+        self.param("bias", nn.initializers.zeros, (features,), jnp.float32))
+    stats = [self.variable("batch_stats", name, init, shape, dtype) for name, init, shape, dtype
+             in (("mean", jnp.zeros, (num_variants, features), jnp.float32),
+                 ("var", jnp.ones, (num_variants, features), jnp.float32),
+                 ("count", jnp.zeros, (num_variants,), jnp.int32))]
+    stacked = stats[0].value.ndim == 2
+    states = ([jaxbn.BatchNormState(*(v.value[k] for v in stats)) for k in range(num_variants)]
+              if stacked else [jaxbn.BatchNormState(*(v.value for v in stats))])
+    if self.use_running_average:
+      if stacked and not self.is_initializing():
+        raise ValueError("inference needs one variant's statistics (variant_stats), got "
+                         f"statistics of shape {stats[0].value.shape}.")
+      return jaxbn.batch_norm(params, states[0], x, training=False, epsilon=self.epsilon)[0]
+    y, new_states = None, []
+    settings = VARIANTS if stacked else [(self.momentum, False)]
+    for state, (momentum, unbiased) in zip(states, settings):
+      out, new_state = jaxbn.batch_norm(params, state, x, training=True, momentum=momentum,
+                                        epsilon=self.epsilon, unbiased_running_var=unbiased)
       y = out if y is None else y  # identical outputs; the rest is dead code
       new_states.append(new_state)
-    return y, tuple(new_states)
+    if not self.is_initializing():
+      for field, variable in enumerate(stats):  # mean, var, count
+        values = [state[field] for state in new_states]
+        variable.value = jnp.stack(values) if stacked else values[0]
+    return y
 
-  return models.Layer(name, "BatchNorm", init, apply)
+
+def variant_stats(batch_stats, k: int):
+  """Variant `k`'s statistics of stacked instances' `batch_stats` (instance axis first)."""
+  return jax.tree.map(lambda leaf: leaf[:, k], batch_stats)
 
 
 def _flags(parser):
@@ -90,12 +122,12 @@ def run(args) -> dict:
     args.steps, args.test_examples, args.checkpoints = 10, 400, [5]
     running_batch_sizes, batch_stat_sizes = (1, 100), (1, 2, 100)
   test = input_pipeline.take(data.test, args.test_examples)
-  model = models.mnist_cnn((28, 28, 1), 10, batch_norm_layer=multi_stat_batch_norm,
-                          conv=models.conv_valid_in_loops)
-  trainer = _mnist.Trainer(model, "adam", data.train, args.batch_size)
+  model = models.create_model("cnn", num_classes=10, norm=MultiStatBatchNorm,
+                              conv=models.LoopConv)
+  trainer = instances.Trainer(model, "adam", data.train, args.batch_size)
 
   def variant_state(k, carry):
-    return {name: states[k] for name, states in carry.state.items()}
+    return variant_stats(carry.state, k)
 
   def evaluate_variants(carry):
     return {_variant_name(*variant): trainer.accuracy(carry, test,

@@ -22,6 +22,7 @@ import numpy as np
 from experiments import _common
 from experiments import _mnist
 from training import input_pipeline
+from training import instances
 from training import models
 
 NAME = "lr_sweep"
@@ -50,7 +51,7 @@ def run(args) -> dict:
     args.epochs, args.learning_rates, args.validation_examples = 0.25, [1e-3, 1.0], 256
   validation = input_pipeline.take(data.validation, args.validation_examples)
   learning_rates = list(args.learning_rates)
-  instances = [(lr, seed) for lr in learning_rates for seed in args.seeds]
+  lr_seeds = [(lr, seed) for lr in learning_rates for seed in args.seeds]
   cells = {}
   results = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
              "learning_rates": learning_rates, "good_accuracy": GOOD_ACCURACY,
@@ -58,14 +59,15 @@ def run(args) -> dict:
   for optimizer in args.optimizers:
     for use_bn in (True, False):
       label = f"{optimizer}_{'bn' if use_bn else 'nobn'}"
-      model = models.create_model(args.model, input_shape=(28, 28, 1), num_classes=10,
-                                  use_bn=use_bn, conv=models.conv_valid_in_loops)
-      trainer = _mnist.Trainer(model, optimizer, data.train, args.batch_size)
+      model = models.create_model(
+          args.model, num_classes=10, use_bn=use_bn,
+          conv=models.LoopConv if args.model == "cnn" else None)
+      trainer = instances.Trainer(model, optimizer, data.train, args.batch_size)
       num_steps = int(round(args.epochs * trainer.steps_per_epoch))
       results["steps"] = num_steps
       start = time.time()
       _, history = _mnist.train_with_evaluations(
-          trainer, [s for _, s in instances], [lr for lr, _ in instances],
+          trainer, [s for _, s in lr_seeds], [lr for lr, _ in lr_seeds],
           eval_steps=[num_steps],
           evaluate=lambda c, t=trainer: {"validation_accuracy":
                                          t.accuracy(c, validation)},

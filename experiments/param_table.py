@@ -2,18 +2,16 @@
 
 The seed's `model.summary()` of its CNN lists 38,910 parameters: 38,650
 trainable and 260 non-trainable (the BN moving means and variances, 2 per
-feature). This builds `training.models.mnist_cnn` and counts the leaves of its
-`params` (trainable) and the BN running means and variances in its `state`
-(non-trainable), layer by layer. jaxbn's state also holds one int32 update
-counter per BN layer; it is reported separately (Keras has no such number).
+feature). This builds `training.models.MnistCNN` and counts the leaves of its
+`params` (trainable) and of its `batch_stats`, the BN running means and
+variances (non-trainable), layer by layer (`models.parameter_table`: one row
+per layer, the parameter-free ReLU, pooling and flatten layers included).
 
   python -m experiments.param_table --workdir runs/experiments
 """
 
 from __future__ import annotations
 
-import jax
-import numpy as np
 
 from experiments import _common
 from training import models
@@ -27,12 +25,11 @@ SEED_TABLE = {  # layer: (output shape, params), from the seed's model.summary()
     "dense2": ((10,), 1010),
 }
 SEED_TOTALS = {"total": 38910, "trainable": 38650, "non_trainable": 260}
+INPUT_SHAPE = (28, 28, 1)
 
 
 def _table(model):
-  rows = models.parameter_table(model)
-  _, state = jax.eval_shape(model.init, jax.random.key(0))
-  counters = sum(int(np.prod(s.count.shape)) or 1 for s in state.values())
+  rows = models.parameter_table(model, INPUT_SHAPE)
   trainable = sum(r.trainable for r in rows)
   non_trainable = sum(r.non_trainable for r in rows)
   return {
@@ -40,28 +37,26 @@ def _table(model):
                 "trainable": r.trainable, "non_trainable": r.non_trainable,
                 "total": r.trainable + r.non_trainable} for r in rows],
       "total": trainable + non_trainable, "trainable": trainable,
-      "non_trainable": non_trainable, "bn_update_counters_int32": counters,
+      "non_trainable": non_trainable,
       "formatted": models.format_parameter_table(rows),
   }
 
 
 def run(args) -> dict:
   del args
-  cnn = _table(models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10))
+  cnn = _table(models.create_model("cnn", num_classes=10))
   matches = {
       "totals": all(cnn[k] == v for k, v in SEED_TOTALS.items()),
-      "rows": all(
+      "rows": [r["layer"] for r in cnn["rows"]] == list(SEED_TABLE) and all(
           tuple(r["output_shape"]) == SEED_TABLE[r["layer"]][0]
           and r["total"] == SEED_TABLE[r["layer"]][1] for r in cnn["rows"]),
   }
   results = {
       "cnn": cnn,
-      "cnn_without_bn": _table(models.create_model(
-          "cnn", input_shape=(28, 28, 1), num_classes=10, use_bn=False)),
-      "cnn_no_bias_before_bn": _table(models.create_model(
-          "cnn", input_shape=(28, 28, 1), num_classes=10, bias_before_bn=False)),
-      "bn_paper_mlp": _table(models.create_model("mlp", input_shape=(28, 28, 1),
-                                                 num_classes=10)),
+      "cnn_without_bn": _table(models.create_model("cnn", num_classes=10, use_bn=False)),
+      "cnn_no_bias_before_bn": _table(models.create_model("cnn", num_classes=10,
+                                                          bias_before_bn=False)),
+      "bn_paper_mlp": _table(models.create_model("mlp", num_classes=10)),
       "seed_table": SEED_TABLE, "seed_totals": SEED_TOTALS,
       "matches_seed": matches,
   }

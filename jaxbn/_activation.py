@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jaxbn import _batch_norm
 from jaxbn import _stats
 from jaxbn import _validation
+from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu")
 
@@ -202,10 +203,11 @@ def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
                           state: _batch_norm.BatchNormState, x: jax.typing.ArrayLike, *,
                           training: bool, activation: str = "leaky_relu",
                           negative_slope: float = 0.01, memory_saving: bool = False,
-                          axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
-                          axis_name=None, axis_index_groups=None, mask=None,
-                          unbiased_running_var: bool = False, shortcut=None
-                          ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
+                          axis: Axis = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
+                          axis_name: AxisName | None = None,
+                          axis_index_groups: AxisIndexGroups | None = None,
+                          mask: Mask | None = None, unbiased_running_var: bool = False,
+                          shortcut=None) -> tuple[jax.Array, _batch_norm.BatchNormState]:
   """Batch norm followed by an activation: `act(scale * x_hat + bias [+ shortcut])`.
 
   Without `memory_saving` this is `act(jaxbn.batch_norm(...)[0])`. With it

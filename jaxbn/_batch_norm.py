@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxbn import _stats
 from jaxbn import _validation
+from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
 
 
 class BatchNormParams(NamedTuple):
@@ -304,12 +305,11 @@ def training_shift(state: BatchNormState, x: jax.Array, momentum: float | None,
   return lax.stop_gradient(shift.astype(compute_dtype))
 
 
-def batch_norm(params: BatchNormParams | None, state: BatchNormState,
-               x: jax.typing.ArrayLike, *, training: bool, axis=-1,
-               momentum: float | None = 0.99, epsilon: float = 1e-5,
-               axis_name=None, axis_index_groups=None, mask=None,
-               unbiased_running_var: bool = False
-               ) -> tuple[jax.Array, BatchNormState]:
+def batch_norm(params: BatchNormParams | None, state: BatchNormState, x: jax.typing.ArrayLike, *,
+               training: bool, axis: Axis = -1, momentum: float | None = 0.99,
+               epsilon: float = 1e-5, axis_name: AxisName | None = None,
+               axis_index_groups: AxisIndexGroups | None = None, mask: Mask | None = None,
+               unbiased_running_var: bool = False) -> tuple[jax.Array, BatchNormState]:
   """Batch normalization: `y = scale * (x - mean) / sqrt(var + epsilon) + bias`.
 
   Statistics are per feature: every axis of `x` except `axis` is reduced, so

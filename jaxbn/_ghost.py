@@ -19,6 +19,7 @@ import numpy as np
 from jaxbn import _batch_norm
 from jaxbn import _stats
 from jaxbn import _validation
+from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
 
 
 def _check_virtual_batch_size(virtual_batch_size) -> int:
@@ -32,13 +33,13 @@ def _check_virtual_batch_size(virtual_batch_size) -> int:
   return int(virtual_batch_size)
 
 
-def ghost_batch_norm(params: _batch_norm.BatchNormParams | None,
-                     state: _batch_norm.BatchNormState, x: jax.typing.ArrayLike, *,
-                     training: bool, virtual_batch_size: int, batch_axis: int = 0,
-                     axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
-                     axis_name=None, axis_index_groups=None, mask=None,
+def ghost_batch_norm(params: _batch_norm.BatchNormParams | None, state: _batch_norm.BatchNormState,
+                     x: jax.typing.ArrayLike, *, training: bool, virtual_batch_size: int,
+                     batch_axis: int = 0, axis: Axis = -1, momentum: float | None = 0.99,
+                     epsilon: float = 1e-5, axis_name: AxisName | None = None,
+                     axis_index_groups: AxisIndexGroups | None = None, mask: Mask | None = None,
                      unbiased_running_var: bool = False
-                     ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
+                    ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
   """Batch norm with statistics per ghost batch of `virtual_batch_size` examples.
 
   In training, `x` is split along `batch_axis` into `N / virtual_batch_size`

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxbn import _batch_norm
 from jaxbn import _stats
 from jaxbn import _validation
+from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
 
 
 def empty_moments(num_features: int | tuple[int, ...]) -> _stats.Moments:
@@ -65,9 +66,10 @@ def training_moments(call: _batch_norm.ParsedCall, state: _batch_norm.BatchNormS
 
 def batch_norm_moments(params: _batch_norm.BatchNormParams | None,
                        state: _batch_norm.BatchNormState, x: jax.typing.ArrayLike, *,
-                       axis=-1, momentum: float | None = 0.99, epsilon: float = 1e-5,
-                       axis_name=None, axis_index_groups=None, mask=None
-                       ) -> tuple[jax.Array, _stats.Moments]:
+                       axis: Axis = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
+                       axis_name: AxisName | None = None,
+                       axis_index_groups: AxisIndexGroups | None = None, mask: Mask | None = None
+                      ) -> tuple[jax.Array, _stats.Moments]:
   """Training-mode batch norm that returns the batch's moments, not a new state.
 
   `y` is exactly `batch_norm(params, state, x, training=True, ...)[0]` (same

@@ -23,6 +23,7 @@ import numpy as np
 from jaxbn import _batch_norm
 from jaxbn import _stats
 from jaxbn import _validation
+from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
 
 Bound = float | Callable[[jax.Array], jax.typing.ArrayLike]
 
@@ -66,13 +67,13 @@ def _bound_value(bound: Bound, count: jax.Array, name: str, minimum: float,
   return jnp.maximum(value.astype(compute_dtype), minimum)
 
 
-def batch_renorm(params: _batch_norm.BatchNormParams | None,
-                 state: _batch_norm.BatchNormState, x: jax.typing.ArrayLike, *,
-                 training: bool, r_max: Bound, d_max: Bound, axis=-1,
-                 momentum: float | None = 0.99, epsilon: float = 1e-5,
-                 axis_name=None, axis_index_groups=None, mask=None,
+def batch_renorm(params: _batch_norm.BatchNormParams | None, state: _batch_norm.BatchNormState,
+                 x: jax.typing.ArrayLike, *, training: bool, r_max: Bound, d_max: Bound,
+                 axis: Axis = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
+                 axis_name: AxisName | None = None,
+                 axis_index_groups: AxisIndexGroups | None = None, mask: Mask | None = None,
                  unbiased_running_var: bool = False
-                 ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
+                ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
   """Batch renormalization: `y = scale * (x_hat * r + d) + bias`.
 
   In training, `x_hat = (x - mu_B) / sigma_B` uses the batch statistics

@@ -25,20 +25,12 @@ import numpy as np
 
 from jaxbn import _stats
 from jaxbn import _validation
+from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
 
 
-class StandardizeStats(NamedTuple):
-  """Per-feature sufficient statistics for standardization.
-
-  Attributes:
-    count: number of valid elements per feature, shape `feature_shape`.
-    mean: per-feature mean, shape `feature_shape`.
-    var: per-feature biased (population, ddof=0) variance, shape
-      `feature_shape`.
-  """
-  count: jax.Array
-  mean: jax.Array
-  var: jax.Array
+# Standardization keeps exactly batch norm's moments: `count`, `mean` and the
+# biased `var` per feature, pooled across batches and replicas by `merge_moments`.
+StandardizeStats = _stats.Moments
 
 
 class MinMaxStats(NamedTuple):
@@ -54,8 +46,8 @@ class MinMaxStats(NamedTuple):
 
 def _check_stats(stats, fields, stats_type, x, feature_axes, feature_shape):
   if not isinstance(stats, stats_type):
-    raise TypeError(
-        f"stats must be a jaxbn.scaling.{stats_type.__name__}, got {type(stats).__name__}.")
+    name = "StandardizeStats" if stats_type is StandardizeStats else stats_type.__name__
+    raise TypeError(f"stats must be a jaxbn.scaling.{name}, got {type(stats).__name__}.")
   _validation.check_feature_shape(stats, feature_shape, tree_name="stats",
                                   field_names=fields, x_shape=x.shape,
                                   feature_axes=feature_axes)
@@ -84,8 +76,9 @@ def init_standardize(num_features: int | tuple[int, ...]) -> StandardizeStats:
   return StandardizeStats(count=zeros, mean=zeros, var=zeros)
 
 
-def fit_standardize(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=None,
-                    axis_index_groups=None) -> StandardizeStats:
+def fit_standardize(x: jax.typing.ArrayLike, *, axis: Axis = -1, mask: Mask | None = None,
+                    axis_name: AxisName | None = None,
+                    axis_index_groups: AxisIndexGroups | None = None) -> StandardizeStats:
   """Per-feature count, mean and biased variance of `x` (one psum across replicas).
 
   Args:
@@ -106,18 +99,17 @@ def fit_standardize(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=No
     >>> stats.mean.tolist(), stats.count.tolist()
     ([3000.0, 70.0], [3.0, 3.0])
   """
-  return StandardizeStats(*_stats.moments(x, axis=axis, mask=mask, axis_name=axis_name,
-                                          axis_index_groups=axis_index_groups))
+  return _stats.moments(x, axis=axis, mask=mask, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups)
 
 
-def merge_standardize(a: StandardizeStats, b: StandardizeStats) -> StandardizeStats:
-  """Exact count-weighted pooling of two fits (order does not matter)."""
-  return StandardizeStats(*_stats.merge_moments(a, b))
+# Exact count-weighted pooling of two fits (order does not matter).
+merge_standardize = _stats.merge_moments
 
 
-def update_standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
-                       mask=None, axis_name=None,
-                       axis_index_groups=None) -> StandardizeStats:
+def update_standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis: Axis = -1,
+                       mask: Mask | None = None, axis_name: AxisName | None = None,
+                       axis_index_groups: AxisIndexGroups | None = None) -> StandardizeStats:
   """Folds one more batch `x` into streaming statistics.
 
   Args:
@@ -144,7 +136,7 @@ def update_standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis
   shift = jnp.where(stats.count > 0, stats.mean, first_fit)
   batch = _stats.moments(x, axis=axis, mask=mask, shift=shift, axis_name=axis_name,
                          axis_index_groups=axis_index_groups)
-  return StandardizeStats(*_stats.merge_moments(stats, batch))
+  return _stats.merge_moments(stats, batch)
 
 
 def _mean_and_std(stats: StandardizeStats, ddof, compute_dtype):
@@ -157,7 +149,7 @@ def _mean_and_std(stats: StandardizeStats, ddof, compute_dtype):
   return stats.mean.astype(compute_dtype), _safe_scale(jnp.sqrt(var))
 
 
-def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
+def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis: Axis = -1,
                 ddof: int = 0) -> jax.Array:
   """`(x - mean) / std` per feature.
 
@@ -192,7 +184,7 @@ def standardize(stats: StandardizeStats, x: jax.typing.ArrayLike, *, axis=-1,
   return y.astype(x.dtype)
 
 
-def unstandardize(stats: StandardizeStats, y: jax.typing.ArrayLike, *, axis=-1,
+def unstandardize(stats: StandardizeStats, y: jax.typing.ArrayLike, *, axis: Axis = -1,
                   ddof: int = 0) -> jax.Array:
   """Inverse of `standardize`: `y * std + mean` per feature (same arguments)."""
   y, feature_axes, _, feature_shape = _validation.parse_input(y, axis)
@@ -215,8 +207,9 @@ def init_min_max(num_features: int | tuple[int, ...]) -> MinMaxStats:
                      max=jnp.full(shape, -jnp.inf, jnp.float32))
 
 
-def fit_min_max(x: jax.typing.ArrayLike, *, axis=-1, mask=None, axis_name=None,
-                axis_index_groups=None) -> MinMaxStats:
+def fit_min_max(x: jax.typing.ArrayLike, *, axis: Axis = -1, mask: Mask | None = None,
+                axis_name: AxisName | None = None, axis_index_groups: AxisIndexGroups | None = None
+               ) -> MinMaxStats:
   """Per-feature minimum and maximum of `x` (one pmax across replicas).
 
   Args:
@@ -258,8 +251,9 @@ def merge_min_max(a: MinMaxStats, b: MinMaxStats) -> MinMaxStats:
   return MinMaxStats(min=jnp.minimum(a.min, b.min), max=jnp.maximum(a.max, b.max))
 
 
-def update_min_max(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1, mask=None,
-                   axis_name=None, axis_index_groups=None) -> MinMaxStats:
+def update_min_max(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis: Axis = -1,
+                   mask: Mask | None = None, axis_name: AxisName | None = None,
+                   axis_index_groups: AxisIndexGroups | None = None) -> MinMaxStats:
   """Folds one more batch `x` into streaming min-max statistics."""
   x, feature_axes, _, feature_shape = _validation.parse_input(x, axis)
   _check_stats(stats, ("min", "max"), MinMaxStats, x, feature_axes, feature_shape)
@@ -283,7 +277,7 @@ def _offset_and_range(stats: MinMaxStats, feature_range, compute_dtype):
   return data_min, data_range, low, high
 
 
-def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1,
+def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis: Axis = -1,
                   feature_range=(0.0, 1.0)) -> jax.Array:
   """`low + (x - min) / (max - min) * (high - low)` per feature.
 
@@ -316,7 +310,7 @@ def min_max_scale(stats: MinMaxStats, x: jax.typing.ArrayLike, *, axis=-1,
   return (low + unit * (high - low)).astype(x.dtype)
 
 
-def min_max_unscale(stats: MinMaxStats, y: jax.typing.ArrayLike, *, axis=-1,
+def min_max_unscale(stats: MinMaxStats, y: jax.typing.ArrayLike, *, axis: Axis = -1,
                     feature_range=(0.0, 1.0)) -> jax.Array:
   """Inverse of `min_max_scale` (same arguments)."""
   y, feature_axes, _, feature_shape = _validation.parse_input(y, axis)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _validation
+from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
 
 
 class Moments(NamedTuple):
@@ -54,7 +55,7 @@ def varying_axes(value) -> frozenset:
 
 
 def cross_replica_sum(value: jax.Array, axis_name: tuple | None,
-                      axis_index_groups=None) -> jax.Array:
+                      axis_index_groups: AxisIndexGroups | None = None) -> jax.Array:
   """Sums `value` over the named mapped axes (or replica groups) in one collective.
 
   Args:
@@ -70,7 +71,7 @@ def cross_replica_sum(value: jax.Array, axis_name: tuple | None,
 
 
 def cross_replica_max(value: jax.Array, axis_name: tuple | None,
-                      axis_index_groups=None) -> jax.Array:
+                      axis_index_groups: AxisIndexGroups | None = None) -> jax.Array:
   """Elementwise max over replicas (or each replica's group) in one collective."""
   return _cross_replica_reduce(value, axis_name, axis_index_groups, lax.pmax, -jnp.inf)
 
@@ -98,8 +99,8 @@ def _cross_replica_reduce(value, axis_name, axis_index_groups, collective, ident
     return collective(slots, axis_name)[my_group]
 
 
-def replicated_sum(local: jax.Array, reduced: jax.Array, like: jax.Array,
-                   axis_name: tuple | None, axis_index_groups=None) -> jax.Array:
+def replicated_sum(local: jax.Array, reduced: jax.Array, like: jax.Array, axis_name: tuple | None,
+                   axis_index_groups: AxisIndexGroups | None = None) -> jax.Array:
   """Gradient of a replicated parameter from per-replica sums.
 
   Under `shard_map(check_vma=True)` a parameter that is invariant across the
@@ -278,8 +279,9 @@ def moments_from_sums(count, sum_centered, sum_squares, shift) -> Moments:
   return Moments(count=count, mean=shift + mean_minus_shift, var=var)
 
 
-def moments(x: jax.typing.ArrayLike, *, axis=-1, mask=None, shift=None,
-            axis_name=None, axis_index_groups=None) -> Moments:
+def moments(x: jax.typing.ArrayLike, *, axis: Axis = -1, mask: Mask | None = None, shift=None,
+            axis_name: AxisName | None = None, axis_index_groups: AxisIndexGroups | None = None
+           ) -> Moments:
   """Count-weighted per-feature mean and biased variance of `x`.
 
   Every axis of `x` except the feature `axis` is reduced; with `axis_name` the

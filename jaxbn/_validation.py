@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AxisName = str | tuple[str, ...]
+# The types of the arguments every public function shares.
+Axis = int | Sequence[int]  # feature axis or axes of `x`; negative values allowed
+AxisName = str | tuple[str, ...]  # mapped axis name(s) of vmap / shard_map
+AxisIndexGroups = Sequence[Sequence[int]]  # equal-size groups of replica indices
+Mask = jax.typing.ArrayLike  # boolean, broadcastable to `x`; True elements count
 
 # Below this, `momentum` is more likely PyTorch's convention than a deliberate choice.
 SUSPICIOUS_MOMENTUM = 0.5

@@ -24,3 +24,16 @@ def mesh8():
   """A 1-D mesh ('data',) over the 8 virtual CPU devices."""
   assert jax.device_count() == 8, "conftest must force 8 CPU devices"
   return jax.make_mesh((8,), ("data",))
+
+
+@pytest.fixture
+def classic_threefry():
+  """The classic (non-partitionable) threefry for the test's random draws.
+
+  Models' initializers draw random numbers; the partitionable threefry takes
+  tens of seconds to compile per shape on a loaded 2-core CPU, the classic one
+  about one. Use where which bits are drawn does not matter:
+  `pytestmark = pytest.mark.usefixtures("classic_threefry")`.
+  """
+  with jax.threefry_partitionable(False):
+    yield

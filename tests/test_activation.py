@@ -13,13 +13,13 @@ import pytest
 import jaxbn
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
+from tests import helpers
 
 SLOPE = 0.1
 EPS = 1e-5
 
 
-def _data(shape, seed=0, loc=1.0, scale=2.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+_data = functools.partial(helpers.normal, loc=1.0, scale=2.0)
 
 
 def _params(features, seed=1):

@@ -1,5 +1,8 @@
 """Single-device semantics of jaxbn.batch_norm against the notes' NumPy reference."""
 
+import functools
+
+from absl.testing import parameterized
 import chex
 import jax
 from jax import lax
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxbn
+from tests import helpers
 from tests import _reference
 
 # (shape, axis, feature_axes after canonicalization)
@@ -20,50 +24,73 @@ LAYOUTS = [
 ]
 
 
-def _random_params(feature_shape, seed=0):
-  rng = np.random.default_rng(seed)
-  return jaxbn.BatchNormParams(
-      scale=jnp.asarray(rng.uniform(0.5, 2.0, feature_shape), jnp.float32),
-      bias=jnp.asarray(rng.normal(size=feature_shape), jnp.float32))
+_random_params = helpers.random_params
 
 
-def _random_input(shape, seed=1, loc=1.5, scale=3.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+_random_input = functools.partial(helpers.normal, seed=1, loc=1.5, scale=3.0)
 
 
-@pytest.mark.parametrize("shape,axis,feature_axes", LAYOUTS)
-def test_forward_and_state_update_match_numpy(shape, axis, feature_axes):
-  feature_shape = tuple(shape[a] for a in feature_axes)
-  params = _random_params(feature_shape)
-  _, state = jaxbn.init(feature_shape)
-  x = _random_input(shape)
-  y, new_state = jax.jit(lambda p, s, x: jaxbn.batch_norm(
-      p, s, x, training=True, axis=axis, momentum=0.9, epsilon=1e-3))(params, state, x)
-  y_ref, mu, var = _reference.forward(x, params.scale, params.bias, feature_axes, 1e-3)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(new_state.mean, 0.1 * mu, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(new_state.var, 0.9 + 0.1 * var, rtol=1e-5)
-  assert new_state.count == 1 and new_state.mean.dtype == jnp.float32
+class SameWithAndWithoutJitTest(chex.TestCase):
+  """The core function's forward, state update and backward, eagerly and under jit."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*LAYOUTS)
+  def test_forward_and_state_update_match_numpy(self, shape, axis, feature_axes):
+    feature_shape = tuple(shape[a] for a in feature_axes)
+    params = _random_params(feature_shape)
+    _, state = jaxbn.init(feature_shape)
+    x = _random_input(shape)
+    y, new_state = self.variant(lambda p, s, x: jaxbn.batch_norm(
+        p, s, x, training=True, axis=axis, momentum=0.9, epsilon=1e-3))(params, state, x)
+    y_ref, mu, var = _reference.forward(x, params.scale, params.bias, feature_axes, 1e-3)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_state.mean, 0.1 * mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state.var, 0.9 + 0.1 * var, rtol=1e-5)
+    assert new_state.count == 1 and new_state.mean.dtype == jnp.float32
 
-@pytest.mark.parametrize("shape,axis,feature_axes", LAYOUTS)
-def test_backward_matches_seed_closed_form(shape, axis, feature_axes):
-  feature_shape = tuple(shape[a] for a in feature_axes)
-  params = _random_params(feature_shape)
-  _, state = jaxbn.init(feature_shape)
-  x = _random_input(shape)
-  cotangent = _random_input(shape, seed=7, loc=0.0, scale=1.0)
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*LAYOUTS)
+  def test_backward_matches_seed_closed_form(self, shape, axis, feature_axes):
+    feature_shape = tuple(shape[a] for a in feature_axes)
+    params = _random_params(feature_shape)
+    _, state = jaxbn.init(feature_shape)
+    x = _random_input(shape)
+    cotangent = _random_input(shape, seed=7, loc=0.0, scale=1.0)
 
-  def loss(params, x):
-    y, _ = jaxbn.batch_norm(params, state, x, training=True, axis=axis)
-    return jnp.sum(y * cotangent)
+    def loss(params, x):
+      y, _ = jaxbn.batch_norm(params, state, x, training=True, axis=axis)
+      return jnp.sum(y * cotangent)
 
-  grads, dx = jax.jit(jax.grad(loss, (0, 1)))(params, x)
-  dx_ref, dgamma_ref, dbeta_ref = _reference.backward(cotangent, x, params.scale,
-                                                      feature_axes, 1e-5)
-  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(grads.scale, dgamma_ref, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(grads.bias, dbeta_ref, rtol=1e-5, atol=1e-5)
+    grads, dx = self.variant(jax.grad(loss, (0, 1)))(params, x)
+    dx_ref, dgamma_ref, dbeta_ref = _reference.backward(cotangent, x, params.scale,
+                                                        feature_axes, 1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads.scale, dgamma_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads.bias, dbeta_ref, rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mean_3000_std_1_is_exact_on_the_first_and_later_steps(self):
+    """flax's E[x^2]-E[x]^2 gives per-feature std between 0.5 and 322 here."""
+    x = helpers.normal((256, 16), loc=3000.0)
+    params, state = jaxbn.init(16)
+    step = self.variant(lambda s, x: jaxbn.batch_norm(params, s, x, training=True))
+    y, state = step(state, x)
+    np.testing.assert_allclose(np.std(np.asarray(y, np.float64), 0), 1.0, atol=1e-3)
+    # Later steps shift by the debiased running mean.
+    y2, _ = step(state, x + 5.0)
+    np.testing.assert_allclose(np.std(np.asarray(y2, np.float64), 0), 1.0, atol=1e-3)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_constant_feature_and_nonfinite_input_never_reach_state(self):
+    params, state = jaxbn.init(3)
+    x = jnp.stack([jnp.full(8, 5.0), jnp.arange(8.0), jnp.arange(8.0)], axis=1)
+    step = self.variant(lambda s, x: jaxbn.batch_norm(params, s, x, training=True))
+    y, new_state = step(state, x)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(new_state.var))
+    np.testing.assert_allclose(y[:, 0], 0.0)
+    _, bad_state = step(new_state, x.at[0, 2].set(jnp.nan))
+    assert np.all(np.isfinite(bad_state.mean)) and np.all(np.isfinite(bad_state.var))
+    np.testing.assert_array_equal(bad_state.mean[2], new_state.mean[2])
 
 
 def _plain_batch_norm(params, x, epsilon=1e-5):
@@ -164,18 +191,6 @@ def test_params_none_is_plain_standardization():
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_mean_3000_std_1_is_exact_on_the_first_step():
-  """flax's E[x^2]-E[x]^2 gives per-feature std between 0.5 and 322 here."""
-  x = jnp.asarray(np.random.default_rng(0).normal(3000.0, 1.0, (256, 16)), jnp.float32)
-  params, state = jaxbn.init(16)
-  y, state = jax.jit(lambda s, x: jaxbn.batch_norm(params, s, x, training=True))(state, x)
-  np.testing.assert_allclose(np.std(np.asarray(y, np.float64), 0), 1.0, atol=1e-3)
-  # And on later steps, where the shift is the debiased running mean.
-  x2 = x + 5.0
-  y2, _ = jax.jit(lambda s, x: jaxbn.batch_norm(params, s, x, training=True))(state, x2)
-  np.testing.assert_allclose(np.std(np.asarray(y2, np.float64), 0), 1.0, atol=1e-3)
-
-
 def test_flax_fast_variance_fails_where_jaxbn_is_exact():
   """The case above is a real failure of the default flax BatchNorm (it can fail)."""
   import flax.linen as nn
@@ -184,18 +199,6 @@ def test_flax_fast_variance_fails_where_jaxbn_is_exact():
   variables = model.init(jax.random.key(0), x)
   y, _ = model.apply(variables, x, mutable=["batch_stats"])
   assert np.max(np.abs(np.std(np.asarray(y, np.float64), 0) - 1.0)) > 0.1
-
-
-def test_constant_feature_and_nonfinite_input_never_reach_state():
-  params, state = jaxbn.init(3)
-  x = jnp.stack([jnp.full(8, 5.0), jnp.arange(8.0), jnp.arange(8.0)], axis=1)
-  y, new_state = jaxbn.batch_norm(params, state, x, training=True)
-  assert np.all(np.isfinite(y)) and np.all(np.isfinite(new_state.var))
-  np.testing.assert_allclose(y[:, 0], 0.0)
-  bad = x.at[0, 2].set(jnp.nan)
-  _, bad_state = jaxbn.batch_norm(params, new_state, bad, training=True)
-  assert np.all(np.isfinite(bad_state.mean)) and np.all(np.isfinite(bad_state.var))
-  np.testing.assert_array_equal(bad_state.mean[2], new_state.mean[2])
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

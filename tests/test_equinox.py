@@ -9,6 +9,7 @@ debiases the hidden variance as if it started at 0), the test checks the
 drop-in against the standard batch norm instead.
 """
 
+import functools
 import warnings
 
 import chex
@@ -20,13 +21,13 @@ import pytest
 
 import jaxbn
 from jaxbn import equinox as jaxbn_eqx
+from tests import helpers
 
 MOMENTUM = 0.9
 CHANNELS = 3
 
 
-def _data(shape, seed=0, loc=1.5, scale=2.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+_data = functools.partial(helpers.normal, loc=1.5, scale=2.0)
 
 
 def _close(actual, expected, tol=2e-5):

@@ -18,17 +18,13 @@ import pytest
 import jaxbn
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
+from tests import helpers
+from training import hlo
 
 MOMENTUM = 0.8
 
 
-@pytest.fixture(autouse=True)
-def _quick_to_compile_rng():
-  # The models' initializers draw random numbers; the partitionable threefry
-  # takes tens of seconds to compile per shape on a loaded 2-core CPU, the
-  # classic one about one. Which bits are drawn does not matter here.
-  with jax.threefry_partitionable(False):
-    yield
+pytestmark = pytest.mark.usefixtures("classic_threefry")
 
 
 def _random_affine_init(key, shape, dtype=jnp.float32):
@@ -36,8 +32,7 @@ def _random_affine_init(key, shape, dtype=jnp.float32):
   return 1.0 + 0.5 * jax.random.uniform(key, shape, dtype, minval=-1.0)
 
 
-def _data(shape, seed=0, mean=1.5, std=2.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(mean, std, shape), jnp.float32)
+_data = functools.partial(helpers.normal, loc=1.5, scale=2.0)
 
 
 def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
@@ -195,7 +190,7 @@ def test_linen_jit_over_batch_sharded_input_equals_unsharded(mesh8):
 
 def test_linen_is_accurate_from_the_first_step_at_mean_3000():
   """Large mean, small std: flax's default fast variance fails here; jaxbn must not."""
-  x = _data((256, 4), seed=6, mean=3000.0, std=1.0)
+  x = _data((256, 4), seed=6, loc=3000.0, scale=1.0)
   bn = jaxbn_linen.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.key(0), x)
   for step in range(2):  # fresh state, then a running mean far from the data's
@@ -206,7 +201,7 @@ def test_linen_is_accurate_from_the_first_step_at_mean_3000():
 
 def test_linen_redoes_the_sums_only_when_the_running_mean_is_far():
   """A running mean far from the data: the variance is still exact."""
-  x = _data((256, 4), seed=8, mean=3000.0, std=1.0)
+  x = _data((256, 4), seed=8, loc=3000.0, scale=1.0)
   bn = jaxbn_linen.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.key(0), x)
   reference = np.asarray(x, np.float64)
@@ -220,7 +215,6 @@ def test_linen_redoes_the_sums_only_when_the_running_mean_is_far():
 
 def test_linen_steady_state_reads_x_as_often_as_the_core():
   """No extra pass for the shift: the adapter's step compiles to the core's passes."""
-  from benchmarks import _harness
   x = _data((16, 8, 8, 8))
   bn = jaxbn_linen.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.key(0), x)
@@ -229,7 +223,7 @@ def test_linen_steady_state_reads_x_as_often_as_the_core():
 
   def passes(loss, *args):
     text = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().as_text()
-    return _harness.array_passes(text, x.size)
+    return hlo.array_passes(text, x.size)
 
   def adapter_loss(params, x):
     y, _ = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])

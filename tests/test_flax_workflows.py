@@ -20,20 +20,16 @@ import pytest
 
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
+from tests import helpers
 
 MOMENTUM = 0.8
 FEATURES = 4
 
 
-@pytest.fixture(autouse=True)
-def _quick_to_compile_rng():
-  # See test_flax_adapters.py: the classic threefry compiles much faster here.
-  with jax.threefry_partitionable(False):
-    yield
+pytestmark = pytest.mark.usefixtures("classic_threefry")
 
 
-def _data(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(1.5, 2.0, shape), jnp.float32)
+_data = functools.partial(helpers.normal, loc=1.5, scale=2.0)
 
 
 def _close(actual, expected):

@@ -82,11 +82,18 @@ def check_lowered(result: lowering.Lowering, config, bn_state) -> None:
   assert f"parallelism={config.parallelism}" in result.summary
 
 
+def _batch_stats(config):
+  """The shapes of the `batch_stats` of `config`'s model."""
+  info = lowering.dataset_info(config)
+  model = train_lib.create_model(config, info)
+  return jax.eval_shape(lambda key: model.init(
+      key, jnp.zeros((1,) + info.image_shape), train=False), jax.random.key(0))["batch_stats"]
+
+
 @pytest.fixture(scope="module")
 def mnist_cnn_bn_state():
   config = utils.tiny_config()
-  model = train_lib.create_model(config, lowering.dataset_info(config))
-  return jax.eval_shape(model.init, jax.random.key(0))[1]
+  return _batch_stats(config)
 
 
 @pytest.mark.parametrize("parallelism", ["gspmd", "shard_map"])
@@ -110,7 +117,7 @@ def test_mnist_cnn_lowers_for_cuda_and_tpu(tmp_path, mnist_cnn_bn_state, paralle
 def test_platform_decides_the_convolution(tmp_path):
   """Lowered on this CPU: im2col for cpu, lax.conv for cuda (one program each).
 
-  The CPU program's convolutions are matmuls (`models.conv_valid_cpu`; the
+  The CPU program's convolutions are matmuls (`ops.conv_matmuls`; the
   first layer's transposed convolution for its input gradient is dead code).
   """
   config = utils.tiny_config()
@@ -160,11 +167,12 @@ def test_exported_cpu_train_step_runs_like_the_jitted_step(tmp_path):
   tx = train_lib.create_optimizer(config, 8)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(train_lib.AXIS))
-  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
+  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx,
+                                    input_shape=info.image_shape),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = input_pipeline.Batch(
-      rng.uniform(size=(64, 28, 28, 1)).astype(np.float32),
+      rng.integers(0, 256, size=(64, 28, 28, 1), dtype=np.uint8),
       rng.integers(0, 10, size=64).astype(np.int32), np.ones(64, bool))
   batch = input_pipeline.to_global(batch, batch_sharding, 64)
   expected = train_lib.make_train_step(config, mesh, model, tx)(
@@ -239,8 +247,7 @@ def test_resnets_lower_for_cuda_and_tpu(case):
   config = _config(config_name, parallelism=parallelism, half_precision=half_precision)
   result = lowering.lower_for_platforms(config, None, ACCELERATORS)
   info = lowering.dataset_info(config)
-  model = train_lib.create_model(config, info)
-  bn_state = jax.eval_shape(model.init, jax.random.key(0))[1]
+  bn_state = _batch_stats(config)
   check_lowered(result, config, bn_state)
   expected = {"resnet50": (53, 25_557_032, (224, 224, 3)),
               "resnet20": (19, 269_722, (32, 32, 3))}[config.model]

@@ -7,6 +7,8 @@ those computed without the masked-out elements. A feature whose every element
 is masked out is normalized with the running statistics, which do not change.
 """
 
+import functools
+
 import chex
 from flax import linen as nn
 from flax import nnx
@@ -18,13 +20,13 @@ import pytest
 import jaxbn
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
+from tests import helpers
 
 GARBAGE = [np.nan, np.inf, -np.inf, 1e38]
 VALID_ROWS = 4  # of 6; rows 4 and 5 are masked out
 
 
-def _data(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(1.5, 2.0, shape), jnp.float32)
+_data = functools.partial(helpers.normal, loc=1.5, scale=2.0)
 
 
 def _close(actual, expected):

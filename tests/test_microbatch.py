@@ -7,6 +7,8 @@ must reproduce the full batch's outputs where the inputs of the layer do not
 depend on another batch norm.
 """
 
+import functools
+
 import chex
 from flax import linen as nn
 from flax import nnx
@@ -18,13 +20,13 @@ import pytest
 import jaxbn
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
+from tests import helpers
 
 K = 4
 MOMENTUM = 0.9
 
 
-def _data(shape, seed=0, loc=3.0, scale=2.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+_data = functools.partial(helpers.normal, loc=3.0, scale=2.0)
 
 
 def _exact(actual, expected):

@@ -21,6 +21,7 @@ _SOURCES = {
     r"benchmarks\.train_step(?!_)": "### MNIST CNN (benchmarks/train_step.py)",
     r"benchmarks\.train_step_resnet": "### ResNet-20 and ResNet-18",
     r"benchmarks\.peers": "## The MNIST CNN end to end",
+    r"benchmarks\.input_pipeline": "## Feeding the accelerators",
 }
 
 # Pages whose copies are known to be stale, with the fix; each entry fails (strict xfail)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tests import _fake_imagenet
 from tests import _train_utils
+from training import fake_imagenet
 from training import input_pipeline
 from training import train_lib
 
@@ -78,8 +78,8 @@ def test_process_rows_assemble_the_same_global_batches(num_processes):
   resumed = list(input_pipeline.train_batches(split, rows=slice(0, 24), start_step=2,
                                               **kwargs))
   np.testing.assert_array_equal(resumed[0].labels, whole[2].labels)
-  np.testing.assert_allclose(whole[0].images[:, 0, 0, 0], whole[0].labels / 255.0,
-                             rtol=1e-6)
+  assert whole[0].images.dtype == np.uint8  # the steps normalize on the device
+  np.testing.assert_array_equal(whole[0].images[:, 0, 0, 0], whole[0].labels)
 
 
 def test_process_rows_from_the_sharding(mesh8):
@@ -243,16 +243,15 @@ def test_cifar_augmentation_crops_and_flips_deterministically(cifar10):
   kwargs = dict(global_batch_size=8, seed=1, epoch=0)
   whole = list(input_pipeline.train_batches(train, rows=slice(0, 8), **kwargs))
   assert len(whole) == 3
-  assert whole[0].images.shape == (8, 32, 32, 3) and whole[0].images.dtype == np.float32
+  assert whole[0].images.shape == (8, 32, 32, 3) and whole[0].images.dtype == np.uint8
   again = list(input_pipeline.train_batches(train, rows=slice(0, 8), **kwargs))
   for a, b in zip(whole, again):
     np.testing.assert_array_equal(a.images, b.images)
-  # Undo the normalization: each image is a pad-4 crop (maybe flipped) of its example.
+  # Each image is a pad-4 crop (maybe flipped) of its example.
   order = input_pipeline.epoch_permutation(24, seed=1, epoch=0)
-  prep = train.preprocessing
   shifted = flipped = 0
   for step, batch in enumerate(whole):
-    pixels = np.rint(batch.images * np.array(prep.std) + np.array(prep.mean)).astype(np.uint8)
+    pixels = batch.images
     for row, index in enumerate(order[step * 8:(step + 1) * 8]):
       original = train.images[index]
       assert batch.labels[row] == train.labels[index]
@@ -281,19 +280,42 @@ def test_cifar_evaluation_is_not_augmented(cifar10):
   splits, _ = cifar10
   test = splits[TEST]
   batches = list(input_pipeline.eval_batches(test, global_batch_size=16, rows=slice(0, 16)))
-  prep = test.preprocessing
-  expected = (test.images.astype(np.float32) - np.array(prep.mean, np.float32)) / np.array(
-      prep.std, np.float32)
-  np.testing.assert_allclose(np.concatenate([b.images for b in batches])[:24], expected,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.concatenate([b.images for b in batches])[:24],
+                                test.images)
   assert [b.mask.sum() for b in batches] == [16, 8]
+
+
+def _numpy_normalize(images, preprocessing):
+  """The host-side float32 normalization the batches carried before: the reference."""
+  mean = np.asarray(preprocessing.mean, np.float32)
+  scale = np.float32(1.0) / np.asarray(preprocessing.std, np.float32)
+  images = images.astype(np.float32)
+  return (images - mean) * scale if mean.any() else images * scale
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "imagenet2012"])
+def test_normalize_on_the_device_gives_the_numpy_numbers(dataset):
+  mean, std = input_pipeline.pixel_statistics(dataset)
+  preprocessing = input_pipeline.Preprocessing(mean=mean, std=std)
+  channels = 1 if dataset == "mnist" else 3
+  images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, channels), dtype=np.uint8)
+  images[0, 0, 0] = 0
+  images[0, 0, 1] = 255
+  expected = _numpy_normalize(images, preprocessing)
+  normalize = jax.jit(input_pipeline.normalize, static_argnames="preprocessing")
+  got = normalize(images, preprocessing)
+  assert got.dtype == np.float32 and got.shape == images.shape
+  np.testing.assert_allclose(got, expected, rtol=2**-23, atol=0)
+  np.testing.assert_array_equal(input_pipeline.normalize(images, preprocessing), expected)
+  with pytest.raises(TypeError, match=r"images must be uint8 pixels .* got float32"):
+    input_pipeline.normalize(expected, preprocessing)
 
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
   """imagenet2012 prepared by its tfds builder from fake ILSVRC tar files."""
   root = tmp_path_factory.mktemp("imagenet")
-  _fake_imagenet.write_fake_imagenet(root / "manual")
+  fake_imagenet.write_fake_imagenet(root / "manual")
 
   def load(splits, **kwargs):
     return input_pipeline.load_dataset("imagenet2012", splits, data_dir=root / "tfds",
@@ -303,7 +325,7 @@ def imagenet(tmp_path_factory):
 
 
 def test_first_preparation_says_one_line_on_stderr_and_nothing_on_stdout(tmp_path, capfd):
-  _fake_imagenet.write_fake_imagenet(tmp_path / "manual")
+  fake_imagenet.write_fake_imagenet(tmp_path / "manual")
   input_pipeline.load_dataset("imagenet2012", ("validation",), data_dir=tmp_path / "tfds",
                               manual_dir=tmp_path / "manual", image_size=16)
   out, err = capfd.readouterr()
@@ -334,7 +356,7 @@ def test_imagenet_streams_each_process_share(imagenet):
   assert train.preprocessing.augmentation == "imagenet"
   # Evaluation: every example once; two processes split the examples between them.
   one = list(input_pipeline.eval_batches(train, global_batch_size=4, rows=slice(0, 4)))
-  assert one[0].images.shape == (4, 16, 16, 3) and one[0].images.dtype == np.float32
+  assert one[0].images.shape == (4, 16, 16, 3) and one[0].images.dtype == np.uint8
   assert sum(b.mask.sum() for b in one) == 12
   shares = []
   for process in range(2):
@@ -382,7 +404,8 @@ def test_imagenet_augmentation_is_random_resized_crops_keyed_by_seed_and_epoch(i
   epoch1 = next(input_pipeline.train_batches(train, epoch=1, **kwargs))
   assert not np.array_equal(epoch1.images, first[0].images)
   # Normalized with ImageNet's per-channel statistics: roughly centered.
-  assert abs(float(augmented.mean())) < 1.0
+  assert train.preprocessing.mean == input_pipeline.IMAGENET_MEAN
+  assert abs(float(input_pipeline.normalize(augmented, train.preprocessing).mean())) < 1.0
 
 
 def test_imagenet_eval_is_the_resized_center_crop(imagenet):
@@ -395,10 +418,13 @@ def test_imagenet_eval_is_the_resized_center_crop(imagenet):
   image = next(iter(builder.as_dataset(split="validation[:1]")))["image"].numpy()
   assert image.shape == (50, 45, 3)
   crop = image[18:33, 15:30]
-  expected = tf.image.resize(crop, [16, 16], method="bicubic").numpy()
-  expected = (expected - np.array(input_pipeline.IMAGENET_MEAN)) / np.array(
-      input_pipeline.IMAGENET_STD)
-  np.testing.assert_allclose(batch.images[0], expected, atol=1e-4)
+  resized = tf.image.resize(crop, [16, 16], method="bicubic").numpy()
+  assert resized.min() < 0 or resized.max() > 255  # bicubic overshoots: clipped
+  expected = np.clip(np.round(resized), 0, 255)
+  # Rounded to uint8; a decode of the crop alone may differ by float rounding.
+  assert batch.images.dtype == np.uint8
+  difference = np.abs(batch.images[0].astype(np.float32) - expected)
+  assert difference.max() <= 1 and np.mean(difference == 0) > 0.99
 
 
 def test_synthetic_needs_no_files_and_is_deterministic():
@@ -490,3 +516,31 @@ def test_train_and_evaluate_with_synthetic_data_and_augmentation(tmp_path):
   final = train_lib.train_and_evaluate(config, tmp_path)
   assert final["step"] == 2 and np.isfinite(final["train_loss"])
   assert final["test_accuracy"] >= 0
+
+
+def test_batches_are_the_same_for_any_number_of_workers(cifar10, imagenet):
+  cifar_train = cifar10[0][TRAIN]
+  imagenet_train = imagenet(["train"])[0]["train"]
+  for source, batch_size in ((cifar_train, 8), (imagenet_train, 4)):
+    kwargs = dict(global_batch_size=batch_size, rows=slice(0, batch_size), seed=2, epoch=1)
+    one, two = (list(input_pipeline.train_batches(source, num_workers=workers, **kwargs))
+                for workers in (1, 2))
+    resumed = list(input_pipeline.train_batches(source, num_workers=2, start_step=1,
+                                                **kwargs))
+    assert len(one) == len(two) == len(resumed) + 1 == 3
+    for a, b in zip(one, two):
+      assert a.images.dtype == np.uint8
+      np.testing.assert_array_equal(a.images, b.images)
+      np.testing.assert_array_equal(a.labels, b.labels)
+    for a, b in zip(one[1:], resumed):
+      np.testing.assert_array_equal(a.images, b.images)
+      np.testing.assert_array_equal(a.labels, b.labels)
+    one, two = (list(input_pipeline.eval_batches(source, global_batch_size=batch_size,
+                                                 rows=slice(0, batch_size),
+                                                 num_workers=workers))
+                for workers in (1, 2))
+    for a, b in zip(one, two, strict=True):
+      np.testing.assert_array_equal(a.images, b.images)
+      np.testing.assert_array_equal(a.mask, b.mask)
+  with pytest.raises(ValueError, match=r"num_workers must be >= 0 \(0 = all \d+ host cores"):
+    next(input_pipeline.train_batches(cifar_train, num_workers=-1, **kwargs))

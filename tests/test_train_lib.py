@@ -22,6 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import jaxbn
 from tests import _train_utils as utils
 from training import input_pipeline
 from training import models
@@ -149,7 +150,8 @@ def _state_and_step(config, num_devices=8):
   mesh = train_lib.create_mesh(num_devices)
   model = train_lib.create_model(config, info)
   tx = train_lib.create_optimizer(config, 8)
-  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx),
+  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx,
+                                    input_shape=info.image_shape),
                   out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
   step = train_lib.make_train_step(config, mesh, model, tx)
   batch = next(input_pipeline.train_batches(train, global_batch_size=config.batch_size,
@@ -157,16 +159,49 @@ def _state_and_step(config, num_devices=8):
   return state, step, batch, model, mesh
 
 
+def _normalized(batch, config):
+  """The model input of `batch` (what the steps compute on the device)."""
+  return input_pipeline.normalize(batch.images, train_lib.dataset_preprocessing(config))
+
+
+def _poison_inputs(monkeypatch, poison):
+  """Train steps built afterwards compute on `poison(state, normalized images)`.
+
+  The NaN enters where a corrupt input would, right after the on-device
+  normalization, in the step function the training loop really runs.
+  """
+  normalize, train_step = input_pipeline.normalize, train_lib.train_step
+
+  def poisoned_train_step(state, batch, **kwargs):
+    def poisoned_normalize(images, preprocessing):
+      return poison(state, normalize(images, preprocessing))
+
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(input_pipeline, "normalize", poisoned_normalize)
+      return train_step(state, batch, **kwargs)
+
+  monkeypatch.setattr(train_lib, "train_step", poisoned_train_step)
+
+
+def _poison_steps(monkeypatch, steps):
+  """Every model input of the given 0-based global steps becomes NaN."""
+  _poison_inputs(monkeypatch, lambda state, images: jnp.where(
+      jnp.isin(state.step, jnp.asarray(steps)), jnp.nan, images))
+
+
 @pytest.mark.parametrize("parallelism", ["gspmd", "shard_map"])
-def test_nonfinite_step_changes_nothing_but_the_counters(parallelism):
+def test_nonfinite_step_changes_nothing_but_the_counters(parallelism, monkeypatch):
   config = utils.tiny_config(parallelism=parallelism, model="mlp")
-  state, step, batch, _, mesh = _state_and_step(config)
+  state, step, batch, model, mesh = _state_and_step(config)
   sharding = NamedSharding(mesh, P("data"))
-  state = step(state, input_pipeline.to_global(batch, sharding, 64))  # one good step
+  batch = input_pipeline.to_global(batch, sharding, 64)
+  state = step(state, batch)  # one good step
   before = jax.device_get(state)
-  poisoned = batch._replace(images=batch.images.copy())
-  poisoned.images[3, 10, 10, 0] = np.nan  # a single NaN pixel poisons the step
-  after = jax.device_get(step(state, input_pipeline.to_global(poisoned, sharding, 64)))
+  # A single NaN input pixel (per device under shard_map) poisons the step.
+  _poison_inputs(monkeypatch, lambda state, images: images.at[3, 10, 10, 0].set(jnp.nan))
+  poisoned_step = train_lib.make_train_step(config, mesh, model,
+                                            train_lib.create_optimizer(config, 8))
+  after = jax.device_get(poisoned_step(state, batch))
   for name in ("params", "opt_state", "bn_state"):
     chex.assert_trees_all_equal(getattr(after, name), getattr(before, name))
   assert int(after.step) == 2 and int(after.consecutive_nonfinite) == 1
@@ -175,21 +210,36 @@ def test_nonfinite_step_changes_nothing_but_the_counters(parallelism):
   assert after.epoch_sums.loss == before.epoch_sums.loss
 
 
-def test_injected_nan_batch_is_skipped_and_counted(tmp_path):
-  config = utils.tiny_config(num_devices=1, model="mlp", inject_nan_at_steps=(3, 12))
+def test_injected_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
+  _poison_steps(monkeypatch, (3, 12))
+  config = utils.tiny_config(num_devices=1, model="mlp")
   final = train_lib.train_and_evaluate(config, tmp_path)
   records = utils.read_metrics(tmp_path)
   assert [r["nonfinite_steps"] for r in records] == [1, 1]
   assert all(np.isfinite(value) for r in utils.compared(records) for value in r.values())
   assert final["train_accuracy"] > 0.5
+  # Neither the saved state nor its running statistics took the NaN in.
+  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  saved = manager.restore(16, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore())).state
+  manager.close()
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(saved))
 
 
-def test_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
-  config = utils.tiny_config(num_devices=1, model="mlp",
-                             inject_nan_at_steps=tuple(range(2, 16)),
-                             max_consecutive_nonfinite=4)
+def test_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+  _poison_steps(monkeypatch, tuple(range(2, 16)))
+  config = utils.tiny_config(num_devices=1, model="mlp", max_consecutive_nonfinite=4)
   with pytest.raises(FloatingPointError, match=r"4 training steps in a row .*non-finite"):
     train_lib.train_and_evaluate(config, tmp_path)
+  # It stopped at the first check after 4 poisoned steps in a row (steps 2-5;
+  # checked every log_every_steps=2 steps), keeping the last checkpoint's state.
+  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  assert manager.latest_step() == 3
+  saved = manager.restore(3, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore())).state
+  manager.close()
+  assert int(saved["consecutive_nonfinite"]) == 1  # step 2 was skipped
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(saved))
 
 
 def test_bn_groups_pool_statistics_per_group():
@@ -203,21 +253,25 @@ def test_bn_groups_pool_statistics_per_group():
       batch, NamedSharding(mesh, P("data")), 64)))
   losses, group_states = [], []
   for group in (slice(0, 32), slice(32, 64)):
-    logits, group_state = model.apply(params, bn_state, batch.images[group], True)
+    logits, updates = model.apply({"params": params, "batch_stats": bn_state},
+                                  _normalized(batch, config)[group], train=True,
+                                  mutable=["batch_stats"])
     losses.append(optax.softmax_cross_entropy_with_integer_labels(
         logits, batch.labels[group]).mean())
-    group_states.append(group_state)
+    group_states.append(updates["batch_stats"])
   np.testing.assert_allclose(new_state.epoch_sums.loss, np.mean(losses), rtol=1e-5)
   # The running statistics are the groups' pooled ones, identical on every
   # device: mean of the means; mean of the variances plus variance of the means.
-  means = np.stack([g["bn2"].mean for g in group_states])
-  variances = np.stack([g["bn2"].var for g in group_states])
-  np.testing.assert_allclose(new_state.bn_state["bn2"].mean, means.mean(0),
+  means = np.stack([g["bn2"]["mean"] for g in group_states])
+  variances = np.stack([g["bn2"]["var"] for g in group_states])
+  np.testing.assert_allclose(new_state.bn_state["bn2"]["mean"], means.mean(0),
                              rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(new_state.bn_state["bn2"].var,
+  np.testing.assert_allclose(new_state.bn_state["bn2"]["var"],
                              variances.mean(0) + means.var(0), rtol=1e-5, atol=1e-7)
   assert np.any(means.var(0) > 1e-6)  # the groups differ: the check can fail
-  global_logits, _ = model.apply(params, bn_state, batch.images, True)
+  global_logits, _ = model.apply({"params": params, "batch_stats": bn_state},
+                                 _normalized(batch, config), train=True,
+                                 mutable=["batch_stats"])
   global_loss = optax.softmax_cross_entropy_with_integer_labels(
       global_logits, batch.labels).mean()
   assert abs(float(global_loss) - float(new_state.epoch_sums.loss)) > 1e-4
@@ -324,7 +378,8 @@ def test_label_smoothing_trains_on_smoothed_targets():
   params, bn_state = jax.device_get((state.params, state.bn_state))
   new_state = jax.device_get(step(state, input_pipeline.to_global(
       batch, NamedSharding(mesh, P("data")), 64)))
-  logits, _ = model.apply(params, bn_state, batch.images, True)
+  logits, _ = model.apply({"params": params, "batch_stats": bn_state},
+                          _normalized(batch, config), train=True, mutable=["batch_stats"])
   targets = 0.8 * jax.nn.one_hot(batch.labels, 10) + 0.2 / 10
   expected = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
   np.testing.assert_allclose(new_state.epoch_sums.loss, expected, rtol=1e-5)
@@ -348,22 +403,52 @@ def test_precise_bn_recomputes_the_statistics_before_evaluation_and_saving(tmp_p
   train, info = _mnist_tiny()
   model = train_lib.create_model(config, info)
   abstract = jax.eval_shape(functools.partial(
-      train_lib.create_train_state, model, train_lib.create_optimizer(config, 8)),
-      jax.random.key(0))
+      train_lib.create_train_state, model, train_lib.create_optimizer(config, 8),
+      input_shape=info.image_shape), jax.random.key(0))
   manager = train_lib.create_checkpoint_manager(tmp_path / "precise", config)
   saved = manager.restore(8, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract))).state
   manager.close()
-  batches = [batch.images for batch in input_pipeline.train_batches(
+  batches = [_normalized(batch, config) for batch in input_pipeline.train_batches(
       train, global_batch_size=64, seed=0, epoch=0, rows=slice(None))]
   # Three batches of 64 examples each weigh the same: the first BN layer's
   # statistics are those of the 192 examples.
-  expected = models.recompute_bn_stats(model, saved.params, saved.bn_state,
-                                       [np.concatenate(batches[:3])], num_batches=1)
-  np.testing.assert_allclose(saved.bn_state["bn1"].mean, expected["bn1"].mean,
+  expected = jaxbn.linen.recompute_stats(
+      model, {"params": saved.params, "batch_stats": saved.bn_state},
+      [np.concatenate(batches[:3])], num_batches=1, train=True)["batch_stats"]
+  np.testing.assert_allclose(saved.bn_state["bn1"]["mean"], expected["bn1"]["mean"],
                              rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(saved.bn_state["bn1"].var, expected["bn1"].var,
+  np.testing.assert_allclose(saved.bn_state["bn1"]["var"], expected["bn1"]["var"],
                              rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoints_with_jaxbn_batch_norm_states_restore(tmp_path):
+  # The MNIST models' checkpoints from before they were linen modules: a
+  # jaxbn.BatchNormParams / BatchNormState per BN layer, with an update count.
+  config = utils.tiny_config(num_devices=1)
+  model = train_lib.create_model(config, _mnist_tiny()[1])
+  state = jax.jit(functools.partial(
+      train_lib.create_train_state, model, train_lib.create_optimizer(config, 8),
+      input_shape=(28, 28, 1)))(jax.random.key(0))
+  state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.5, state.bn_state))
+
+  def old_params(tree):
+    return {name: jaxbn.BatchNormParams(**layer) if name.startswith("bn") else layer
+            for name, layer in tree.items()}
+
+  old = state._replace(
+      params=old_params(state.params),
+      opt_state=jax.tree.map(lambda node: old_params(node) if isinstance(node, dict) else node,
+                             state.opt_state, is_leaf=lambda node: isinstance(node, dict)),
+      bn_state={name: jaxbn.BatchNormState(layer["mean"], layer["var"], jnp.int32(7))
+                for name, layer in state.bn_state.items()})
+  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  train_lib.save_checkpoint(manager, old, {"step": 3})
+  manager.wait_until_finished()
+  restored, progress = train_lib.restore_checkpoint(manager, jax.eval_shape(lambda: state))
+  manager.close()
+  assert progress == {"step": 3}
+  chex.assert_trees_all_equal(restored, state)
 
 
 class _SigtermAtSecondCheck(train_lib._StopRequest):
@@ -411,8 +496,9 @@ def test_resnet_trains_under_shard_map_with_precise_bn(tmp_path):
 @pytest.mark.parametrize("eval_batch_size", [250, 7, 1000])
 def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_size):
   # 1001 examples: an uneven last batch; eval batches that are not multiples of 8.
-  model = models.mnist_cnn()
-  state = train_lib.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+  model = models.MnistCNN()
+  state = train_lib.create_train_state(model, optax.sgd(0.1), jax.random.key(0),
+                                       input_shape=(28, 28, 1))
   # Non-trivial running statistics, so that the BN layers matter.
   state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.3, state.bn_state))
   rng = np.random.default_rng(0)
@@ -427,8 +513,9 @@ def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_si
       results[num_devices, chained] = train_lib.evaluate(
           eval_fn, state, split, global_batch_size=eval_batch_size, mesh=mesh,
           chained=chained)
-  logits, _ = model.apply(state.params, state.bn_state,
-                          input_pipeline._normalize(split.images, split.preprocessing), False)
+  logits = model.apply({"params": state.params, "batch_stats": state.bn_state},
+                       input_pipeline.normalize(split.images, split.preprocessing),
+                       train=False)
   expected_accuracy = int(np.sum(np.argmax(logits, -1) == split.labels)) / 1001
   expected_loss = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(
       logits, split.labels)))

@@ -1,5 +1,5 @@
-"""training.models: the MNIST CNN and the BN paper's MLP as pure functions, and
-the linen ResNets of training.resnet behind the same interface."""
+"""training.models (the MNIST CNN and the BN paper's MLP as linen modules, the
+parameter table), training.ops (their CPU kernels) and training.resnet."""
 
 import functools
 
@@ -13,137 +13,277 @@ import pytest
 
 import jaxbn
 from training import models
+from training import ops
 from training import resnet
 
+MNIST = (28, 28, 1)
 
-def _totals(model):
-  rows = models.parameter_table(model)
+
+def _init(model, input_shape=MNIST, key=0):
+  return model.init(jax.random.key(key), jnp.zeros((1,) + input_shape), train=False)
+
+
+def _train(model, variables, x):
+  return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+def _totals(model, input_shape=MNIST):
+  rows = models.parameter_table(model, input_shape)
   trainable = sum(row.trainable for row in rows)
   non_trainable = sum(row.non_trainable for row in rows)
   return trainable + non_trainable, trainable, non_trainable
 
 
 def test_mnist_cnn_matches_the_keras_table_of_the_notes():
-  model = models.mnist_cnn((28, 28, 1), 10)
+  model = models.MnistCNN(num_classes=10)
   assert _totals(model) == (38_910, 38_650, 260)
-  rows = {row.layer: row for row in models.parameter_table(model)}
+  rows = models.parameter_table(model, MNIST)
+  # The notes' Keras layers, in their order (the parameter-free ones included).
+  assert [(row.layer, row.kind) for row in rows] == [
+      ("conv1", "ValidConv"), ("bn1", "BatchNorm"), ("relu1", "ReLU"), ("pool1", "MaxPool2D"),
+      ("conv2", "ValidConv"), ("bn2", "BatchNorm"), ("relu2", "ReLU"), ("pool2", "MaxPool2D"),
+      ("flatten", "Flatten"), ("dense1", "Dense"), ("bn3", "BatchNorm"), ("relu3", "ReLU"),
+      ("dense2", "Dense")]
+  rows = {row.layer: row for row in rows}
   # The notes' Keras per-layer rows: shapes and counts.
   assert (rows["conv1"].output_shape, rows["conv1"].trainable) == ((24, 24, 10), 260)
-  assert (rows["bn1"].trainable, rows["bn1"].non_trainable) == (20, 20)
-  assert rows["pool1"].output_shape == (12, 12, 10)
+  assert (rows["bn1"].output_shape, rows["bn1"].trainable,
+          rows["bn1"].non_trainable) == ((24, 24, 10), 20, 20)
   assert (rows["conv2"].output_shape, rows["conv2"].trainable) == ((8, 8, 20), 5020)
-  assert rows["flatten"].output_shape == (320,)
+  assert (rows["pool2"].output_shape, rows["flatten"].output_shape) == ((4, 4, 20), (320,))
+  assert sum(rows[name].trainable + rows[name].non_trainable
+             for name in ("relu1", "pool1", "relu2", "pool2", "flatten", "relu3")) == 0
   assert (rows["dense1"].trainable, rows["bn3"].non_trainable) == (32_100, 200)
-  assert rows["dense2"].trainable == 1010
-  text = models.format_parameter_table(models.parameter_table(model))
+  assert (rows["dense2"].output_shape, rows["dense2"].trainable) == ((10,), 1010)
+  # Pooling twice and flattening: 4 x 4 x 20 inputs of dense1.
+  assert _init(model)["params"]["dense1"]["kernel"].shape == (320, 100)
+  text = models.format_parameter_table(models.parameter_table(model, MNIST))
   assert "38,910" in text and "38,650" in text and "260" in text
 
 
-def test_params_and_state_are_the_counted_pytrees():
-  model = models.mnist_cnn((28, 28, 1), 10)
-  params, state = model.init(jax.random.key(0))
-  assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 38_650
-  assert all(isinstance(s, jaxbn.BatchNormState) for s in state.values())
-  assert sum(s.mean.size + s.var.size for s in state.values()) == 260
+def test_variables_are_the_counted_pytrees():
+  variables = _init(models.MnistCNN())
+  assert set(variables) == {"params", "batch_stats"}
+  assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == 38_650
+  assert set(variables["batch_stats"]) == {"bn1", "bn2", "bn3"}
+  assert all(set(stats) == {"mean", "var"} for stats in variables["batch_stats"].values())
+  assert sum(leaf.size for leaf in jax.tree.leaves(variables["batch_stats"])) == 260
 
 
 def test_bias_before_bn_false_drops_only_the_redundant_biases():
-  with_bias = models.mnist_cnn(bias_before_bn=True)
-  without = models.mnist_cnn(bias_before_bn=False)
+  with_bias = models.MnistCNN(bias_before_bn=True)
+  without = models.MnistCNN(bias_before_bn=False)
   assert _totals(with_bias)[1] - _totals(without)[1] == 10 + 20 + 100
-  params, _ = without.init(jax.random.key(0))
+  params = _init(without)["params"]
   assert "bias" not in params["conv1"] and "bias" in params["dense2"]
-  no_bn = models.mnist_cnn(use_bn=False, bias_before_bn=False)
-  params, state = no_bn.init(jax.random.key(0))
-  assert state == {} and "bias" in params["conv1"]  # without BN the bias stays
+  variables = _init(models.MnistCNN(use_bn=False, bias_before_bn=False))
+  assert "batch_stats" not in variables and "bias" in variables["params"]["conv1"]
 
 
 def test_bn_paper_mlp_structure():
-  model = models.bn_paper_mlp()
-  kinds = [layer.kind for layer in model.layers]
-  assert kinds == ["Flatten"] + ["Dense", "BatchNorm", "Sigmoid"] * 3 + ["Dense"]
-  assert _totals(model)[2] == 3 * 200
-  assert [layer.kind for layer in models.bn_paper_mlp(use_bn=False).layers].count(
-      "BatchNorm") == 0
+  rows = models.parameter_table(models.BNPaperMLP(), MNIST)
+  assert [(row.layer, row.kind) for row in rows] == [
+      ("dense1", "Dense"), ("bn1", "BatchNorm"), ("dense2", "Dense"), ("bn2", "BatchNorm"),
+      ("dense3", "Dense"), ("bn3", "BatchNorm"), ("dense4", "Dense")]
+  # 784 -> 100 -> 100 -> 100 -> 10 dense layers, a scale and an offset per BN feature.
+  assert _totals(models.BNPaperMLP()) == (100_910, 100_310, 600)
+  rows = models.parameter_table(models.BNPaperMLP(use_bn=False), MNIST)
+  assert [row.kind for row in rows] == ["Dense"] * 4
 
 
-def test_apply_training_updates_state_and_eval_uses_it():
-  model = models.mnist_cnn()
-  params, state = model.init(jax.random.key(1))
-  images = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
-  logits, new_state = model.apply(params, state, images, True)
+def test_train_updates_batch_stats_and_eval_uses_them():
+  model = models.MnistCNN()
+  variables = _init(model, key=1)
+  images = jax.random.uniform(jax.random.key(2), (8,) + MNIST)
+  logits, updates = _train(model, variables, images)
   assert logits.shape == (8, 10) and logits.dtype == jnp.float32
-  assert int(new_state["bn1"].count) == 1
-  assert not np.allclose(new_state["bn1"].mean, state["bn1"].mean)
-  eval_logits, same_state = model.apply(params, new_state, images, False)
-  assert jax.tree.all(jax.tree.map(lambda a, b: a is b, same_state, new_state))
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+      variables["batch_stats"])
+  assert not np.allclose(updates["batch_stats"]["bn1"]["mean"],
+                         variables["batch_stats"]["bn1"]["mean"])
+  trained = {"params": variables["params"], **updates}
+  eval_logits = model.apply(trained, images, train=False)
   assert eval_logits.shape == (8, 10)
+  assert not np.allclose(eval_logits, model.apply(variables, images, train=False))
 
 
 def test_half_precision_keeps_float32_params_and_state():
-  model = models.mnist_cnn()
-  params, state = model.init(jax.random.key(1))
-  images = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
-  logits, new_state = model.apply(params, state, images, True,
-                                  compute_dtype=jnp.bfloat16)
-  reference, _ = model.apply(params, state, images, True)
+  model = models.MnistCNN()
+  variables = _init(model, key=1)
+  images = jax.random.uniform(jax.random.key(2), (8,) + MNIST)
+  logits, updates = _train(model.clone(dtype=jnp.bfloat16), variables, images)
+  reference, _ = _train(model, variables, images)
   assert logits.dtype == jnp.float32
-  assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(new_state))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
   np.testing.assert_allclose(logits, reference, atol=0.15)
 
 
-def test_bad_model_name_and_input_shape():
+def _functional_cnn(params, stats, x, training):
+  """The MNIST CNN written with the core API (`jaxbn.batch_norm`) and lax ops."""
+  def bn(name, x):
+    state = jaxbn.BatchNormState(stats[name]["mean"], stats[name]["var"],
+                                 jnp.zeros((), jnp.int32))
+    return jaxbn.batch_norm(jaxbn.BatchNormParams(**params[name]), state, x,
+                            training=training, momentum=models.KERAS_BN_MOMENTUM,
+                            epsilon=models.KERAS_BN_EPSILON)
+
+  def conv(name, x):
+    return ops.conv_lax(x, params[name]["kernel"]) + params[name]["bias"][None, None, None]
+
+  def pool(x):
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+  new_stats = {}
+  for layer in ("1", "2"):
+    y, new_stats["bn" + layer] = bn("bn" + layer, conv("conv" + layer, x))
+    x = pool(jax.nn.relu(y))
+  x = x.reshape(x.shape[0], -1) @ params["dense1"]["kernel"] + params["dense1"]["bias"][None]
+  y, new_stats["bn3"] = bn("bn3", x)
+  x = jax.nn.relu(y) @ params["dense2"]["kernel"] + params["dense2"]["bias"][None]
+  return x, {name: {"mean": s.mean, "var": s.var} for name, s in new_stats.items()}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mnist_cnn_computes_what_the_core_api_computes(training):
+  model = models.MnistCNN()
+  variables = _init(model, key=3)
+  # Running statistics away from their initial values.
+  variables["batch_stats"] = jax.tree.map(
+      lambda leaf: leaf + jax.random.uniform(jax.random.key(4), leaf.shape),
+      variables["batch_stats"])
+  x = jax.random.uniform(jax.random.key(5), (16,) + MNIST)
+  expected, expected_stats = _functional_cnn(variables["params"], variables["batch_stats"],
+                                             x, training)
+  if training:
+    logits, updates = _train(model, variables, x)
+    chex.assert_trees_all_close(updates["batch_stats"], expected_stats, atol=1e-6)
+  else:
+    logits = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(logits, expected, atol=2e-5)
+
+
+def test_norm_is_an_attribute_flax_batch_norm_gives_the_same_variables():
+  ours = models.MnistCNN()
+  theirs = models.create_model("cnn", num_classes=10, norm=nn.BatchNorm)
+  variables = _init(ours)
+  chex.assert_trees_all_equal_shapes_and_dtypes(variables, _init(theirs))
+  images = jax.random.uniform(jax.random.key(1), (8,) + MNIST)
+  out, updates = _train(ours, variables, images)
+  flax_out, flax_updates = _train(theirs, variables, images)
+  np.testing.assert_allclose(out, flax_out, atol=1e-4)
+  chex.assert_trees_all_close(updates, flax_updates, atol=1e-5)
+
+
+def test_bad_model_names_and_attributes():
   with pytest.raises(ValueError, match="unknown model 'resnet'"):
-    models.create_model("resnet", input_shape=(28, 28, 1), num_classes=10)
-  model = models.mnist_cnn()
-  params, state = model.init(jax.random.key(0))
-  with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(28, 28, 1\)"):
-    model.apply(params, state, jnp.zeros((2, 32, 32, 3)), False)
+    models.create_model("resnet", num_classes=10)
+  with pytest.raises(ValueError, match="conv is an attribute of model 'cnn' only"):
+    models.create_model("mlp", num_classes=10, conv=models.LoopConv)
 
 
 def test_32x32_rgb_inputs():
-  model = models.mnist_cnn((32, 32, 3), 100)
-  rows = models.parameter_table(model)
+  model = models.create_model("cnn", num_classes=100)
+  rows = models.parameter_table(model, (32, 32, 3))
   assert rows[-1].output_shape == (100,)
-  assert [r for r in rows if r.layer == "flatten"][0].output_shape == (500,)
+  assert _init(model, (32, 32, 3))["params"]["dense1"]["kernel"].shape == (500, 100)
 
 
-@pytest.mark.parametrize("conv", [models.conv_valid, models.conv_valid_in_loops],
-                         ids=["conv_valid", "conv_valid_in_loops"])
+def _lax_conv(x, kernel):
+  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  precision=lax.Precision.HIGHEST)
+
+
+CONVOLUTIONS = {
+    "conv_matmuls": ops.conv_matmuls, "conv_im2col": ops.conv_im2col,
+    "conv_valid": ops.conv_valid,
+    "conv_valid_im2col": functools.partial(ops.conv_valid, cpu=ops.conv_im2col)}
+
+
+@pytest.mark.parametrize("conv", list(CONVOLUTIONS.values()), ids=list(CONVOLUTIONS))
 @pytest.mark.parametrize("shape, kernel_shape", [((3, 28, 28, 1), (5, 5, 1, 10)),
                                                  ((2, 12, 11, 10), (5, 3, 10, 20))])
-def test_conv_valid_equals_lax_convolution_values_and_gradients(shape, kernel_shape, conv):
+def test_convolutions_equal_lax_convolution_values_and_gradients(shape, kernel_shape, conv):
   x = jax.random.normal(jax.random.key(0), shape)
   kernel = jax.random.normal(jax.random.key(1), kernel_shape)
   cotangent = jax.random.normal(jax.random.key(2), (
       shape[0], shape[1] - kernel_shape[0] + 1, shape[2] - kernel_shape[1] + 1,
       kernel_shape[3]))
-
-  def reference(x, kernel):
-    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=lax.Precision.HIGHEST)
-
   y, vjp = jax.vjp(conv, x, kernel)
-  y_ref, vjp_ref = jax.vjp(reference, x, kernel)
+  y_ref, vjp_ref = jax.vjp(_lax_conv, x, kernel)
   scale = float(jnp.abs(y_ref).max())
   np.testing.assert_allclose(y, y_ref, atol=1e-5 * scale)
   for grad, grad_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
     np.testing.assert_allclose(grad, grad_ref, atol=1e-5 * float(jnp.abs(grad_ref).max()))
 
 
+def test_conv_valid_picks_the_kernel_of_the_platform_compiled_for():
+  x = jnp.zeros((2, 8, 8, 1))
+  kernel = jnp.zeros((3, 3, 1, 4))
+  lowered = {platform: jax.jit(ops.conv_valid).trace(x, kernel).lower(
+      lowering_platforms=(platform,)).as_text() for platform in ("cpu", "cuda")}
+  assert "convolution" not in lowered["cpu"] and "dot_general" in lowered["cpu"]
+  assert "convolution" in lowered["cuda"]
+
+
+@pytest.mark.parametrize("shape, kernel_shape", [((3, 10, 9, 1), (5, 5, 1, 4)),
+                                                 ((2, 9, 8, 3), (3, 3, 3, 5))])
+def test_conv_matmuls_gradient_under_jit_and_in_bfloat16(shape, kernel_shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+
+  def loss(conv, x, kernel):
+    return jnp.sum(jnp.tanh(conv(x, kernel)))
+
+  grads = jax.jit(jax.grad(functools.partial(loss, ops.conv_matmuls),
+                           argnums=(0, 1)))(x, kernel)
+  grads_ref = jax.grad(functools.partial(loss, _lax_conv), argnums=(0, 1))(x, kernel)
+  for grad, grad_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-4 * float(jnp.abs(grad_ref).max()))
+  y16 = ops.conv_matmuls(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  grads16 = jax.grad(lambda x, k: jnp.sum(ops.conv_matmuls(x, k).astype(jnp.float32)),
+                     argnums=(0, 1))(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert [g.dtype for g in grads16] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def _reduce_window_max(x):
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
 def test_max_pool_equals_reduce_window_and_drops_partial_windows():
-  pool = models.max_pool("pool")
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))  # 9 rows: the last is dropped
-  y, _ = pool.apply(None, None, x, models.ApplyContext(training=True))
-  y_ref = lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  y = ops.max_pool_2d(x, 2)
   assert y.shape == (2, 4, 4, 3)
-  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(y, _reduce_window_max(x))
   # Without ties the gradient goes to each window's maximum, as reduce_window's.
-  grad = jax.grad(lambda x: pool.apply(None, None, x, None)[0].sum())(x)
-  grad_ref = jax.grad(lambda x: lax.reduce_window(
-      x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID").sum())(x)
+  grad = jax.grad(lambda x: ops.max_pool_2d(x, 2).sum())(x)
+  grad_ref = jax.grad(lambda x: _reduce_window_max(x).sum())(x)
   np.testing.assert_array_equal(grad, grad_ref)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_on_ties():
+  # Ties (a ReLU's zeros, repeated values): reduce_window's gradient picks one
+  # element per window; the reshaped max's automatic gradient would split it.
+  x = jnp.array([[1., 1., 0., 2.], [1., 0., 2., 2.], [0., 0., 3., 0.],
+                 [0., 0., 0., 3.]]).reshape(1, 4, 4, 1)
+  cotangent = jnp.array([1., 2., 3., 4.]).reshape(1, 2, 2, 1)
+  _, vjp = jax.vjp(lambda x: ops.max_pool_2d(x, 2), x)
+  _, vjp_ref = jax.vjp(_reduce_window_max, x)
+  np.testing.assert_array_equal(vjp(cotangent)[0], vjp_ref(cotangent)[0])
+  assert float(vjp(cotangent)[0].sum()) == 10.0
+
+
+def test_mnist_cnn_with_the_loop_convolution_matches_the_default_one():
+  # Same parameters, same outputs: the experiments' models differ only in speed.
+  x = jax.random.normal(jax.random.key(0), (4,) + MNIST)
+  default = models.create_model("cnn", num_classes=10)
+  looped = models.create_model("cnn", num_classes=10, conv=models.LoopConv)
+  variables = _init(default, key=1)
+  chex.assert_trees_all_equal(variables, _init(looped, key=1))
+  y, _ = _train(default, variables, x)
+  y_looped, _ = _train(looped, variables, x)
+  chex.assert_trees_all_close(y_looped, y, atol=1e-5, rtol=1e-5)
 
 
 # --- ResNets (training.resnet, flax.linen with jaxbn.linen.BatchNorm) ----------
@@ -196,8 +336,7 @@ def test_resnet_convolutions_have_no_bias_and_bn_follows_each():
 
 
 def test_resnet_v1_5_strides_the_bottleneck_3x3_conv():
-  rows = models.parameter_table(models.linen_model(resnet.ResNet50(num_classes=10),
-                                                   (64, 64, 3)))
+  rows = models.parameter_table(resnet.ResNet50(num_classes=10), (64, 64, 3))
   shapes = {row.layer: row.output_shape for row in rows}
   assert shapes["conv_init"] == (32, 32, 64)
   assert shapes["BottleneckBlock_2"] == (16, 16, 256)
@@ -226,23 +365,23 @@ def _tiny_resnet(**kwargs):
                        **kwargs)
 
 
-def test_linen_model_on_28x28x1_trains_and_evaluates():
-  model = models.linen_model(_tiny_resnet(zero_init_last_bn=False), (28, 28, 1))
-  params, state = model.init(jax.random.key(0))
-  images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
-  logits, new_state = model.apply(params, state, images, True)
+def test_resnet_on_28x28x1_trains_and_evaluates():
+  model = _tiny_resnet(zero_init_last_bn=False)
+  variables = _init(model)
+  images = jax.random.uniform(jax.random.key(1), (4,) + MNIST)
+  logits, updates = _train(model, variables, images)
   assert logits.shape == (4, 10) and logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
-  assert jax.tree.structure(new_state) == jax.tree.structure(state)
-  assert not np.allclose(new_state["bn_init"]["mean"], state["bn_init"]["mean"])
-  eval_logits, same_state = model.apply(params, new_state, images, False)
-  assert same_state is new_state and eval_logits.shape == (4, 10)
-  half, half_state = model.apply(params, state, images, True, compute_dtype=jnp.bfloat16)
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+      variables["batch_stats"])
+  assert not np.allclose(updates["batch_stats"]["bn_init"]["mean"],
+                         variables["batch_stats"]["bn_init"]["mean"])
+  assert model.apply({"params": variables["params"], **updates}, images,
+                     train=False).shape == (4, 10)
+  half, half_updates = _train(model.clone(dtype=jnp.bfloat16), variables, images)
   assert half.dtype == jnp.float32
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(half_state))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(half_updates))
   np.testing.assert_allclose(half, logits, atol=0.1 * float(jnp.abs(logits).max()))
-  with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(28, 28, 1\)"):
-    model.apply(params, state, jnp.zeros((2, 32, 32, 3)), False)
 
 
 def test_flax_batch_norm_swap_gives_the_same_variables_and_outputs():
@@ -262,20 +401,19 @@ def test_flax_batch_norm_swap_gives_the_same_variables_and_outputs():
 
 
 def test_resnet_models_in_the_registry():
-  model = models.create_model("resnet20", input_shape=(28, 28, 1), num_classes=10,
-                              bias_before_bn=False, bn_momentum=0.9, bn_epsilon=1e-5)
-  assert model.module.bn_momentum == 0.9 and model.layers == ()
-  rows = models.parameter_table(model)
+  model = models.create_model("resnet20", num_classes=10, bias_before_bn=False,
+                              bn_momentum=0.9, bn_epsilon=1e-5)
+  assert isinstance(model, resnet.ResNet) and model.bn_momentum == 0.9
+  rows = models.parameter_table(model, MNIST)
   assert sum(r.trainable for r in rows) == 269_722 - 288  # 1 input channel, not 3
   assert sum(r.non_trainable for r in rows) == 1376
   assert [r.layer for r in rows][:3] == ["conv_init", "bn_init", "BasicBlock_0"]
   assert "Non-trainable (BN running statistics): 1,376" in models.format_parameter_table(
       rows)
   with pytest.raises(ValueError, match="bias_before_bn=False"):
-    models.create_model("resnet20", input_shape=(28, 28, 1), num_classes=10)
+    models.create_model("resnet20", num_classes=10)
   with pytest.raises(ValueError, match="use_bn=True"):
-    models.create_model("resnet20", input_shape=(28, 28, 1), num_classes=10,
-                        use_bn=False, bias_before_bn=False)
+    models.create_model("resnet20", num_classes=10, use_bn=False, bias_before_bn=False)
 
 
 def test_resnet_rejects_bad_attributes():
@@ -285,82 +423,27 @@ def test_resnet_rejects_bad_attributes():
     _tiny_resnet().init(jax.random.key(0), jnp.zeros((8, 8, 1)))
 
 
-@pytest.mark.parametrize("kind", ["sequential", "linen"])
-def test_recompute_bn_stats_pools_batches_with_equal_weight(kind):
-  if kind == "linen":
-    model = models.linen_model(_tiny_resnet(zero_init_last_bn=False), (12, 12, 1))
-    first = ("bn_init",)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet"])
+def test_precise_bn_pools_batches_with_equal_weight(kind):
+  if kind == "resnet":
+    model, first = _tiny_resnet(zero_init_last_bn=False), "bn_init"
   else:
-    model = models.mnist_cnn((16, 16, 1), 10, bias_before_bn=False)
-    first = ("bn1",)
-  params, state = model.init(jax.random.key(0))
-  batches = [jax.random.uniform(jax.random.key(i), (8,) + model.input_shape) + i
-             for i in (1, 2)]
-  new_state = models.recompute_bn_stats(model, params, state, iter(batches + batches),
-                                        num_batches=2)
-  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    model, first = models.MnistCNN(bias_before_bn=False), "bn1"
+  variables = _init(model, (16, 16, 1))
+  batches = [jax.random.uniform(jax.random.key(i), (8, 16, 16, 1)) + i for i in (1, 2)]
+  new = jaxbn.linen.recompute_stats(model, variables, iter(batches + batches),
+                                    num_batches=2, train=True)
+  assert jax.tree.structure(new) == jax.tree.structure(variables)
+  chex.assert_trees_all_equal(new["params"], variables["params"])
   # The first BN layer sees the same inputs in any batch split: its pooled
   # statistics are those of both batches together.
-  mean_of = (lambda s: s[first[0]]["mean"]) if kind == "linen" else (
-      lambda s: s[first[0]].mean)
-  var_of = (lambda s: s[first[0]]["var"]) if kind == "linen" else (
-      lambda s: s[first[0]].var)
-  together = models.recompute_bn_stats(model, params, state,
-                                       [jnp.concatenate(batches)], num_batches=1)
-  np.testing.assert_allclose(mean_of(new_state), mean_of(together), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(var_of(new_state), var_of(together), rtol=1e-4, atol=1e-6)
-  assert not np.allclose(mean_of(new_state), mean_of(state))
+  together = jaxbn.linen.recompute_stats(model, variables, [jnp.concatenate(batches)],
+                                         num_batches=1, train=True)
+  stats, stats_together = new["batch_stats"][first], together["batch_stats"][first]
+  np.testing.assert_allclose(stats["mean"], stats_together["mean"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], stats_together["var"], rtol=1e-4, atol=1e-6)
+  assert not np.allclose(stats["mean"], variables["batch_stats"][first]["mean"])
   with pytest.raises(ValueError, match="needs 3 batches, got 2"):
-    models.recompute_bn_stats(model, params, state, iter(batches), num_batches=3)
-
-
-def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_on_ties():
-  # Ties (a ReLU's zeros, repeated values): reduce_window's gradient picks one
-  # element per window; the reshaped max's automatic gradient would split it.
-  x = jnp.array([[1., 1., 0., 2.], [1., 0., 2., 2.], [0., 0., 3., 0.],
-                 [0., 0., 0., 3.]]).reshape(1, 4, 4, 1)
-  cotangent = jnp.array([1., 2., 3., 4.]).reshape(1, 2, 2, 1)
-  _, vjp = jax.vjp(lambda x: models.max_pool_2d(x, 2), x)
-  _, vjp_ref = jax.vjp(lambda x: lax.reduce_window(
-      x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"), x)
-  np.testing.assert_array_equal(vjp(cotangent)[0], vjp_ref(cotangent)[0])
-  assert float(vjp(cotangent)[0].sum()) == 10.0
-
-
-@pytest.mark.parametrize("shape, kernel_shape", [((3, 10, 9, 1), (5, 5, 1, 4)),
-                                                 ((2, 9, 8, 3), (3, 3, 3, 5))])
-def test_conv_valid_cpu_gradient_under_jit_and_in_bfloat16(shape, kernel_shape):
-  x = jax.random.normal(jax.random.key(0), shape)
-  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
-
-  def loss(conv, x, kernel):
-    return jnp.sum(jnp.tanh(conv(x, kernel)))
-
-  def reference(x, kernel):
-    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=lax.Precision.HIGHEST)
-
-  grads = jax.jit(jax.grad(functools.partial(loss, models.conv_valid_cpu),
-                           argnums=(0, 1)))(x, kernel)
-  grads_ref = jax.grad(functools.partial(loss, reference), argnums=(0, 1))(x, kernel)
-  for grad, grad_ref in zip(grads, grads_ref):
-    np.testing.assert_allclose(grad, grad_ref, atol=1e-4 * float(jnp.abs(grad_ref).max()))
-  y16 = models.conv_valid_cpu(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
-  assert y16.dtype == jnp.bfloat16
-  grads16 = jax.grad(lambda x, k: jnp.sum(models.conv_valid_cpu(x, k).astype(jnp.float32)),
-                     argnums=(0, 1))(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
-  assert [g.dtype for g in grads16] == [jnp.bfloat16, jnp.bfloat16]
-
-
-def test_mnist_cnn_with_the_loop_convolution_matches_the_default_one():
-  # Same parameters, same outputs: the experiments' models differ only in speed.
-  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
-  default = models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10)
-  looped = models.create_model("cnn", input_shape=(28, 28, 1), num_classes=10,
-                               conv=models.conv_valid_in_loops)
-  params, state = default.init(jax.random.key(1))
-  chex.assert_trees_all_equal_shapes_and_dtypes(params, looped.init(jax.random.key(1))[0])
-  y, _ = default.apply(params, state, x, True)
-  y_looped, _ = looped.apply(params, state, x, True)
-  chex.assert_trees_all_close(y_looped, y, atol=1e-5, rtol=1e-5)
+    jaxbn.linen.recompute_stats(model, variables, iter(batches), num_batches=3, train=True)

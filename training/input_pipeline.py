@@ -22,9 +22,13 @@ sources (so topology does not change the batches), its position in the
 process's stream for streamed ones. Resuming at step `k` of an epoch therefore
 gives exactly the batches an uninterrupted run sees.
 
-Model inputs are float32 `(pixel - mean) / std` per channel: `[0, 1]` scaling
-for digits and synthetic data, the datasets' own per-channel statistics for
-CIFAR and ImageNet.
+Batches carry uint8 pixels, a quarter of the bytes of float32 from host to
+device; the jitted train and eval steps turn them into the model's float32
+`(pixel - mean) / std` per channel with `normalize` (`[0, 1]` scaling for
+digits and synthetic data, the datasets' own per-channel statistics for CIFAR
+and ImageNet). The host gathers uint8 rows (in-memory sources) or pulls
+tf.data's output (decoding and augmentation run on tf.data's own threads,
+`num_workers` of them; the batches do not depend on their number).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import types
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from training import files
@@ -173,7 +178,8 @@ class Batch(NamedTuple):
   """This process's rows of one global batch.
 
   Attributes:
-    images: float32 `(rows, height, width, channels)`, normalized.
+    images: uint8 pixels `(rows, height, width, channels)`; the steps
+      normalize them (`normalize`).
     labels: int32 `(rows,)`.
     mask: bool `(rows,)`; False marks padding (evaluation only).
   """
@@ -572,7 +578,7 @@ def load_dataset(dataset: str, splits: list[str], *, data_dir=None, manual_dir=N
       raise ValueError(f"dataset {dataset!r} has {info.num_classes} classes; num_classes "
                        f"must be 0 or {info.num_classes}, got {num_classes}.")
   _check_image_shape(dataset, info.image_shape)
-  mean, std = _NORMALIZATION.get(dataset, UNIT_SCALING)
+  mean, std = pixel_statistics(dataset)
   preprocessing = Preprocessing(_resolve_augmentation(dataset, augmentation, streamed),
                                 info.image_shape[0] if streamed else 0, mean, std)
   return {split: source._replace(preprocessing=preprocessing)
@@ -648,11 +654,35 @@ def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int,
   return np.asarray(rows)
 
 
-def _normalize(images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-  """float32 `(pixel - mean) / std` per channel."""
-  mean = np.asarray(preprocessing.mean, np.float32)
-  scale = np.float32(1.0) / np.asarray(preprocessing.std, np.float32)
-  images = images.astype(np.float32)
+def pixel_statistics(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """`(mean, std)` per channel in pixel units that `dataset`'s images are normalized with."""
+  return _NORMALIZATION.get(dataset, UNIT_SCALING)
+
+
+def normalize(images: jax.typing.ArrayLike, preprocessing: Preprocessing) -> jax.Array:
+  """The model input: float32 `(pixel - mean) / std` per channel, in jnp.
+
+  The train and eval steps call it on the uint8 batches inside their jitted
+  programs. It computes `(pixel - mean) * (1 / std)`, with `1 / std` rounded
+  to float32 first (`pixel * (1 / std)` when every mean is 0).
+
+  Args:
+    images: uint8 pixels `(..., channels)`.
+    preprocessing: its `mean` and `std` (one value or one per channel).
+
+  Returns:
+    float32 array of `images`' shape.
+
+  Raises:
+    TypeError: `images` is not uint8.
+  """
+  if jnp.dtype(images.dtype) != jnp.uint8:
+    raise TypeError(f"normalize: images must be uint8 pixels (0..255), got "
+                    f"{jnp.dtype(images.dtype)}.")
+  images = jnp.asarray(images).astype(jnp.float32)
+  per_channel = (1,) * (images.ndim - 1) + (-1,)
+  mean = np.asarray(preprocessing.mean, np.float32).reshape(per_channel)
+  scale = (np.float32(1.0) / np.asarray(preprocessing.std, np.float32)).reshape(per_channel)
   return (images - mean) * scale if mean.any() else images * scale
 
 
@@ -698,39 +728,68 @@ def _random_resized_crop_window(tf, shape, key, image_size: int):
                  lambda: tf.stack([begin[0], begin[1], size[0], size[1]]))
 
 
+def _resize_to_pixels(tf, image, image_size: int):
+  """Bicubic resize to `image_size` square, rounded and clipped back to uint8."""
+  image = tf.image.resize(image, [image_size, image_size], method="bicubic")
+  return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
 def _imagenet_train(tf, image_bytes, key, image_size: int, channels: int):
-  """Decodes only a random resized crop, resizes it (bicubic) and flips it."""
+  """Decodes only a random resized crop, resizes it (bicubic) and flips it: uint8."""
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   shape = tf.image.extract_jpeg_shape(image_bytes)
   window = _random_resized_crop_window(tf, shape, crop_key, image_size)
   image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=channels)
-  image = tf.image.resize(image, [image_size, image_size], method="bicubic")
+  image = _resize_to_pixels(tf, image, image_size)
   return tf.image.stateless_random_flip_left_right(image, seed=flip_key)
 
 
 def _imagenet_eval(tf, image_bytes, image_size: int, channels: int):
-  """Decodes the center crop and resizes it (bicubic): resize 256 + crop 224."""
+  """Decodes the center crop and resizes it (bicubic): resize 256 + crop 224, uint8."""
   window = _center_crop_window(tf, tf.image.extract_jpeg_shape(image_bytes), image_size)
   image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=channels)
-  return tf.image.resize(image, [image_size, image_size], method="bicubic")
+  return _resize_to_pixels(tf, image, image_size)
 
 
-def _tf_options(tf):
+def host_cores() -> int:
+  """CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _resolve_workers(num_workers: int) -> int:
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0 (0 = all {host_cores()} host cores), "
+                     f"got {num_workers}.")
+  return num_workers or host_cores()
+
+
+def _tf_options(tf, num_workers: int):
+  """Deterministic output order on a pool of `num_workers` threads, one core each.
+
+  Per-example work runs `num_workers` elements at a time
+  (`num_parallel_calls`), each on one thread (`max_intra_op_parallelism=1`),
+  so the pool uses `num_workers` cores. `deterministic` keeps the elements in
+  input order however many finish first.
+  """
   options = tf.data.Options()
   options.deterministic = True
+  options.threading.private_threadpool_size = num_workers
   options.threading.max_intra_op_parallelism = 1
   return options
 
 
 def _in_memory_train_batches(split: Split, order: np.ndarray, *, global_batch_size: int,
                              seed: int, epoch: int, rows: Rows, first_step: int,
-                             num_steps: int) -> Iterator[Batch]:
+                             num_steps: int, num_workers: int) -> Iterator[Batch]:
   num_images = len(split.images)
   if split.preprocessing.augmentation == "none":
     for step in range(first_step, num_steps):
       indices = order[step * global_batch_size:(step + 1) * global_batch_size][rows]
-      yield Batch(_normalize(split.images[indices % num_images], split.preprocessing),
-                  split.labels[indices], np.ones(len(indices), bool))
+      yield Batch(split.images[indices % num_images], split.labels[indices],
+                  np.ones(len(indices), bool))
     return
   tf, _ = _import_tf()
 
@@ -750,10 +809,9 @@ def _in_memory_train_batches(split: Split, order: np.ndarray, *, global_batch_si
   image_spec = tf.TensorSpec((None,) + split.images.shape[1:], tf.uint8)
   ds = tf.data.Dataset.from_generator(gathered, output_signature=(
       image_spec, tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.int64)))
-  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-  for images, labels in ds.with_options(_tf_options(tf)).as_numpy_iterator():
-    yield Batch(_normalize(images, split.preprocessing), labels,
-                np.ones(len(labels), bool))
+  ds = ds.map(augment, num_parallel_calls=num_workers).prefetch(2)
+  for images, labels in ds.with_options(_tf_options(tf, num_workers)).as_numpy_iterator():
+    yield Batch(images, labels, np.ones(len(labels), bool))
 
 
 def _share(stream: Stream):
@@ -770,8 +828,8 @@ def _share_sizes(stream: Stream) -> list[int]:
 
 
 def _streamed_train_batches(stream: Stream, *, global_batch_size: int, seed: int,
-                            epoch: int, rows: Rows, first_step: int, num_steps: int
-                            ) -> Iterator[Batch]:
+                            epoch: int, rows: Rows, first_step: int, num_steps: int,
+                            num_workers: int) -> Iterator[Batch]:
   tf, tfds = _import_tf()
   local_rows = _rows_count(rows, global_batch_size)
   image_key, label_key = stream.builder.info.supervised_keys
@@ -781,7 +839,8 @@ def _streamed_train_batches(stream: Stream, *, global_batch_size: int, seed: int
                                            ).integers(2**31))
   ds = stream.builder.as_dataset(
       split=_share(stream), shuffle_files=True,
-      read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, options=_tf_options(tf)),
+      read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed,
+                                  options=_tf_options(tf, num_workers)),
       decoders={image_key: tfds.decode.SkipDecoding()})
   ds = ds.shuffle(16 * local_rows, seed=shuffle_seed, reshuffle_each_iteration=False)
   # Positions before skipping keep each example's augmentation when resuming.
@@ -797,14 +856,15 @@ def _streamed_train_batches(stream: Stream, *, global_batch_size: int, seed: int
       image = _imagenet_eval(tf, image, preprocessing.image_size, channels)
     return image, tf.cast(example[label_key], tf.int32)
 
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(preprocess, num_parallel_calls=num_workers)
   ds = ds.batch(local_rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  for images, labels in ds.with_options(_tf_options(tf)).as_numpy_iterator():
-    yield Batch(_normalize(images, preprocessing), labels, np.ones(len(labels), bool))
+  for images, labels in ds.with_options(_tf_options(tf, num_workers)).as_numpy_iterator():
+    yield Batch(images, labels, np.ones(len(labels), bool))
 
 
 def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: int,
-                  rows: Rows, start_step: int = 0) -> Iterator[Batch]:
+                  rows: Rows, start_step: int = 0, num_workers: int = 0
+                  ) -> Iterator[Batch]:
   """This process's rows of each global training batch of `epoch`, augmented.
 
   In-memory sources give the same global batches whatever the topology;
@@ -817,21 +877,27 @@ def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: i
     epoch: 0-based epoch.
     rows: this process's rows of each global batch (`process_rows`).
     start_step: first batch within the epoch (resuming mid-epoch).
+    num_workers: tf.data threads that decode and augment (0 = all
+      `host_cores()`); the batches are the same for any number.
+
+  Yields:
+    `Batch`es of uint8 images.
   """
+  num_workers = _resolve_workers(num_workers)
   num_steps = steps_per_epoch(count_examples(source), global_batch_size)
   if isinstance(source, Stream):
     yield from _streamed_train_batches(
         source, global_batch_size=global_batch_size, seed=seed, epoch=epoch, rows=rows,
-        first_step=start_step, num_steps=num_steps)
+        first_step=start_step, num_steps=num_steps, num_workers=num_workers)
     return
   order = epoch_permutation(len(source.labels), seed=seed, epoch=epoch)
   yield from _in_memory_train_batches(
       source, order, global_batch_size=global_batch_size, seed=seed, epoch=epoch,
-      rows=rows, first_step=start_step, num_steps=num_steps)
+      rows=rows, first_step=start_step, num_steps=num_steps, num_workers=num_workers)
 
 
-def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: Rows
-                           ) -> Iterator[Batch]:
+def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: Rows,
+                           num_workers: int) -> Iterator[Batch]:
   tf, tfds = _import_tf()
   local_rows = _rows_count(rows, global_batch_size)
   image_key, label_key = stream.builder.info.supervised_keys
@@ -840,23 +906,26 @@ def _streamed_eval_batches(stream: Stream, *, global_batch_size: int, rows: Rows
   sizes = _share_sizes(stream)
   # Every process runs the same number of batches: pad each share to the largest.
   num_batches = math.ceil(max(sizes) / local_rows)
+  options = _tf_options(tf, num_workers)
   ds = stream.builder.as_dataset(split=_share(stream), shuffle_files=False,
+                                 read_config=tfds.ReadConfig(options=options),
                                  decoders={image_key: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda example: (
       _imagenet_eval(tf, example[image_key], preprocessing.image_size, channels),
-      tf.cast(example[label_key], tf.int32), True), num_parallel_calls=tf.data.AUTOTUNE)
+      tf.cast(example[label_key], tf.int32), True), num_parallel_calls=num_workers)
   size = preprocessing.image_size
   padding = tf.data.Dataset.from_tensors(
-      (tf.zeros((size, size, channels), tf.float32), tf.constant(0, tf.int32), False))
+      (tf.zeros((size, size, channels), tf.uint8), tf.constant(0, tf.int32), False))
   ds = ds.concatenate(padding.repeat(num_batches * local_rows
                                      - sizes[stream.process_index]))
   ds = ds.batch(local_rows).prefetch(tf.data.AUTOTUNE)
-  for images, labels, mask in ds.with_options(_tf_options(tf)).as_numpy_iterator():
-    yield Batch(_normalize(images, preprocessing), labels, mask)
+  for images, labels, mask in ds.with_options(options).as_numpy_iterator():
+    yield Batch(images, labels, mask)
 
 
 def eval_batches(source: Source, *, global_batch_size: int, rows: Rows,
-                 examples_per_batch: int | None = None) -> Iterator[Batch]:
+                 examples_per_batch: int | None = None, num_workers: int = 0
+                 ) -> Iterator[Batch]:
   """Every example once, never augmented; padding rows have mask False.
 
   In-memory sources go in order: global batch `k` holds examples
@@ -872,22 +941,28 @@ def eval_batches(source: Source, *, global_batch_size: int, rows: Rows,
     rows: this process's rows of each global batch (`process_rows`).
     examples_per_batch: examples per global batch, at most
       `global_batch_size`; default `global_batch_size`.
+    num_workers: tf.data threads that decode streamed images (0 = all
+      `host_cores()`).
+
+  Yields:
+    `Batch`es of uint8 images.
   """
+  num_workers = _resolve_workers(num_workers)
   examples_per_batch = examples_per_batch or global_batch_size
   if not 0 < examples_per_batch <= global_batch_size:
     raise ValueError(f"examples_per_batch must be in [1, {global_batch_size}], got "
                      f"{examples_per_batch}.")
   if isinstance(source, Stream):
     yield from _streamed_eval_batches(source, global_batch_size=global_batch_size,
-                                      rows=rows)
+                                      rows=rows, num_workers=num_workers)
     return
   count = len(source.labels)
   for start in range(0, count, examples_per_batch):
     indices = np.arange(start, start + global_batch_size)[rows]
     valid = indices < min(start + examples_per_batch, count)
     indices = np.where(valid, indices, 0)
-    yield Batch(_normalize(source.images[indices % len(source.images)],
-                           source.preprocessing), source.labels[indices], valid)
+    yield Batch(source.images[indices % len(source.images)], source.labels[indices],
+                valid)
 
 
 def to_global(batch: Batch, sharding: jax.sharding.Sharding,

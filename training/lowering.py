@@ -51,7 +51,6 @@ import ml_collections
 
 from training import hlo
 from training import input_pipeline
-from training import models
 from training import targets
 from training import train_lib
 
@@ -203,11 +202,11 @@ def _abstract(tree, sharding):
 
 def abstract_batch(global_batch_size: int, image_shape: tuple[int, ...],
                    sharding: jax.sharding.Sharding) -> input_pipeline.Batch:
-  """A global `Batch` of shapes only, sharded like the training batches."""
+  """A global `Batch` of shapes only (uint8 images), sharded like the training batches."""
   def spec(shape, dtype):
     return jax.ShapeDtypeStruct((global_batch_size,) + tuple(shape), dtype,
                                 sharding=sharding)
-  return input_pipeline.Batch(images=spec(image_shape, jnp.float32),
+  return input_pipeline.Batch(images=spec(image_shape, jnp.uint8),
                               labels=spec((), jnp.int32), mask=spec((), jnp.bool_))
 
 
@@ -380,7 +379,7 @@ def _build(config: ml_collections.ConfigDict, devices: list | None = None,
     config: the run's config.
     devices: the mesh's devices; None: `train_lib.create_mesh` over this
       machine's (`config.num_devices`).
-    norm: for the ResNets, a linen normalization module class replacing
+    norm: a linen normalization module class replacing the model's
       `jaxbn.linen.BatchNorm` (benchmarks compare flax's and none).
   """
   mesh = (train_lib.create_mesh(config.num_devices) if devices is None
@@ -389,17 +388,15 @@ def _build(config: ml_collections.ConfigDict, devices: list | None = None,
   info = dataset_info(config)
   model = train_lib.create_model(config, info)
   if norm is not None:
-    if model.module is None:
-      raise ValueError(f"norm: model {config.model!r} is not a linen ResNet.")
-    model = models.linen_model(model.module.clone(norm=norm), model.input_shape)
+    model = model.clone(norm=norm)
   steps_per_epoch = input_pipeline.steps_per_epoch(_num_train_examples(config),
                                                    config.batch_size)
   tx = train_lib.create_optimizer(config, max(steps_per_epoch, 1))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(train_lib.AXIS))
-  state = _abstract(jax.eval_shape(functools.partial(train_lib.create_train_state,
-                                                     model, tx), jax.random.key(0)),
-                    replicated)
+  state = _abstract(jax.eval_shape(functools.partial(
+      train_lib.create_train_state, model, tx, input_shape=info.image_shape),
+      jax.random.key(0)), replicated)
   train_batch = abstract_batch(config.batch_size, info.image_shape, batch_sharding)
   eval_batch = abstract_batch(
       train_lib.eval_batch_rows(config.eval_batch_size, mesh.devices.size),

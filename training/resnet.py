@@ -233,7 +233,7 @@ ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBl
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
 
-# Model names of `training.models.create_model` (config.model).
+# ResNet names of `training.models.create_model` (config.model).
 RESNETS: dict[str, Callable[..., ResNet]] = {
     "resnet20": ResNet20, "resnet32": ResNet32, "resnet56": ResNet56,
     "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50,

@@ -22,7 +22,7 @@ and `train.py` exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: rerun the
 same command to resume; the resumed run ends with the same metrics as an
 uninterrupted one).
 
-Gradient accumulation (`grad_accum_steps = k > 1`, linen models): each
+Gradient accumulation (`grad_accum_steps = k > 1`): each
 device's rows run as `k` microbatches in a `lax.scan`, each normalized with
 its own statistics; the gradient is their mean, applied once, and the BN
 running statistics are updated once with the moments of all the rows
@@ -30,7 +30,7 @@ running statistics are updated once with the moments of all the rows
 
 PreciseBN (`precise_bn_batches > 0`): before each evaluation and each
 checkpoint the BN running statistics are recomputed with the current weights
-over that many training batches (`models.recompute_bn_stats`), replacing the
+over that many training batches (`jaxbn.linen.recompute_stats`), replacing the
 exponential moving average, which lags behind the weights (most visibly at a
 high learning rate). The preemption checkpoint is saved without it, so that
 resuming is exact.
@@ -51,6 +51,7 @@ import time
 from typing import Any, NamedTuple
 
 from etils import epath
+from flax import linen as nn
 import jax
 from jax import lax
 from jax.experimental import multihost_utils
@@ -119,7 +120,8 @@ class TrainState(NamedTuple):
       global data position.
     params: model parameters (float32).
     opt_state: optax state.
-    bn_state: BN running statistics (`jaxbn.BatchNormState` per layer).
+    bn_state: BN running statistics: the model's flax `batch_stats` collection
+      (`{'mean', 'var'}` per BN layer; `{}` without BN).
     consecutive_nonfinite: int32, skipped steps in a row up to now.
     epoch_sums: this epoch's training metrics so far.
   """
@@ -243,10 +245,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
         f"(batch_size={config.batch_size} over {num_devices} devices: {per_device} "
         "examples) into equal microbatches.")
-  check(accum == 1 or config.model in resnet.RESNETS,
-        f"grad_accum_steps={accum} needs a flax.linen model (one of "
-        f"{sorted(resnet.RESNETS)}); model {config.model!r} is not one yet: set "
-        "grad_accum_steps=1.")
   check(config.eval_batch_size > 0,
         f"eval_batch_size must be > 0, got {config.eval_batch_size}.")
   group = config.bn_group_size
@@ -279,12 +277,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   check(config.preemption_check_every_steps >= 1,
         f"preemption_check_every_steps must be >= 1, got "
         f"{config.preemption_check_every_steps}.")
+  check(config.data_workers >= 0,
+        f"data_workers must be >= 0 (0 = all host cores), got {config.data_workers}.")
 
 
 def create_model(config: ml_collections.ConfigDict,
-                 info: input_pipeline.DatasetInfo) -> models.Model:
+                 info: input_pipeline.DatasetInfo) -> nn.Module:
   return models.create_model(
-      config.model, input_shape=info.image_shape, num_classes=info.num_classes,
+      config.model, num_classes=info.num_classes,
       use_bn=config.use_bn, bias_before_bn=config.bias_before_bn,
       bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon,
       zero_init_last_bn=config.zero_init_last_bn)
@@ -325,9 +325,12 @@ def create_optimizer(config: ml_collections.ConfigDict,
                      optax.sgd(schedule, momentum=momentum, nesterov=config.nesterov))
 
 
-def create_train_state(model: models.Model, tx: optax.GradientTransformation,
-                       key: jax.Array) -> TrainState:
-  params, bn_state = model.init(key)
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       key: jax.Array, *, input_shape: tuple[int, ...]) -> TrainState:
+  """The initial state of `model` for images of shape `(batch,) + input_shape`."""
+  variables = model.init(key, jnp.zeros((1,) + tuple(input_shape), jnp.float32),
+                         train=False)
+  params, bn_state = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), bn_state=bn_state,
                     consecutive_nonfinite=jnp.zeros((), jnp.int32),
@@ -343,7 +346,8 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *,
-               model: models.Model, tx: optax.GradientTransformation,
+               model: nn.Module, tx: optax.GradientTransformation,
+               preprocessing: input_pipeline.Preprocessing,
                compute_dtype=jnp.float32, axis_name: str | None = None,
                bn_axis_index_groups=None, label_smoothing: float = 0.0,
                grad_accum_steps: int = 1, batch_shards: int = 1) -> TrainState:
@@ -351,16 +355,17 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
 
   Args:
     state: the current train state.
-    batch: images `(batch, H, W, C)` float32, labels `(batch,)` int32.
+    batch: images `(batch, H, W, C)` uint8, labels `(batch,)` int32.
     model: the model.
     tx: the optimizer.
+    preprocessing: how the images become model inputs (`input_pipeline.normalize`).
     compute_dtype: activation dtype (bfloat16 for half precision).
     axis_name: the mapped batch axis under shard_map, else None.
     bn_axis_index_groups: groups of devices that pool BN statistics.
     label_smoothing: the training loss's targets are
       `optax.smooth_labels(one_hot, label_smoothing)` (0 = plain labels).
     grad_accum_steps: k > 1 runs the batch as k microbatches one after the
-      other (`accumulate_microbatches`; linen models only) and applies their
+      other (`accumulate_microbatches`) and applies their
       mean gradient once.
     batch_shards: the batch's rows are this many equal per-device blocks
       (gspmd: the mesh's devices; shard_map: 1, the local block); each
@@ -370,10 +375,15 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     The new state; on a non-finite loss, gradient or update it keeps the old
     params, optimizer state and BN statistics and counts the step as skipped.
   """
+  batch = batch._replace(images=input_pipeline.normalize(batch.images, preprocessing))
+
   def loss_fn(params):
-    logits, new_bn_state = model.apply(
-        params, state.bn_state, batch.images, True, bn_axis_name=axis_name,
-        bn_axis_index_groups=bn_axis_index_groups, compute_dtype=compute_dtype)
+    logits, updates = model.clone(
+        dtype=compute_dtype, axis_name=axis_name,
+        axis_index_groups=bn_axis_index_groups).apply(
+            {"params": params, "batch_stats": state.bn_state}, batch.images, train=True,
+            mutable=["batch_stats"])
+    new_bn_state = updates.get("batch_stats", {})
     return _training_loss(logits, batch.labels, label_smoothing), (logits, new_bn_state)
 
   if grad_accum_steps == 1:
@@ -396,7 +406,7 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       # Groups computed different statistics; keep one replicated running
       # average: the pooled mean and variance of the groups' (a plain pmean of
       # the variances would drop the variance of the means).
-      new_bn_state = _sync_bn_state(new_bn_state, axis_name)
+      new_bn_state = jaxbn.linen.sync_stats(new_bn_state, axis_name)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   finite = _all_finite((loss, grads, new_params))
@@ -463,10 +473,10 @@ def split_microbatches(batch: input_pipeline.Batch, num_microbatches: int,
   return jax.tree.map(split, batch)
 
 
-def _accumulating_forward(model: models.Model, params, bn_state, batch_moments,
+def _accumulating_forward(model: nn.Module, params, bn_state, batch_moments,
                           images: jax.Array, *, compute_dtype, axis_name,
                           bn_axis_index_groups):
-  """A linen model's training forward pass that pools BN moments.
+  """The model's training forward pass, pooling BN moments.
 
   `jaxbn.linen.BatchNorm`'s `batch_moments` collection is mutable: each
   layer adds the microbatch's moments to `batch_moments` and sets its
@@ -477,19 +487,19 @@ def _accumulating_forward(model: models.Model, params, bn_state, batch_moments,
     `(logits, batch_stats, batch_moments)`: float32 `(batch, classes)` logits
     and the two updated collections.
   """
-  module = model.module.clone(dtype=jnp.dtype(compute_dtype), axis_name=axis_name,
-                              axis_index_groups=bn_axis_index_groups)
+  module = model.clone(dtype=compute_dtype, axis_name=axis_name,
+                       axis_index_groups=bn_axis_index_groups)
   variables = {"params": params, "batch_stats": bn_state,
                jaxbn.linen.MOMENTS_COLLECTION: batch_moments}
   logits, updates = module.apply(
       variables, images, train=True,
       mutable=["batch_stats", jaxbn.linen.MOMENTS_COLLECTION])
-  return (logits.astype(jnp.float32), updates["batch_stats"],
-          updates[jaxbn.linen.MOMENTS_COLLECTION])
+  return (logits.astype(jnp.float32), updates.get("batch_stats", {}),
+          updates.get(jaxbn.linen.MOMENTS_COLLECTION, {}))
 
 
 def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch, *,
-                            model: models.Model, compute_dtype=jnp.float32,
+                            model: nn.Module, compute_dtype=jnp.float32,
                             axis_name: str | None = None, bn_axis_index_groups=None,
                             label_smoothing: float = 0.0):
   """Loss, gradient, correct count and BN statistics of a batch run in microbatches.
@@ -504,7 +514,7 @@ def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch
     params: the model's parameters.
     bn_state: its `batch_stats` at the start of the step.
     microbatches: `split_microbatches`'s output, fields `(k, rows, ...)`.
-    model: a linen model (`models.linen_model`).
+    model: the linen model (`models.create_model`).
     compute_dtype, axis_name, bn_axis_index_groups, label_smoothing: as
       `train_step`'s.
 
@@ -513,13 +523,7 @@ def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch
     losses and of their gradients, the correct predictions summed, and the
     running statistics updated once with the pooled moments of all rows
     (local values: `train_step` averages them over `axis_name`).
-
-  Raises:
-    ValueError: `model` is not a linen model.
   """
-  if model.module is None:
-    raise ValueError("gradient accumulation needs a flax.linen model "
-                     "(models.linen_model); this model has no module.")
   forward = functools.partial(_accumulating_forward, model,
                               compute_dtype=compute_dtype, axis_name=axis_name,
                               bn_axis_index_groups=bn_axis_index_groups)
@@ -550,24 +554,19 @@ def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch
   return loss / num_microbatches, grads, correct, bn_state
 
 
-def _sync_bn_state(bn_state, axis_name):
-  """Pools per-replica running statistics: `jaxbn.BatchNormState`s or flax's `batch_stats`."""
-  is_state = lambda node: isinstance(node, jaxbn.BatchNormState)
-  if any(is_state(node) for node in jax.tree.leaves(bn_state, is_leaf=is_state)):
-    return jaxbn.sync_stats(bn_state, axis_name)
-  return jaxbn.linen.sync_stats(bn_state, axis_name)
-
-
 def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
-              model: models.Model, compute_dtype=jnp.float32) -> EvalSums:
+              model: nn.Module, preprocessing: input_pipeline.Preprocessing,
+              compute_dtype=jnp.float32) -> EvalSums:
   """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
 
+  The uint8 images become model inputs with `input_pipeline.normalize`.
   Taking the previous batch's sums makes the evaluation one chain of programs:
   each waits for the one before, so every process runs them (and their
   cross-process reductions) in the same order.
   """
-  logits, _ = model.apply(params, bn_state, batch.images, False,
-                          compute_dtype=compute_dtype)
+  images = input_pipeline.normalize(batch.images, preprocessing)
+  logits = model.clone(dtype=compute_dtype).apply(
+      {"params": params, "batch_stats": bn_state}, images, train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
   correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
   return EvalSums(loss=sums.loss + jnp.sum(jnp.where(batch.mask, losses, 0.0)),
@@ -580,14 +579,26 @@ def zero_eval_sums() -> EvalSums:
                   jnp.zeros((), jnp.int32))
 
 
+def dataset_preprocessing(config: ml_collections.ConfigDict) -> input_pipeline.Preprocessing:
+  """The normalization of `config.dataset`'s images (what `load_dataset` gives its splits)."""
+  mean, std = input_pipeline.pixel_statistics(config.dataset)
+  return input_pipeline.Preprocessing(mean=mean, std=std)
+
+
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                    model: models.Model, tx: optax.GradientTransformation):
-  """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`."""
+                    model: nn.Module, tx: optax.GradientTransformation, *,
+                    preprocessing: input_pipeline.Preprocessing | None = None):
+  """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`.
+
+  `preprocessing` normalizes the uint8 batches on the device; default
+  `dataset_preprocessing(config)`.
+  """
+  preprocessing = preprocessing or dataset_preprocessing(config)
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(AXIS))
   if config.parallelism == "gspmd":
-    step = functools.partial(train_step, model=model, tx=tx,
+    step = functools.partial(train_step, model=model, tx=tx, preprocessing=preprocessing,
                              compute_dtype=compute_dtype,
                              label_smoothing=config.label_smoothing,
                              grad_accum_steps=config.grad_accum_steps,
@@ -600,7 +611,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if group_size != num_devices:
     groups = [list(range(start, start + group_size))
               for start in range(0, num_devices, group_size)]
-  step = functools.partial(train_step, model=model, tx=tx, compute_dtype=compute_dtype,
+  step = functools.partial(train_step, model=model, tx=tx, preprocessing=preprocessing,
+                           compute_dtype=compute_dtype,
                            axis_name=AXIS, bn_axis_index_groups=groups,
                            label_smoothing=config.label_smoothing,
                            grad_accum_steps=config.grad_accum_steps)
@@ -613,11 +625,17 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   model: models.Model):
-  """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`)."""
+                   model: nn.Module, *,
+                   preprocessing: input_pipeline.Preprocessing | None = None):
+  """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`).
+
+  `preprocessing`: as `make_train_step`'s.
+  """
+  preprocessing = preprocessing or dataset_preprocessing(config)
   compute_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   replicated = NamedSharding(mesh, P())
-  step = functools.partial(eval_step, model=model, compute_dtype=compute_dtype)
+  step = functools.partial(eval_step, model=model, preprocessing=preprocessing,
+                           compute_dtype=compute_dtype)
   return jax.jit(step, in_shardings=(replicated, replicated, replicated,
                                      NamedSharding(mesh, P(AXIS))),
                  out_shardings=replicated)
@@ -631,7 +649,8 @@ def eval_batch_rows(eval_batch_size: int, num_devices: int) -> int:
 
 def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
              global_batch_size: int, mesh: jax.sharding.Mesh,
-             chained: bool | None = None, heartbeat=None) -> dict[str, float]:
+             chained: bool | None = None, heartbeat=None,
+             num_workers: int = 0) -> dict[str, float]:
   """Loss and accuracy of the running-statistics model over a whole split.
 
   With several processes each batch's program starts only when the one before
@@ -654,6 +673,7 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
       there are several processes. False with several processes raises a
       ValueError.
     heartbeat: called after each batch is dispatched (the watchdog's `beat`).
+    num_workers: tf.data threads decoding streamed images (0 = all host cores).
 
   Returns:
     `{'loss': mean loss, 'accuracy': fraction correct}` over the split.
@@ -669,7 +689,8 @@ def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
   zeros = jax.device_put(zero_eval_sums(), NamedSharding(mesh, P()))
   batches = input_pipeline.prefetch_to_device(
       input_pipeline.eval_batches(split, global_batch_size=padded, rows=rows,
-                                  examples_per_batch=global_batch_size),
+                                  examples_per_batch=global_batch_size,
+                                  num_workers=num_workers),
       sharding, padded)
   if heartbeat is not None:
     batches = _beating(batches, heartbeat)
@@ -691,7 +712,7 @@ def one_at_a_time(items):
   """Yields each item once all the work dispatched before it has finished.
 
   For loops that dispatch programs with cross-process collectives but do not
-  hand out their results (`models.recompute_bn_stats`): with several
+  hand out their results (`jaxbn.linen.recompute_stats`): with several
   processes the programs then run in the same order on every process.
   """
   for item in items:
@@ -722,7 +743,8 @@ def create_checkpoint_manager(workdir: epath.Path,
       max_to_keep=config.max_checkpoints_to_keep, create=True,
       enable_async_checkpointing=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                               item_names=("state", "progress"))
+                               item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                              "progress": ocp.JsonCheckpointHandler()})
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
@@ -754,9 +776,32 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: TrainStat
           f"workdir {manager.directory.parent} holds a checkpoint of a different run than "
           f"this config ({'; '.join(differ)}). To resume it, rerun with those settings; "
           f"to start fresh, use a new --workdir (or delete {manager.directory}).")
+  saved_layout = _with_bn_counters(manager, step, abstract_state)
   state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state))).state
+      state=ocp.args.StandardRestore(saved_layout))).state
+  if saved_layout is not abstract_state:
+    state = state._replace(bn_state={name: {"mean": layer["mean"], "var": layer["var"]}
+                                     for name, layer in state.bn_state.items()})
   return state, progress
+
+
+def _with_bn_counters(manager: ocp.CheckpointManager, step: int,
+                      abstract_state: TrainState) -> TrainState:
+  """`abstract_state` in the layout of `step`'s checkpoint when that one's BN
+  layers also hold an int32 `count`, else `abstract_state` itself.
+
+  Checkpoints of the MNIST CNN and MLP written before they were linen modules
+  keep a `jaxbn.BatchNormState` (mean, var, count) per BN layer; their params
+  and optimizer state have today's layout. `restore_checkpoint` restores the
+  counters too and drops them.
+  """
+  saved = manager.item_metadata(step)["state"].tree["bn_state"]
+  if not saved or any(not isinstance(layer, dict) or set(layer) != {"mean", "var", "count"}
+                      for layer in saved.values()):
+    return abstract_state
+  count = jax.ShapeDtypeStruct((), jnp.int32, sharding=abstract_state.step.sharding)
+  return abstract_state._replace(bn_state={name: {**layer, "count": count}
+                                           for name, layer in abstract_state.bn_state.items()})
 
 
 def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
@@ -794,7 +839,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_eval_examples", "validation_split", "test_split", "evaluate_test_every_epoch",
     "checkpoint_every_steps", "max_checkpoints_to_keep", "log_every_steps",
     "max_consecutive_nonfinite", "preemption_check_every_steps", "sigterm_grace_seconds",
-    "stall_timeout_seconds", "inject_nan_at_steps", "tensorboard"})
+    "stall_timeout_seconds", "tensorboard", "data_workers"})
 
 
 def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
@@ -966,18 +1011,19 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
   """
   config = run.config
   batch_sharding = NamedSharding(run.mesh, P(AXIS))
-  images = _beating((input_pipeline.to_global(batch, batch_sharding,
-                                              config.batch_size).images
+  images = _beating((_normalize_on_device(input_pipeline.to_global(
+      batch, batch_sharding, config.batch_size).images, run.train.preprocessing)
                      for batch in input_pipeline.train_batches(
                          run.train, global_batch_size=config.batch_size,
-                         seed=config.seed, epoch=epoch, rows=run.rows)),
+                         seed=config.seed, epoch=epoch, rows=run.rows,
+                         num_workers=config.data_workers)),
                     run.watchdog.beat)
   if jax.process_count() > 1:
     images = one_at_a_time(images)
-  bn_state = models.recompute_bn_stats(
-      run.model, state.params, state.bn_state, images,
-      num_batches=config.precise_bn_batches,
-      compute_dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+  module = run.model.clone(dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+  bn_state = jaxbn.linen.recompute_stats(
+      module, {"params": state.params, "batch_stats": state.bn_state}, images,
+      num_batches=config.precise_bn_batches, train=True)["batch_stats"]
   # Back to the replicated layout the compiled step expects (a jit of one
   # module-level function, so it compiles once).
   replicate = jax.jit(_identity, out_shardings=NamedSharding(run.mesh, P()))
@@ -986,6 +1032,9 @@ def recompute_bn_state(run: _Run, state: TrainState, epoch: int) -> TrainState:
 
 def _identity(tree):
   return tree
+
+
+_normalize_on_device = jax.jit(input_pipeline.normalize, static_argnames="preprocessing")
 
 
 # --- the loop -------------------------------------------------------------------
@@ -1094,7 +1143,7 @@ class _Run(NamedTuple):
   history: list[dict]
   progress: _Progress
   is_main: bool
-  model: models.Model
+  model: nn.Module
   stop: _StopRequest
   watchdog: _Watchdog
   schedule: optax.Schedule
@@ -1132,16 +1181,10 @@ def train_epoch(run: _Run, step_fn, state: TrainState, epoch: int
   batch_sharding = NamedSharding(run.mesh, P(AXIS))
   step = int(jax.device_get(state.step))
   first_batch = step - epoch * run.steps_per_epoch
-  nan_steps = set(int(s) for s in config.inject_nan_at_steps)
   run.progress.start_epoch(epoch, config.num_epochs, run.steps_per_epoch, first_batch)
   host_batches = input_pipeline.train_batches(
       run.train, global_batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-      rows=run.rows, start_step=first_batch)
-  if nan_steps:
-    host_batches = (
-        batch._replace(images=np.full_like(batch.images, np.nan))
-        if batch_step in nan_steps else batch
-        for batch_step, batch in enumerate(host_batches, start=step))
+      rows=run.rows, start_step=first_batch, num_workers=config.data_workers)
   start_time, last_logged, saving_time = time.perf_counter(), step, 0.0
   total_steps = config.num_epochs * run.steps_per_epoch
   last_time, last_saving, last_sums = start_time, 0.0, jax.device_get(state.epoch_sums)
@@ -1201,7 +1244,8 @@ def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
   sums = jax.device_get(state.epoch_sums)
   batch_size = run.config.eval_batch_size
   val = evaluate(eval_fn, state, run.validation, global_batch_size=batch_size,
-                 mesh=run.mesh, heartbeat=run.watchdog.beat)
+                 mesh=run.mesh, heartbeat=run.watchdog.beat,
+                 num_workers=run.config.data_workers)
   record = {
       "epoch": epoch + 1, "step": int(jax.device_get(state.step)),
       "train_loss": float(sums.loss) / max(int(sums.steps), 1),
@@ -1210,7 +1254,8 @@ def evaluate_epoch(run: _Run, eval_fn, state: TrainState, epoch: int,
   }
   if with_test:
     test = evaluate(eval_fn, state, run.test, global_batch_size=batch_size,
-                    mesh=run.mesh, heartbeat=run.watchdog.beat)
+                    mesh=run.mesh, heartbeat=run.watchdog.beat,
+                    num_workers=run.config.data_workers)
     record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
   record.update(examples_per_sec=examples_per_sec,
                 nonfinite_steps=int(sums.nonfinite_steps))
@@ -1310,7 +1355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   tx = create_optimizer(config, steps_per_epoch)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(AXIS))
-  init_fn = jax.jit(functools.partial(create_train_state, model, tx),
+  init_fn = jax.jit(functools.partial(create_train_state, model, tx,
+                                      input_shape=info.image_shape),
                     out_shardings=replicated)
   key = jax.random.key(config.seed)
   if is_main:
@@ -1342,7 +1388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       run.history.extend(progress["history"])
       run.log(f"Resuming from step {progress['step']} (epoch {progress['epoch'] + 1}, "
               f"batch {progress['batch_in_epoch']}) in {workdir}.")
-    run.log(models.format_parameter_table(models.parameter_table(model)))
+    run.log(models.format_parameter_table(models.parameter_table(model, info.image_shape)))
     run.log(f"{config.dataset}: {num_train} train / "
             f"{input_pipeline.count_examples(validation)} val / "
             f"{input_pipeline.count_examples(test)} test examples; "
@@ -1359,13 +1405,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       # Compiling ahead keeps compilation out of the measured examples/s.
       example = next(input_pipeline.train_batches(
           train, global_batch_size=config.batch_size, seed=config.seed, epoch=0,
-          rows=run.rows))
+          rows=run.rows, num_workers=config.data_workers))
       run.log("Compiling the train and eval steps...")
       compile_started = time.perf_counter()
-      step_fn = make_train_step(config, mesh, model, tx).lower(
+      step_fn = make_train_step(config, mesh, model, tx,
+                                preprocessing=train.preprocessing).lower(
           state, input_pipeline.to_global(example, batch_sharding, config.batch_size)
       ).compile()
-      eval_fn = make_eval_step(config, mesh, model).lower(
+      eval_fn = make_eval_step(config, mesh, model,
+                               preprocessing=validation.preprocessing).lower(
           state.params, state.bn_state, jax.device_put(zero_eval_sums(), replicated),
           _abstract_batch(example, eval_batch_rows(config.eval_batch_size,
                                                    mesh.devices.size), batch_sharding)

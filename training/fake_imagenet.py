@@ -1,4 +1,5 @@
-"""Fake ILSVRC2012 tar files, laid out as image-net.org ships them (tests, benchmarks)."""
+"""Fake ILSVRC2012 tar files, laid out as image-net.org ships them (tests and benchmarks
+prepare the real tfds imagenet2012 builder from them)."""
 
 import io
 import pathlib
