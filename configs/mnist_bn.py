@@ -65,6 +65,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Optimization.
   config.batch_size = 128  # global, over all devices and processes
+  # Gradient accumulation: each device's batch_size / num_devices examples run as
+  # this many microbatches one after the other (a lax.scan), so a step holds the
+  # activations of one microbatch; their mean gradient is applied once (one
+  # optimizer step per batch). BN normalizes each microbatch with its own
+  # statistics and updates the running statistics once, with the moments of the
+  # whole batch. 1 = off.
+  config.grad_accum_steps = 1
   # Global. On CPU the convolutions' patch matrices of 250 images stay in
   # cache, which makes evaluation faster than at larger batches (measured by
   # `python -m benchmarks.cpu_paths`); the metrics do not depend on it.

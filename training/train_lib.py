@@ -22,6 +22,12 @@ and `train.py` exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: rerun the
 same command to resume; the resumed run ends with the same metrics as an
 uninterrupted one).
 
+Gradient accumulation (`grad_accum_steps = k > 1`): each
+device's rows run as `k` microbatches in a `lax.scan`, each normalized with
+its own statistics; the gradient is their mean, applied once, and the BN
+running statistics are updated once with the moments of all the rows
+(`accumulate_microbatches`, docs/microbatch.md).
+
 PreciseBN (`precise_bn_batches > 0`): before each evaluation and each
 checkpoint the BN running statistics are recomputed with the current weights
 over that many training batches (`jaxbn.linen.recompute_stats`), replacing the
@@ -233,6 +239,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"batch_size={config.batch_size} must be a positive multiple of the number of "
         f"devices ({num_devices}) so that every device trains on the same number of "
         "examples (eval_batch_size may be any size: its batches are padded).")
+  accum = config.grad_accum_steps
+  per_device = config.batch_size // num_devices
+  check(accum >= 1 and per_device % accum == 0,
+        f"grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
+        f"(batch_size={config.batch_size} over {num_devices} devices: {per_device} "
+        "examples) into equal microbatches.")
   check(config.eval_batch_size > 0,
         f"eval_batch_size must be > 0, got {config.eval_batch_size}.")
   group = config.bn_group_size
@@ -337,7 +349,8 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
                model: nn.Module, tx: optax.GradientTransformation,
                preprocessing: input_pipeline.Preprocessing,
                compute_dtype=jnp.float32, axis_name: str | None = None,
-               bn_axis_index_groups=None, label_smoothing: float = 0.0) -> TrainState:
+               bn_axis_index_groups=None, label_smoothing: float = 0.0,
+               grad_accum_steps: int = 1, batch_shards: int = 1) -> TrainState:
   """One optimization step on a batch (global under jit, local under shard_map).
 
   Args:
@@ -351,6 +364,12 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
     bn_axis_index_groups: groups of devices that pool BN statistics.
     label_smoothing: the training loss's targets are
       `optax.smooth_labels(one_hot, label_smoothing)` (0 = plain labels).
+    grad_accum_steps: k > 1 runs the batch as k microbatches one after the
+      other (`accumulate_microbatches`) and applies their
+      mean gradient once.
+    batch_shards: the batch's rows are this many equal per-device blocks
+      (gspmd: the mesh's devices; shard_map: 1, the local block); each
+      microbatch takes its rows from every block.
 
   Returns:
     The new state; on a non-finite loss, gradient or update it keeps the old
@@ -365,18 +384,18 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
             {"params": params, "batch_stats": state.bn_state}, batch.images, train=True,
             mutable=["batch_stats"])
     new_bn_state = updates.get("batch_stats", {})
-    if label_smoothing:
-      targets = optax.smooth_labels(
-          jax.nn.one_hot(batch.labels, logits.shape[-1]), label_smoothing)
-      loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
-    else:
-      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-          logits, batch.labels))
-    return loss, (logits, new_bn_state)
+    return _training_loss(logits, batch.labels, label_smoothing), (logits, new_bn_state)
 
-  (loss, (logits, new_bn_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  correct = jnp.sum(jnp.argmax(logits, -1) == batch.labels, dtype=jnp.int32)
+  if grad_accum_steps == 1:
+    (loss, (logits, new_bn_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    correct = _correct_count(logits, batch.labels)
+  else:
+    loss, grads, correct, new_bn_state = accumulate_microbatches(
+        state.params, state.bn_state, split_microbatches(batch, grad_accum_steps,
+                                                         batch_shards),
+        model=model, compute_dtype=compute_dtype, axis_name=axis_name,
+        bn_axis_index_groups=bn_axis_index_groups, label_smoothing=label_smoothing)
   examples = batch.labels.shape[0]
   if axis_name is not None:
     # Equal per-device batches: the mean of local means is the global mean.
@@ -410,6 +429,129 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *,
       bn_state=keep_if_finite(new_bn_state, state.bn_state),
       consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
       epoch_sums=new_sums)
+
+
+def _training_loss(logits: jax.Array, labels: jax.Array,
+                   label_smoothing: float) -> jax.Array:
+  """Mean softmax cross-entropy of `(batch, classes)` logits and `(batch,)` labels."""
+  if label_smoothing:
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _correct_count(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.argmax(logits, -1) == labels, dtype=jnp.int32)
+
+
+def split_microbatches(batch: input_pipeline.Batch, num_microbatches: int,
+                       batch_shards: int = 1) -> input_pipeline.Batch:
+  """`batch` as `num_microbatches` microbatches stacked on a new leading axis.
+
+  The rows are `batch_shards` equal blocks (one per device under gspmd);
+  microbatch `j` is rows `[j * m, (j + 1) * m)` of every block, `m` being
+  the block's rows over `num_microbatches`, so each device's microbatch is
+  its own rows (no data moves) and shard_map's local split (one block) makes
+  the same microbatches.
+
+  Args:
+    batch: arrays of `rows` leading rows, `rows` divisible by
+      `batch_shards * num_microbatches`.
+    num_microbatches: `k`.
+    batch_shards: the equal blocks of rows.
+
+  Returns:
+    The same fields, each of shape `(k, rows // k) + field.shape[1:]`.
+  """
+  def split(field):
+    shape = field.shape[1:]
+    rows = field.shape[0] // (batch_shards * num_microbatches)
+    blocks = field.reshape((batch_shards, num_microbatches, rows) + shape)
+    return jnp.swapaxes(blocks, 0, 1).reshape(
+        (num_microbatches, batch_shards * rows) + shape)
+  return jax.tree.map(split, batch)
+
+
+def _accumulating_forward(model: nn.Module, params, bn_state, batch_moments,
+                          images: jax.Array, *, compute_dtype, axis_name,
+                          bn_axis_index_groups):
+  """The model's training forward pass, pooling BN moments.
+
+  `jaxbn.linen.BatchNorm`'s `batch_moments` collection is mutable: each
+  layer adds the microbatch's moments to `batch_moments` and sets its
+  `batch_stats` to one running-average update from the step's starting
+  statistics with the moments pooled so far.
+
+  Returns:
+    `(logits, batch_stats, batch_moments)`: float32 `(batch, classes)` logits
+    and the two updated collections.
+  """
+  module = model.clone(dtype=compute_dtype, axis_name=axis_name,
+                       axis_index_groups=bn_axis_index_groups)
+  variables = {"params": params, "batch_stats": bn_state,
+               jaxbn.linen.MOMENTS_COLLECTION: batch_moments}
+  logits, updates = module.apply(
+      variables, images, train=True,
+      mutable=["batch_stats", jaxbn.linen.MOMENTS_COLLECTION])
+  return (logits.astype(jnp.float32), updates.get("batch_stats", {}),
+          updates.get(jaxbn.linen.MOMENTS_COLLECTION, {}))
+
+
+def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch, *,
+                            model: nn.Module, compute_dtype=jnp.float32,
+                            axis_name: str | None = None, bn_axis_index_groups=None,
+                            label_smoothing: float = 0.0):
+  """Loss, gradient, correct count and BN statistics of a batch run in microbatches.
+
+  A `lax.scan` over the `k` microbatches runs forward and backward on one at
+  a time (activations of one microbatch in memory); each is normalized with
+  its own batch statistics, and the BN moments of all `k` are pooled so that
+  the running statistics get one update, with the moments of every row
+  (docs/microbatch.md).
+
+  Args:
+    params: the model's parameters.
+    bn_state: its `batch_stats` at the start of the step.
+    microbatches: `split_microbatches`'s output, fields `(k, rows, ...)`.
+    model: the linen model (`models.create_model`).
+    compute_dtype, axis_name, bn_axis_index_groups, label_smoothing: as
+      `train_step`'s.
+
+  Returns:
+    `(loss, grads, correct, bn_state)`: the mean of the microbatches' mean
+    losses and of their gradients, the correct predictions summed, and the
+    running statistics updated once with the pooled moments of all rows
+    (local values: `train_step` averages them over `axis_name`).
+  """
+  forward = functools.partial(_accumulating_forward, model,
+                              compute_dtype=compute_dtype, axis_name=axis_name,
+                              bn_axis_index_groups=bn_axis_index_groups)
+  num_microbatches = microbatches.labels.shape[0]
+
+  def loss_fn(params, bn_state, batch_moments, microbatch):
+    logits, bn_state, batch_moments = forward(params, bn_state, batch_moments,
+                                              microbatch.images)
+    loss = _training_loss(logits, microbatch.labels, label_smoothing)
+    return loss, (_correct_count(logits, microbatch.labels), bn_state, batch_moments)
+
+  def step(carry, microbatch):
+    grads_sum, loss_sum, correct_sum, bn_state, batch_moments = carry
+    (loss, (correct, bn_state, batch_moments)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params, bn_state, batch_moments, microbatch)
+    return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
+            correct_sum + correct, bn_state, batch_moments), None
+
+  # An all-zero accumulator is an empty one; its structure is the first call's.
+  first_images = microbatches.images[0]
+  empty_moments = jax.tree.map(
+      lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+      jax.eval_shape(lambda: forward(params, bn_state, {}, first_images)[2]))
+  start = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+           jnp.zeros((), jnp.int32), bn_state, empty_moments)
+  (grads, loss, correct, bn_state, _), _ = lax.scan(step, start, microbatches)
+  grads = jax.tree.map(lambda grad: grad / num_microbatches, grads)
+  return loss / num_microbatches, grads, correct, bn_state
 
 
 def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
@@ -458,7 +600,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if config.parallelism == "gspmd":
     step = functools.partial(train_step, model=model, tx=tx, preprocessing=preprocessing,
                              compute_dtype=compute_dtype,
-                             label_smoothing=config.label_smoothing)
+                             label_smoothing=config.label_smoothing,
+                             grad_accum_steps=config.grad_accum_steps,
+                             batch_shards=mesh.devices.size)
     return jax.jit(step, in_shardings=(replicated, batch_sharding),
                    out_shardings=replicated, donate_argnums=0)
   num_devices = mesh.devices.size
@@ -470,7 +614,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   step = functools.partial(train_step, model=model, tx=tx, preprocessing=preprocessing,
                            compute_dtype=compute_dtype,
                            axis_name=AXIS, bn_axis_index_groups=groups,
-                           label_smoothing=config.label_smoothing)
+                           label_smoothing=config.label_smoothing,
+                           grad_accum_steps=config.grad_accum_steps)
   # check_vma=False: the pmap-style contract (per-device gradients, averaged
   # explicitly with pmean), which is what axis_index_groups supports.
   sharded_step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
@@ -703,8 +848,9 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
 
   Every config field except `RESUMABLE_FIELDS`; `num_epochs` and
   `warmup_epochs` only when the learning-rate schedule depends on them (a
-  constant rate may train for more epochs), and `momentum` / `nesterov` only
-  for the momentum optimizer.
+  constant rate may train for more epochs), `momentum` / `nesterov` only
+  for the momentum optimizer, and `grad_accum_steps` only when above 1 (the
+  microbatches are normalized on their own, so k changes the run).
   """
   signature = {key: value for key, value in config.to_dict().items()
                if key not in RESUMABLE_FIELDS}
@@ -712,6 +858,9 @@ def _run_signature(config: ml_collections.ConfigDict, steps_per_epoch: int) -> d
     del signature["num_epochs"], signature["warmup_epochs"]
   if config.optimizer != "momentum":
     del signature["momentum"], signature["nesterov"]
+  if config.grad_accum_steps == 1:
+    # The signature of a config without the field: its checkpoints resume.
+    del signature["grad_accum_steps"]
   signature["steps_per_epoch"] = steps_per_epoch
   # As JSON stores it (tuples become lists), so that equal settings compare equal.
   return json.loads(json.dumps(signature))
@@ -1148,6 +1297,13 @@ def _abstract_batch(example: input_pipeline.Batch, global_batch_size: int,
                            sharding=sharding) for local in example))
 
 
+def _microbatches_note(config: ml_collections.ConfigDict, num_devices: int) -> str:
+  if config.grad_accum_steps == 1:
+    return ""
+  rows = config.batch_size // num_devices // config.grad_accum_steps
+  return f" in {config.grad_accum_steps} microbatches of {rows} per device"
+
+
 def _load_splits(config: ml_collections.ConfigDict):
   """(train, validation, test, info) of `config`'s dataset."""
   names = split_names(config)
@@ -1239,7 +1395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             f"{input_pipeline.count_examples(test)} test examples; "
             f"{jax.process_count()} process(es), "
             f"{mesh.devices.size} device(s), parallelism={config.parallelism}, global "
-            f"batch {config.batch_size}, {steps_per_epoch} steps per epoch.")
+            f"batch {config.batch_size}{_microbatches_note(config, mesh.devices.size)}, "
+            f"{steps_per_epoch} steps per epoch.")
     if is_main and run.history:
       write_metrics(workdir, run.history)
 
