@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 import jaxbn
-from tests.test_batch_norm_distributed import count_collectives
+from training import hlo
 
 EPSILON = 1e-5
 
@@ -84,7 +84,7 @@ def test_frozen_under_jit_over_sharded_batch_needs_no_statistics_traffic(mesh8):
   sharded = NamedSharding(mesh8, P("data"))
   xs, ts = jax.device_put(x, sharded), jax.device_put(target, sharded)
   forward = jax.jit(lambda p, s, x: jaxbn.batch_norm(p, s, x, training=False)[0])
-  assert count_collectives(forward.lower(params, state, xs).compile().as_text()) == 0
+  assert hlo.count_collectives(forward.lower(params, state, xs).compile().as_text()).total == 0
   got = jax.jit(jax.value_and_grad(_loss, has_aux=True))(params, state, xs, ts)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                got, want)
