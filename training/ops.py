@@ -2,7 +2,7 @@
 
 All take NHWC inputs; kernels are HWIO. Every convolution here is a valid
 (unpadded) stride-1 one and gives `lax.conv_general_dilated`'s numbers up to
-float rounding (tests/test_train_models.py):
+float rounding (tests/training/test_train_models.py):
 
 * `conv_lax`: one `lax.conv_general_dilated` (cuDNN, the TPU convolution units).
 * `conv_im2col`: im2col (the shifted views, concatenated) and one matmul, with

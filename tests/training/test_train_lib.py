@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxbn
-from tests import _train_utils as utils
+from tests.training import _train_utils as utils
 from training import input_pipeline
 from training import models
 from training import train_lib

@@ -5,7 +5,7 @@ numbers are meaningless, the plumbing (data, training, evaluation, JSON, plots,
 the report) is what is tested. `experiments.run_all --quick` runs the whole
 list once in this process (module fixture); the tests then check each output.
 The report's arithmetic and its verdict rules are checked on hand-made numbers
-in tests/test_verdicts.py.
+in tests/experiments/test_verdicts.py.
 """
 
 import importlib

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from tests import _train_utils as utils
+from tests.training import _train_utils as utils
 from training import input_pipeline
 from training import lowering
 from training import targets

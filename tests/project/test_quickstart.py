@@ -1,6 +1,6 @@
 """The README's and home page's example is the quickstart's, and it works pasted into a prompt.
 
-tests/test_readme.py runs every python block as a script; a prompt is stricter (a
+tests/project/test_readme.py runs every python block as a script; a prompt is stricter (a
 blank line ends a compound statement, a dedent without one is a syntax error), so
 the example is also fed line by line to `code.InteractiveConsole`, as a paste is.
 """
@@ -9,7 +9,7 @@ import code
 import pathlib
 import re
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def first_python_block(page: str) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from tests import _reference
+from tests.jaxbn import _reference
 from training import hlo
 
 EPSILON = 1e-3

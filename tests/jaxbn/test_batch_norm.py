@@ -13,7 +13,7 @@ import pytest
 
 import jaxbn
 from tests import helpers
-from tests import _reference
+from tests.jaxbn import _reference
 
 # (shape, axis, feature_axes after canonicalization)
 LAYOUTS = [

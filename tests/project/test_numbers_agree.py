@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 _BENCHMARKS = (_REPO / "BENCHMARKS.md").read_text()
 
 # Each command (a regex of how it is quoted) -> the BENCHMARKS.md section with its output,

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TRAIN_PY = REPO / "train.py"
 TINY_CONFIG = REPO / "configs" / "tiny.py"
 
@@ -21,11 +21,7 @@ COMPARED_METRICS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss",
 
 def tiny_config(**overrides):
   """configs/tiny.py with `overrides`."""
-  sys.path.insert(0, str(REPO))
-  try:
-    from configs import tiny
-  finally:
-    sys.path.remove(str(REPO))
+  from configs import tiny
   config = tiny.get_config()
   for key, value in overrides.items():
     config[key] = value

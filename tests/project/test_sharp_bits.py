@@ -16,7 +16,7 @@ import pytest
 
 import jaxbn
 
-_PAGE = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "sharp-bits.md").read_text()
+_PAGE = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "sharp-bits.md").read_text()
 _SECTION = _PAGE.split("## Five common mistakes")[1].split("\n## ")[0]
 _MISTAKES = {
     title: re.search(r"```py\n(.*?)```.*?```text\n(.*?)```", body, flags=re.S).groups()

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tests import _train_utils
+from tests.training import _train_utils
 from training import fake_imagenet
 from training import input_pipeline
 from training import train_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SPLITS = ["train[:50000]", "train[50000:]", "test"]
 
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("page", ["README.md", "CHANGELOG.md"])

@@ -286,7 +286,7 @@ def test_linen_no_scale_no_bias_and_errors():
     jaxbn_linen.BatchNorm(use_running_average=False, momentum=None).apply(
         variables, x, mutable=["batch_stats"])
   # One example per feature trains like flax (variance 0: the output is bias);
-  # tests/test_flax_workflows.py compares the flax workflows that do it.
+  # tests/jaxbn/test_flax_workflows.py compares the flax workflows that do it.
   y, _ = bn.apply(variables, x[:1], mutable=["batch_stats"])
   np.testing.assert_array_equal(y, 0.0)
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 _PAGES = [_REPO / "README.md", *sorted((_REPO / "docs").glob("*.md"))]
 _BLOCKS = {f"{page.relative_to(_REPO)} block {i}": block
            for page in _PAGES

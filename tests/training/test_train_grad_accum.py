@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from jaxbn import linen as jaxbn_linen
-from tests import _train_utils as utils
+from tests.training import _train_utils as utils
 from training import input_pipeline
 from training import resnet
 from training import train_lib

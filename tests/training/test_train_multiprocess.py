@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests import _train_utils as utils
+from tests.training import _train_utils as utils
 
 TIMEOUT = 240  # seconds for one subprocess run; generous for loaded CI machines
 _PEER_DEATH_REPORT = re.compile(

@@ -9,7 +9,7 @@ import pytest
 
 import jaxbn
 
-_API = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+_API = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
 _SUBMODULES = ("scaling",)
 
 

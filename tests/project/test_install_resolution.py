@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-_PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+_PYPROJECT = pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 # uv's target triple -> the TensorFlow distribution the `train` extra must pick there.
 _PLATFORMS = {
