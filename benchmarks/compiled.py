@@ -135,6 +135,9 @@ def measure(spec: targets.TargetSpec, model: str, dtype: str, parallelism: str,
         "all_reduces": len(all_reduces),
         "all_reduce_bytes": sum(c.nbytes for c in all_reduces),
         "all_reduces_in_branches": sum(c.in_conditional for c in all_reduces),
+        "entry_bytes": hlo.entry_bytes(program.hlo_text),
+        "async_copy_bytes": async_copy_bytes(program.hlo_text),
+        "estimated_cycles": estimated_cycles(program.hlo_text),
         "convolutions": program.convolutions, "temp_bytes": program.temp_bytes,
         "peak_bytes": program.peak_bytes, "flops": program.flops,
         "est_step_s": program.roofline.step_s, "bound": program.roofline.bound,
@@ -320,6 +323,30 @@ def block_table(rows: list[dict]) -> str:
   return _harness.markdown_table(headers, body)
 
 
+def breakdown_table(rows: list[dict]) -> str:
+  """Where each program's bytes go: the kernels' own traffic and the async copies."""
+  def share_vs_flax(row, key):
+    def same(norm):
+      return next((r for r in rows if r["norm"] == norm and all(
+          r[k] == row[k] for k in ("target", "model", "dtype", "parallelism"))), None)
+    none, flax = same("none"), same("flax")
+    if row["norm"] != "jaxbn" or none is None or flax is None or key not in row:
+      return ""
+    theirs = flax[key] - none[key]
+    return _harness.fmt_ratio((row[key] - none[key]) / theirs) if theirs else ""
+
+  headers = ["target", "model", "dtype", "parallelism", "norm", "bytes",
+             "entry kernels' operand + result bytes", "BN entry bytes vs flax",
+             "async copies (TPU: VMEM prefetch / eviction)", "est. cycles (TPU)",
+             "BN cycles vs flax"]
+  body = [[row["target"], row["model"], row["dtype"], row["parallelism"], row["norm"],
+           hlo.fmt_bytes(row["bytes"]), hlo.fmt_bytes(row["entry_bytes"]),
+           share_vs_flax(row, "entry_bytes"), hlo.fmt_bytes(row["async_copy_bytes"]),
+           f"{row['estimated_cycles']:,}", share_vs_flax(row, "estimated_cycles")]
+          for row in rows if "entry_bytes" in row]
+  return _harness.markdown_table(headers, body)
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--targets", default=DEFAULT_TARGETS,
@@ -366,6 +393,8 @@ def main(argv=None) -> list[dict]:
                           args.per_device_batch)
   print()
   print(table(rows))
+  print()
+  print(breakdown_table(rows))
   print(f"\nBytes: TPU: the compiler's bytes accessed; GPU: {lowering.ENTRY_BYTES_METHOD}. "
         f"Floor: {FLOOR_PASSES} passes over the BN layers' activations. Step time and "
         "images/s: roofline estimates (max of bytes / HBM bandwidth, flops / peak), not "
