@@ -5,6 +5,7 @@
         --parallelism gspmd,shard_map \
         --targets h100:2,a100:2,tpu-v5e:2x2,tpu-v4:2x2x1,tpu-v5p:2x2x1  # the small sweep
     python -m benchmarks.compiled --json runs/compiled.json   # also write the rows
+    python -m benchmarks.compiled --blocks 56x64,28x128,14x256,7x512 --targets tpu-v5e:2x2
 
 The train step of `configs/resnet_imagenet.py` (ResNet-50, 224x224) or
 `configs/resnet_cifar.py` (ResNet-20, 32x32), as `train.py` builds it
@@ -29,15 +30,24 @@ variant, per device per step:
   bandwidth, flops / peak) from public datasheet numbers (`training.targets.TARGETS`). Not a timing.
 
 A ResNet-50 compile takes minutes per variant on a 2-core CPU (TPU: several);
-select subsets with the flags.
+select subsets with the flags. `--blocks` compiles, instead, the forward and
+backward pass of `--num_blocks` of ResNet-50's bottleneck blocks (identity
+shortcuts) at the named stage shapes (`<spatial>x<bottleneck width>`, e.g.
+14x256: 14x14 activations of 256 and 1024 channels) on one device of each
+target (seconds to a few minutes each): the bytes, BN's share, and, for TPUs,
+the sum of the compiler's per-kernel cycle estimates (`estimated_cycles` in
+each kernel's backend config), which weigh each kernel's traffic and compute
+as the TPU compiler's own cost model sees them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import functools
 import json
 import os
+import re
 import time
 
 if __name__ == "__main__":  # compile-only: no local accelerator is looked for
@@ -49,6 +59,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import _harness  # noqa: E402
 from jaxbn import linen as jaxbn_linen  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
 from training import hlo  # noqa: E402
 from training import lowering  # noqa: E402
 from training import resnet  # noqa: E402
@@ -122,6 +135,9 @@ def measure(spec: targets.TargetSpec, model: str, dtype: str, parallelism: str,
         "all_reduces": len(all_reduces),
         "all_reduce_bytes": sum(c.nbytes for c in all_reduces),
         "all_reduces_in_branches": sum(c.in_conditional for c in all_reduces),
+        "entry_bytes": hlo.entry_bytes(program.hlo_text),
+        "async_copy_bytes": async_copy_bytes(program.hlo_text),
+        "estimated_cycles": estimated_cycles(program.hlo_text),
         "convolutions": program.convolutions, "temp_bytes": program.temp_bytes,
         "peak_bytes": program.peak_bytes, "flops": program.flops,
         "est_step_s": program.roofline.step_s, "bound": program.roofline.bound,
@@ -167,6 +183,170 @@ def table(rows: list[dict]) -> str:
   return _harness.markdown_table(headers, body)
 
 
+_ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+
+
+def estimated_cycles(hlo_text: str) -> int:
+  """Sum of the TPU compiler's per-kernel `estimated_cycles` (0 on other compilers)."""
+  return sum(int(m.group(1)) for k in hlo.kernels(hlo_text)
+             for m in [_ESTIMATED_CYCLES.search(k.text)] if m)
+
+
+def async_copy_bytes(hlo_text: str) -> int:
+  """Bytes moved by the entry computation's async copies (`copy-start`, `slice-start`).
+
+  On TPUs these are the memory-space assignment's prefetches into and
+  evictions out of on-chip memory (VMEM), which the compiler's "bytes
+  accessed" counts beside the kernels' own traffic. Each copy counts once, by
+  its operand.
+  """
+  bodies = hlo.computations(hlo_text)
+  entry = hlo.instructions(bodies.get(hlo.entry_name(hlo_text), ""))
+  sizes = {inst.name: inst.result_bytes for inst in entry}
+  return sum(sizes.get(inst.operands[0], 0) for inst in entry
+             if inst.op in ("copy-start", "slice-start") and inst.operands)
+
+
+class _Blocks(nn.Module):
+  """`num_blocks` ResNet bottleneck blocks of width `features` (identity shortcuts)."""
+  norm: type
+  features: int
+  num_blocks: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(self.norm, use_running_average=False, momentum=0.9,
+                             dtype=self.dtype)
+    for _ in range(self.num_blocks):
+      x = resnet.BottleneckBlock(self.features, 1, conv=conv, norm=norm)(x)
+    return x
+
+
+def parse_block_stages(text: str) -> list[tuple[int, int]]:
+  """`'56x64,14x256'` -> `[(56, 64), (14, 256)]` (spatial size, bottleneck width).
+
+  Raises:
+    ValueError: an item is not `<spatial>x<width>` with positive integers.
+  """
+  stages = []
+  for item in text.split(","):
+    match = re.fullmatch(r"\s*(\d+)x(\d+)\s*", item)
+    if not match or not all(int(g) > 0 for g in match.groups()):
+      raise ValueError(f"--blocks: expected items like '14x256' (spatial size x bottleneck "
+                       f"width), got {item!r}.")
+    stages.append((int(match.group(1)), int(match.group(2))))
+  return stages
+
+
+def measure_blocks(spec: targets.TargetSpec, size: int, features: int, dtype: str,
+                   norms: list[str], per_device_batch: int, num_blocks: int) -> list[dict]:
+  """Forward + backward of `num_blocks` bottleneck blocks on one device of `spec`."""
+  device = targets.devices(spec)[0]
+  mesh = jax.make_mesh((1,), ("data",), devices=[device],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  compute_dtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+  shape = (per_device_batch, size, size, 4 * features)
+  rows = []
+  for norm in norms:
+    net = _Blocks(NORMS[norm], features, num_blocks, compute_dtype)
+    variables = jax.eval_shape(
+        lambda net=net: net.init(jax.random.key(0), jnp.zeros((1,) + shape[1:], compute_dtype)))
+
+    def step(variables, x, net=net):
+      def loss(params):
+        y, updates = net.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.mean(jnp.square(y.astype(jnp.float32))), updates
+      (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+      return value, grads, updates
+
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), variables)
+    x = jax.ShapeDtypeStruct(shape, compute_dtype, sharding=NamedSharding(mesh, P("data")))
+    start = time.perf_counter()
+    compiled = jax.jit(step).lower(abstract, x).compile()
+    text = compiled.as_text()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):
+      cost = cost[0] if cost else {}
+    nbytes = float(cost["bytes accessed"]) if "bytes accessed" in cost else float(
+        hlo.entry_bytes(text))
+    rows.append({
+        "target": spec.label, "stage": f"{size}x{features}", "dtype": dtype, "norm": norm,
+        "blocks": num_blocks, "per_device_batch": per_device_batch,
+        "bn_activation_bytes": num_blocks * per_device_batch * size * size * 6 * features
+                               * jnp.dtype(compute_dtype).itemsize,
+        "kernels": len(hlo.kernels(text)), "bytes": nbytes,
+        "bytes_method": ("compiler bytes accessed" if "bytes accessed" in cost
+                         else lowering.ENTRY_BYTES_METHOD),
+        "entry_bytes": hlo.entry_bytes(text), "estimated_cycles": estimated_cycles(text),
+        "async_copy_bytes": async_copy_bytes(text),
+        "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+        "compile_s": time.perf_counter() - start})
+    print(f"  compiled {spec.label} blocks {size}x{features} {dtype} {norm} in "
+          f"{rows[-1]['compile_s']:.0f} s", flush=True)
+  return rows
+
+
+def block_table(rows: list[dict]) -> str:
+  """Per stage shape and norm: bytes and cycles, BN's share of them against flax's."""
+  def share(row, key):
+    none = next((r for r in rows if r["norm"] == "none" and all(
+        r[k] == row[k] for k in ("target", "stage", "dtype"))), None)
+    return None if none is None else row[key] - none[key]
+
+  def vs_flax(row, key):
+    flax = next((r for r in rows if r["norm"] == "flax" and all(
+        r[k] == row[k] for k in ("target", "stage", "dtype"))), None)
+    mine, theirs = share(row, key), flax and share(flax, key)
+    if row["norm"] != "jaxbn" or mine is None or not theirs:
+      return ""
+    return _harness.fmt_ratio(mine / theirs)
+
+  headers = ["target", "stage", "dtype", "norm", "kernels", "bytes", "BN bytes (over no norm)",
+             "BN bytes vs flax", "entry kernels' operand + result bytes",
+             "BN entry bytes vs flax", "async copies (TPU: VMEM prefetch / eviction)",
+             "est. cycles (TPU)", "BN cycles vs flax", "temp"]
+  body = []
+  for row in rows:
+    bn_bytes = share(row, "bytes")
+    body.append([
+        row["target"], row["stage"], row["dtype"], row["norm"], row["kernels"],
+        hlo.fmt_bytes(row["bytes"]),
+        "" if row["norm"] == "none" or bn_bytes is None else hlo.fmt_bytes(bn_bytes),
+        vs_flax(row, "bytes"), hlo.fmt_bytes(row["entry_bytes"]), vs_flax(row, "entry_bytes"),
+        hlo.fmt_bytes(row["async_copy_bytes"]),
+        f"{row['estimated_cycles']:,}", vs_flax(row, "estimated_cycles"),
+        hlo.fmt_bytes(row["temp_bytes"])])
+  return _harness.markdown_table(headers, body)
+
+
+def breakdown_table(rows: list[dict]) -> str:
+  """Where each program's bytes go: the kernels' own traffic and the async copies."""
+  def share_vs_flax(row, key):
+    def same(norm):
+      return next((r for r in rows if r["norm"] == norm and all(
+          r[k] == row[k] for k in ("target", "model", "dtype", "parallelism"))), None)
+    none, flax = same("none"), same("flax")
+    if row["norm"] != "jaxbn" or none is None or flax is None or key not in row:
+      return ""
+    theirs = flax[key] - none[key]
+    return _harness.fmt_ratio((row[key] - none[key]) / theirs) if theirs else ""
+
+  headers = ["target", "model", "dtype", "parallelism", "norm", "bytes",
+             "entry kernels' operand + result bytes", "BN entry bytes vs flax",
+             "async copies (TPU: VMEM prefetch / eviction)", "est. cycles (TPU)",
+             "BN cycles vs flax"]
+  body = [[row["target"], row["model"], row["dtype"], row["parallelism"], row["norm"],
+           hlo.fmt_bytes(row["bytes"]), hlo.fmt_bytes(row["entry_bytes"]),
+           share_vs_flax(row, "entry_bytes"), hlo.fmt_bytes(row["async_copy_bytes"]),
+           f"{row['estimated_cycles']:,}", share_vs_flax(row, "estimated_cycles")]
+          for row in rows if "entry_bytes" in row]
+  return _harness.markdown_table(headers, body)
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--targets", default=DEFAULT_TARGETS,
@@ -177,8 +357,31 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--norms", default="jaxbn,flax,none", help="jaxbn, flax, none")
   parser.add_argument("--per_device_batch", type=int, default=128)
   parser.add_argument("--json", default=None, help="also write the rows to this file")
+  parser.add_argument("--blocks", default=None,
+                      help="instead of whole models: bottleneck blocks at these stage shapes, "
+                           "e.g. 56x64,28x128,14x256,7x512 (ResNet-50's four stages)")
+  parser.add_argument("--num_blocks", type=int, default=2, help="blocks per --blocks stage")
   args = parser.parse_args(argv)
+  stages = parse_block_stages(args.blocks) if args.blocks else None
   targets.prepare_environment()
+  if stages:
+    _harness.print_header("Batch norm in ResNet bottleneck blocks compiled for GPUs and TPUs "
+                          "(no device)")
+    rows = []
+    for spec in targets.parse(args.targets):
+      for size, features in stages:
+        for dtype in args.dtypes.split(","):
+          rows += measure_blocks(spec, size, features, dtype, args.norms.split(","),
+                                 args.per_device_batch, args.num_blocks)
+    print()
+    print(block_table(rows))
+    print("\nBytes: TPU: the compiler's bytes accessed; GPU: "
+          f"{lowering.ENTRY_BYTES_METHOD}. Est. cycles: the sum of the TPU compiler's "
+          "per-kernel estimated_cycles. Compiler counts, not timings.")
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"command": _harness.command_line(), "rows": rows}, f, indent=1)
+    return rows
   _harness.print_header("Batch norm in compiled train steps (GPU and TPU compilers, "
                         "no device)")
   rows = []
@@ -190,6 +393,8 @@ def main(argv=None) -> list[dict]:
                           args.per_device_batch)
   print()
   print(table(rows))
+  print()
+  print(breakdown_table(rows))
   print(f"\nBytes: TPU: the compiler's bytes accessed; GPU: {lowering.ENTRY_BYTES_METHOD}. "
         f"Floor: {FLOOR_PASSES} passes over the BN layers' activations. Step time and "
         "images/s: roofline estimates (max of bytes / HBM bandwidth, flops / peak), not "
