@@ -1,10 +1,10 @@
 """jaxbn: batch normalization for JAX as pure functions over pytrees."""
 
 from jaxbn._activation import batch_norm_activation as batch_norm_activation
-from jaxbn._batch_norm import BatchNormParams as BatchNormParams
-from jaxbn._batch_norm import BatchNormState as BatchNormState
+from jaxbn._state import BatchNormParams as BatchNormParams
+from jaxbn._state import BatchNormState as BatchNormState
 from jaxbn._batch_norm import batch_norm as batch_norm
-from jaxbn._batch_norm import init as init
+from jaxbn._state import init as init
 from jaxbn._folding import fold_into_conv as fold_into_conv
 from jaxbn._folding import fold_into_dense as fold_into_dense
 from jaxbn._ghost import ghost_batch_norm as ghost_batch_norm

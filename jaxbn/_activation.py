@@ -30,6 +30,8 @@ from jax import lax
 import jax.numpy as jnp
 
 from jaxbn import _batch_norm
+from jaxbn import _state
+from jaxbn import _normalization
 from jaxbn import _stats
 from jaxbn import _validation
 from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
@@ -89,13 +91,13 @@ def _normalize_act_saving_output(x, scale, bias, shift, mask, running, shortcut,
 
 def _saving_output_fwd(x, scale, bias, shift, mask, running, shortcut, layout, slope):
   compute_dtype = shift.dtype
-  stats = _batch_norm.batch_statistics(x, shift, mask, running, layout)
+  stats = _normalization.batch_statistics(x, shift, mask, running, layout)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
   multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
-  z = (x.astype(compute_dtype) - _batch_norm.to_input_rank(stats.mean, x, layout)) * (
-      _batch_norm.to_input_rank(multiplier, x, layout))
+  z = (x.astype(compute_dtype) - _normalization.to_input_rank(stats.mean, x, layout)) * (
+      _normalization.to_input_rank(multiplier, x, layout))
   if bias is not None:
-    z = z + _batch_norm.to_input_rank(bias.astype(compute_dtype), x, layout)
+    z = z + _normalization.to_input_rank(bias.astype(compute_dtype), x, layout)
   if shortcut is not None:
     z = z + shortcut.astype(compute_dtype)
   y = apply_activation(z, slope).astype(x.dtype)
@@ -125,13 +127,13 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
     z = z - shortcut.astype(compute_dtype)
     dshortcut = grad_out.astype(shortcut.dtype)
   if bias is not None:
-    z = z - _batch_norm.to_input_rank(bias.astype(compute_dtype), y, layout)
-  x_hat = z if scale is None else z / _batch_norm.to_input_rank(
+    z = z - _normalization.to_input_rank(bias.astype(compute_dtype), y, layout)
+  x_hat = z if scale is None else z / _normalization.to_input_rank(
       scale.astype(compute_dtype), y, layout)
   dz_x_hat = grad_out * x_hat
   if mask is not None:
     # What masked-out slots hold (NaN, inf) must not reach the sums; see
-    # `_batch_norm.normalize_bwd`.
+    # `_normalization.normalize_bwd`.
     dz_x_hat = jnp.where(mask | (grad_out != 0), dz_x_hat, 0)
   sum_dz_local, sum_dz_x_hat_local = _stats.fused_sums((grad_out, dz_x_hat),
                                                        layout.reduction_axes)
@@ -140,11 +142,11 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
   sum_dz, sum_dz_x_hat = total[0], total[1]
   multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
   safe_count = jnp.maximum(count, 1)
-  correction = (_batch_norm.to_input_rank(sum_dz / safe_count, y, layout)
-                + x_hat * _batch_norm.to_input_rank(sum_dz_x_hat / safe_count, y, layout))
+  correction = (_normalization.to_input_rank(sum_dz / safe_count, y, layout)
+                + x_hat * _normalization.to_input_rank(sum_dz_x_hat / safe_count, y, layout))
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
-  dx = _batch_norm.to_input_rank(multiplier, y, layout) * (grad_out - correction)
+  dx = _normalization.to_input_rank(multiplier, y, layout) * (grad_out - correction)
   dscale = dbias = None
   if scale is not None:
     dscale = _stats.replicated_sum(local[1], sum_dz_x_hat, scale, layout.axis_name,
@@ -158,8 +160,8 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
 _normalize_act_saving_output.defvjp(_saving_output_fwd, _saving_output_bwd)
 
 
-def normalize_act_in_training(call: _batch_norm.ParsedCall,
-                              state: _batch_norm.BatchNormState, *, slope: float,
+def normalize_act_in_training(call: _normalization.ParsedCall,
+                              state: _state.BatchNormState, *, slope: float,
                               single_value_ok: bool, countless_state: bool,
                               shortcut: jax.Array | None = None
                               ) -> tuple[jax.Array, _stats.Moments]:
@@ -167,15 +169,15 @@ def normalize_act_in_training(call: _batch_norm.ParsedCall,
   the shortcut) for the backward pass.
 
   `call.scale` must already be nonzero (`invertible_scale`). Returns `y` and
-  the batch's `Moments` (stop_gradient) for `_batch_norm.update_state`; the
+  the batch's `Moments` (stop_gradient) for `_normalization.update_state`; the
   shift of the one-pass variance is chosen as in
-  `_batch_norm.normalize_in_training`.
+  `_normalization.normalize_in_training`.
   """
-  layout, shift = _batch_norm.training_layout_and_shift(
+  layout, shift = _normalization.training_layout_and_shift(
       call, state, single_value_ok=single_value_ok, countless_state=countless_state)
   y, stats = _normalize_act_saving_output(
       call.x, call.scale, call.bias, shift, call.mask,
-      _batch_norm.running_statistics(state, call.compute_dtype), shortcut, layout, slope)
+      _normalization.running_statistics(state, call.compute_dtype), shortcut, layout, slope)
   return y, jax.tree.map(lax.stop_gradient, stats)
 
 
@@ -199,15 +201,15 @@ def check_shortcut(shortcut, x_shape: tuple[int, ...]) -> jax.Array | None:
   return shortcut
 
 
-def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
-                          state: _batch_norm.BatchNormState, x: jax.typing.ArrayLike, *,
+def batch_norm_activation(params: _state.BatchNormParams | None,
+                          state: _state.BatchNormState, x: jax.typing.ArrayLike, *,
                           training: bool, activation: str = "leaky_relu",
                           negative_slope: float = 0.01, memory_saving: bool = False,
                           axis: Axis = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
                           axis_name: AxisName | None = None,
                           axis_index_groups: AxisIndexGroups | None = None,
                           mask: Mask | None = None, unbiased_running_var: bool = False,
-                          shortcut=None) -> tuple[jax.Array, _batch_norm.BatchNormState]:
+                          shortcut=None) -> tuple[jax.Array, _state.BatchNormState]:
   """Batch norm followed by an activation: `act(scale * x_hat + bias [+ shortcut])`.
 
   Without `memory_saving` this is `act(jaxbn.batch_norm(...)[0])`. With it
@@ -256,9 +258,9 @@ def batch_norm_activation(params: _batch_norm.BatchNormParams | None,
         epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
         mask=mask, unbiased_running_var=unbiased_running_var)
     return apply_activation(add_shortcut(y, shortcut), slope), new_state
-  call = _batch_norm.parse_call(params, state, x, axis=axis, momentum=momentum,
+  call = _normalization.parse_call(params, state, x, axis=axis, momentum=momentum,
                                 epsilon=epsilon, axis_name=axis_name,
                                 axis_index_groups=axis_index_groups, mask=mask)
   y, stats = normalize_act_in_training(call, state, slope=slope, single_value_ok=False,
                                        countless_state=False, shortcut=shortcut)
-  return y, _batch_norm.update_state(state, stats, call.momentum, unbiased_running_var)
+  return y, _normalization.update_state(state, stats, call.momentum, unbiased_running_var)

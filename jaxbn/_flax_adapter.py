@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 from jaxbn import _activation
 from jaxbn import _batch_norm
+from jaxbn import _state
+from jaxbn import _normalization
 from jaxbn import _microbatch
 from jaxbn import _stats
 
@@ -115,13 +117,13 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   params = None
   if scale is not None or bias is not None:
     like = scale if scale is not None else bias
-    params = _batch_norm.BatchNormParams(
+    params = _state.BatchNormParams(
         scale=jnp.ones_like(like) if scale is None else scale,
         bias=jnp.zeros_like(like) if bias is None else bias)
   if mask is not None:
     mask = jnp.asarray(mask, jnp.bool_)  # flax accepts 0/1 masks too
   # flax's variables hold no step count; see the module docstring.
-  state = _batch_norm.BatchNormState(mean=mean, var=var, count=jnp.zeros((), jnp.int32))
+  state = _state.BatchNormState(mean=mean, var=var, count=jnp.zeros((), jnp.int32))
 
   if use_running_average or initializing:
     if not use_running_average:
@@ -138,7 +140,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
     return Result(y.astype(out_dtype), None, None)
 
-  call = _batch_norm.parse_call(
+  call = _normalization.parse_call(
       params, state, x, axis=feature_axes, momentum=momentum, epsilon=epsilon,
       axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   # One value per feature is flax's variance 0 (the output is `bias`), not an
@@ -153,7 +155,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
                                             countless_state=True)
     y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
   else:
-    y, new_state = _batch_norm.normalize_in_training(
+    y, new_state = _normalization.normalize_in_training(
         call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
     y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
   if memory_saving or pooled is not None:
@@ -161,7 +163,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
       stats = merged = _stats.merge_moments(
           _stats.Moments(*(jnp.asarray(v, jnp.float32) for v in pooled)),
           jax.tree.map(lambda v: v.astype(jnp.float32), stats))
-    new_state = _batch_norm.update_state(state, stats, momentum, False)
+    new_state = _normalization.update_state(state, stats, momentum, False)
   new_mean = lax.stop_gradient(new_state.mean).astype(jnp.result_type(mean))
   new_var = lax.stop_gradient(new_state.var).astype(jnp.result_type(var))
   return Result(y.astype(out_dtype), new_mean, new_var, merged)

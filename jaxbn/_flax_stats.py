@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _batch_norm
+from jaxbn import _state
 from jaxbn import _flax_adapter
 from jaxbn import _stats
 from jaxbn import _sync
@@ -92,7 +92,7 @@ def sync_stats(batch_stats, axis_name):
     NameError: `axis_name` is not bound by an enclosing vmap / shard_map.
   """
   stats = _layer_stats(batch_stats, "batch_stats")
-  states = [_batch_norm.BatchNormState(mean=mean, var=var, count=jnp.zeros((), jnp.int32))
+  states = [_state.BatchNormState(mean=mean, var=var, count=jnp.zeros((), jnp.int32))
             for mean, var in stats]
   synced = _sync.sync_stats(states, axis_name)
   return _replace_layers(batch_stats, [(s.mean, s.var) for s in synced])

@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _batch_norm
+from jaxbn import _state
 from jaxbn import _stats
 from jaxbn import _validation
 
 
 def fold_into_conv(kernel: jax.typing.ArrayLike, bias: jax.typing.ArrayLike | None,
-                   params: _batch_norm.BatchNormParams | None,
-                   state: _batch_norm.BatchNormState, *, epsilon: float = 1e-5,
+                   params: _state.BatchNormParams | None,
+                   state: _state.BatchNormState, *, epsilon: float = 1e-5,
                    kernel_layout: str = "HWIO") -> tuple[jax.Array, jax.Array]:
   """Folds an inference-mode batch norm that follows a convolution into it.
 
@@ -69,8 +69,8 @@ def fold_into_conv(kernel: jax.typing.ArrayLike, bias: jax.typing.ArrayLike | No
 
 
 def fold_into_dense(kernel: jax.typing.ArrayLike, bias: jax.typing.ArrayLike | None,
-                    params: _batch_norm.BatchNormParams | None,
-                    state: _batch_norm.BatchNormState, *,
+                    params: _state.BatchNormParams | None,
+                    state: _state.BatchNormState, *,
                     epsilon: float = 1e-5) -> tuple[jax.Array, jax.Array]:
   """Folds an inference-mode batch norm that follows a dense layer into it.
 

@@ -16,7 +16,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _batch_norm
+from jaxbn import _state
+from jaxbn import _normalization
 from jaxbn import _stats
 from jaxbn import _validation
 from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
@@ -33,13 +34,13 @@ def _check_virtual_batch_size(virtual_batch_size) -> int:
   return int(virtual_batch_size)
 
 
-def ghost_batch_norm(params: _batch_norm.BatchNormParams | None, state: _batch_norm.BatchNormState,
+def ghost_batch_norm(params: _state.BatchNormParams | None, state: _state.BatchNormState,
                      x: jax.typing.ArrayLike, *, training: bool, virtual_batch_size: int,
                      batch_axis: int = 0, axis: Axis = -1, momentum: float | None = 0.99,
                      epsilon: float = 1e-5, axis_name: AxisName | None = None,
                      axis_index_groups: AxisIndexGroups | None = None, mask: Mask | None = None,
                      unbiased_running_var: bool = False
-                    ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
+                    ) -> tuple[jax.Array, _state.BatchNormState]:
   """Batch norm with statistics per ghost batch of `virtual_batch_size` examples.
 
   In training, `x` is split along `batch_axis` into `N / virtual_batch_size`
@@ -100,7 +101,7 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None, state: _batch_n
   """
   virtual_batch_size = _check_virtual_batch_size(virtual_batch_size)
   training = _validation.check_training(training)
-  call = _batch_norm.parse_call(
+  call = _normalization.parse_call(
       params, state, x, axis=axis, momentum=momentum, epsilon=epsilon,
       axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   x, feature_axes = call.x, call.feature_axes
@@ -110,7 +111,7 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None, state: _batch_n
         f"batch_axis={batch_axis} is also a feature axis (axis={axis!r}); the "
         "batch axis must be one of the reduced axes.")
   if not training:
-    return _batch_norm.normalize_with_running_stats(call, state), state
+    return _normalization.normalize_with_running_stats(call, state), state
   batch_size = x.shape[batch_axis]
   if batch_size % virtual_batch_size:
     raise ValueError(
@@ -148,26 +149,26 @@ def ghost_batch_norm(params: _batch_norm.BatchNormParams | None, state: _batch_n
           f"batch; virtual_batch_size={virtual_batch_size} with x of shape "
           f"{x.shape} and feature axes {feature_axes} gives {static_count}.")
   # Statistics per ghost batch only: no axis_name in the normalization.
-  layout = _batch_norm.Layout(ghost_feature_axes, ghost_reduction_axes, call.epsilon,
+  layout = _normalization.Layout(ghost_feature_axes, ghost_reduction_axes, call.epsilon,
                                None, None, static_count)
   mask_ghost = None if call.mask is None else _ghost_mask(
       call.mask, x.ndim, batch_axis, num_ghosts, virtual_batch_size)
   # Each ghost batch is shifted by the running mean, or on the first step by its
   # own mean (a local pass): the normalization never needs another device.
-  ghost_shift = _batch_norm.training_shift(
+  ghost_shift = _normalization.training_shift(
       state._replace(mean=per_ghost(state.mean)), x_ghost, call.momentum,
       ghost_reduction_axes, mask_ghost, None, call.compute_dtype)
   scale = None if call.scale is None else per_ghost(call.scale)
   bias = None if call.bias is None else per_ghost(call.bias)
-  running = _batch_norm.running_statistics(
+  running = _normalization.running_statistics(
       state._replace(mean=per_ghost(state.mean), var=per_ghost(state.var)),
       call.compute_dtype)
-  y_ghost, ghost_stats = _batch_norm.normalize_with_batch_stats(
+  y_ghost, ghost_stats = _normalization.normalize_with_batch_stats(
       x_ghost, scale, bias, ghost_shift, mask_ghost, running, layout)
   ghost_stats = jax.tree.map(lax.stop_gradient, ghost_stats)
   batch_stats = _pool_ghost_statistics(ghost_stats, ghost_position, call.axis_name,
                                        call.axis_index_groups)
-  new_state = _batch_norm.update_state(state, batch_stats, call.momentum,
+  new_state = _normalization.update_state(state, batch_stats, call.momentum,
                                         unbiased_running_var)
   return y_ghost.reshape(x.shape), new_state
 

@@ -24,7 +24,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from jaxbn import _batch_norm
+from jaxbn import _state
+from jaxbn import _normalization
 from jaxbn import _stats
 from jaxbn import _validation
 from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
@@ -44,28 +45,28 @@ def empty_moments(num_features: int | tuple[int, ...]) -> _stats.Moments:
   return _stats.Moments(count=zeros, mean=zeros, var=zeros)
 
 
-def training_moments(call: _batch_norm.ParsedCall, state: _batch_norm.BatchNormState, *,
+def training_moments(call: _normalization.ParsedCall, state: _state.BatchNormState, *,
                      single_value_ok: bool, countless_state: bool
                      ) -> tuple[jax.Array, _stats.Moments]:
-  """`_batch_norm.normalize_in_training` without the state update.
+  """`_normalization.normalize_in_training` without the state update.
 
   Returns:
     `(y, moments)`: `y` normalized with the batch statistics (gradients
     through them, as in `batch_norm`), and the batch's `Moments` under
     stop_gradient; a feature with no valid element has count 0.
   """
-  layout, shift = _batch_norm.training_layout_and_shift(
+  layout, shift = _normalization.training_layout_and_shift(
       call, state, single_value_ok=single_value_ok, countless_state=countless_state)
-  y, stats = _batch_norm.normalize_with_batch_stats(
+  y, stats = _normalization.normalize_with_batch_stats(
       call.x, call.scale, call.bias, shift, call.mask,
-      _batch_norm.running_statistics(state, call.compute_dtype), layout)
+      _normalization.running_statistics(state, call.compute_dtype), layout)
   stats = jax.tree.map(lax.stop_gradient, stats)
   count = jnp.broadcast_to(stats.count, stats.mean.shape).astype(stats.mean.dtype)
   return y, stats._replace(count=count)
 
 
-def batch_norm_moments(params: _batch_norm.BatchNormParams | None,
-                       state: _batch_norm.BatchNormState, x: jax.typing.ArrayLike, *,
+def batch_norm_moments(params: _state.BatchNormParams | None,
+                       state: _state.BatchNormState, x: jax.typing.ArrayLike, *,
                        axis: Axis = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
                        axis_name: AxisName | None = None,
                        axis_index_groups: AxisIndexGroups | None = None, mask: Mask | None = None
@@ -101,16 +102,16 @@ def batch_norm_moments(params: _batch_norm.BatchNormParams | None,
       value per feature).
     NameError: `axis_name` is not bound by an enclosing vmap / shard_map.
   """
-  call = _batch_norm.parse_call(params, state, x, axis=axis, momentum=momentum,
+  call = _normalization.parse_call(params, state, x, axis=axis, momentum=momentum,
                                 epsilon=epsilon, axis_name=axis_name,
                                 axis_index_groups=axis_index_groups, mask=mask)
   y, moments = training_moments(call, state, single_value_ok=False, countless_state=False)
   return y, jax.tree.map(lambda v: v.astype(jnp.float32), moments)
 
 
-def update_stats(state: _batch_norm.BatchNormState, moments: _stats.Moments, *,
+def update_stats(state: _state.BatchNormState, moments: _stats.Moments, *,
                  momentum: float | None = 0.99,
-                 unbiased_running_var: bool = False) -> _batch_norm.BatchNormState:
+                 unbiased_running_var: bool = False) -> _state.BatchNormState:
   """One running-average update of `state` with (pooled) batch `moments`.
 
   `update_stats(state, batch_norm_moments(params, state, x)[1], momentum=m)`
@@ -141,11 +142,11 @@ def update_stats(state: _batch_norm.BatchNormState, moments: _stats.Moments, *,
           f"moments.{name} has shape {jnp.shape(value)}; expected the state's "
           f"feature shape {feature_shape}.")
   moments = lax.stop_gradient(moments)
-  return _batch_norm.update_state(state, moments, momentum, bool(unbiased_running_var))
+  return _normalization.update_state(state, moments, momentum, bool(unbiased_running_var))
 
 
-def moments_state(state: _batch_norm.BatchNormState,
-                  moments: _stats.Moments) -> _batch_norm.BatchNormState:
+def moments_state(state: _state.BatchNormState,
+                  moments: _stats.Moments) -> _state.BatchNormState:
   """`state` with its statistics replaced by `moments` (for normalizing with them).
 
   `batch_norm(params, moments_state(state, pooled), x, training=False)`

@@ -5,7 +5,7 @@ most weight on the last few batches. PreciseBN replaces them, for fixed
 weights, by population statistics computed over many batches with equal
 weight. Here every jaxbn state in a model's state pytree is swapped for a
 probe state that makes the layer return its batch statistics (see
-`_batch_norm.BatchStatisticsProbe`), so any model built from jaxbn functions
+`_state.BatchStatisticsProbe`), so any model built from jaxbn functions
 works unchanged, jitted or not, sharded or not.
 """
 
@@ -21,32 +21,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _batch_norm
+from jaxbn import _state
 from jaxbn import _stats
 
 
 def _state_paths(state) -> list[str]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_batch_norm.is_state)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_state.is_state)
   return ["state" + jax.tree_util.keystr(path) for path, leaf in leaves
-          if _batch_norm.is_state(leaf)]
+          if _state.is_state(leaf)]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _accumulate(apply_fn, params, probes, batch, pooled):
   """Runs one batch and folds each layer's batch statistics into `pooled`."""
   _, new_state = apply_fn(params, probes, batch)
-  expected = jax.tree.structure(probes, is_leaf=_batch_norm.is_state)
-  if jax.tree.structure(new_state, is_leaf=_batch_norm.is_state) != expected:
+  expected = jax.tree.structure(probes, is_leaf=_state.is_state)
+  if jax.tree.structure(new_state, is_leaf=_state.is_state) != expected:
     raise ValueError(
         "apply_fn must return (output, new_state) with new_state structured like "
         f"the state it was given; expected {expected}, got "
-        f"{jax.tree.structure(new_state, is_leaf=_batch_norm.is_state)}.")
-  old_leaves = _batch_norm.states_in(probes)
-  new_leaves = _batch_norm.states_in(new_state)
+        f"{jax.tree.structure(new_state, is_leaf=_state.is_state)}.")
+  old_leaves = _state.states_in(probes)
+  new_leaves = _state.states_in(new_state)
   paths = _state_paths(probes)
   updates = []
   for path, old, new in zip(paths, old_leaves, new_leaves):
-    if not isinstance(new, _batch_norm.BatchStatisticsProbe):
+    if not isinstance(new, _state.BatchStatisticsProbe):
       raise ValueError(
           f"The BatchNormState apply_fn returned at {path} is not the one jaxbn "
           "returned to it: pass each layer's new state from jaxbn "
@@ -132,9 +132,9 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
     raise ValueError(
         "state holds no jaxbn.BatchNormState; recompute_stats recomputes the "
         "statistics of jaxbn layers only.")
-  originals = _batch_norm.states_in(state)
-  probes = _batch_norm.replace_states(
-      state, [_batch_norm.BatchStatisticsProbe(*s) for s in originals])
+  originals = _state.states_in(state)
+  probes = _state.replace_states(
+      state, [_state.BatchStatisticsProbe(*s) for s in originals])
   pooled = [_stats.Moments(count=jnp.zeros(jnp.shape(s.mean), jnp.float32),
                            mean=jnp.zeros(jnp.shape(s.mean), jnp.float32),
                            var=jnp.zeros(jnp.shape(s.var), jnp.float32))
@@ -160,4 +160,4 @@ def recompute_stats(apply_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
     recomputed.append(original._replace(
         mean=jnp.where(keep, total.mean, original.mean).astype(original.mean.dtype),
         var=jnp.where(keep, total.var, original.var).astype(original.var.dtype)))
-  return _batch_norm.replace_states(state, recomputed)
+  return _state.replace_states(state, recomputed)

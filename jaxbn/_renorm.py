@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _batch_norm
+from jaxbn import _state
+from jaxbn import _normalization
 from jaxbn import _stats
 from jaxbn import _validation
 from jaxbn._validation import Axis, AxisIndexGroups, AxisName, Mask
@@ -67,13 +69,13 @@ def _bound_value(bound: Bound, count: jax.Array, name: str, minimum: float,
   return jnp.maximum(value.astype(compute_dtype), minimum)
 
 
-def batch_renorm(params: _batch_norm.BatchNormParams | None, state: _batch_norm.BatchNormState,
+def batch_renorm(params: _state.BatchNormParams | None, state: _state.BatchNormState,
                  x: jax.typing.ArrayLike, *, training: bool, r_max: Bound, d_max: Bound,
                  axis: Axis = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
                  axis_name: AxisName | None = None,
                  axis_index_groups: AxisIndexGroups | None = None, mask: Mask | None = None,
                  unbiased_running_var: bool = False
-                ) -> tuple[jax.Array, _batch_norm.BatchNormState]:
+                ) -> tuple[jax.Array, _state.BatchNormState]:
   """Batch renormalization: `y = scale * (x_hat * r + d) + bias`.
 
   In training, `x_hat = (x - mu_B) / sigma_B` uses the batch statistics
@@ -132,14 +134,14 @@ def batch_renorm(params: _batch_norm.BatchNormParams | None, state: _batch_norm.
         params, state, x, training=False, axis=axis, momentum=momentum,
         epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
         mask=mask, unbiased_running_var=unbiased_running_var)
-  call = _batch_norm.parse_call(
+  call = _normalization.parse_call(
       params, state, x, axis=axis, momentum=momentum, epsilon=epsilon,
       axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
-  layout = call.layout(_batch_norm.training_count(call))
+  layout = call.layout(_normalization.training_count(call))
   compute_dtype = call.compute_dtype
-  shift = _batch_norm.training_shift(state, call.x, call.momentum, call.reduction_axes,
+  shift = _normalization.training_shift(state, call.x, call.momentum, call.reduction_axes,
                                       call.mask, call.axis_name, compute_dtype)
-  running = _batch_norm.running_statistics(state, compute_dtype)
+  running = _normalization.running_statistics(state, compute_dtype)
   corrections = _Corrections(
       running_mean=running.mean, running_var=running.var,
       r_max=_bound_value(r_max, state.count, "r_max", 1.0, compute_dtype),
@@ -147,7 +149,7 @@ def batch_renorm(params: _batch_norm.BatchNormParams | None, state: _batch_norm.
   y, stats = _renormalize(call.x, call.scale, call.bias, shift, call.mask, corrections,
                           layout)
   stats = jax.tree.map(lax.stop_gradient, stats)
-  return y, _batch_norm.update_state(state, stats, call.momentum, unbiased_running_var)
+  return y, _normalization.update_state(state, stats, call.momentum, unbiased_running_var)
 
 
 class _Corrections(NamedTuple):
@@ -175,8 +177,8 @@ def _renormalize(x, scale, bias, shift, mask, corrections, layout):
 
 def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
   compute_dtype = shift.dtype
-  stats = _batch_norm.batch_statistics(
-      x, shift, mask, _batch_norm.Running(corrections.running_mean,
+  stats = _normalization.batch_statistics(
+      x, shift, mask, _normalization.Running(corrections.running_mean,
                                           corrections.running_var), layout)
   r, d = _r_and_d(stats, corrections, layout.epsilon)
   # scale * (x_hat * r + d) + bias is batch norm with scale * r and
@@ -187,7 +189,7 @@ def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
     effective_scale = scale.astype(compute_dtype) * r
     effective_bias = scale.astype(compute_dtype) * d + bias.astype(compute_dtype)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
-  to_input_rank = functools.partial(_batch_norm.to_input_rank, x=x, layout=layout)
+  to_input_rank = functools.partial(_normalization.to_input_rank, x=x, layout=layout)
   y = (x.astype(compute_dtype) - to_input_rank(stats.mean)) * to_input_rank(
       inv_std * effective_scale) + to_input_rank(effective_bias)
   core_residuals = (x, effective_scale, effective_bias, mask, stats.mean, inv_std,
@@ -197,7 +199,7 @@ def _renormalize_fwd(x, scale, bias, shift, mask, corrections, layout):
 
 def _renormalize_bwd(layout, residuals, cotangents):
   core_residuals, scale, bias, r, d = residuals
-  dx, d_effective_scale, d_effective_bias, *_ = _batch_norm.normalize_bwd(
+  dx, d_effective_scale, d_effective_bias, *_ = _normalization.normalize_bwd(
       layout, core_residuals, cotangents)
   dscale = dbias = None
   if scale is not None:

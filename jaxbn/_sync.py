@@ -6,7 +6,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _batch_norm
+from jaxbn import _state
 from jaxbn import _stats
 from jaxbn import _validation
 
@@ -55,7 +55,7 @@ def sync_stats(state, axis_name):
     raise ValueError(
         "sync_stats needs axis_name, the mapped axis (vmap / shard_map) whose "
         "replicas hold the statistics to pool.")
-  states = _batch_norm.states_in(state)
+  states = _state.states_in(state)
   if not states:
     raise ValueError("state holds no jaxbn.BatchNormState to synchronize.")
   num_replicas = _stats.replica_count(names, None)
@@ -75,4 +75,4 @@ def sync_stats(state, axis_name):
         mean=pooled_mean[layer].reshape(jnp.shape(s.mean)).astype(s.mean.dtype),
         var=pooled_var[layer].reshape(jnp.shape(s.var)).astype(s.var.dtype),
         count=counts[i].astype(jnp.asarray(s.count).dtype)))
-  return _batch_norm.replace_states(state, synced)
+  return _state.replace_states(state, synced)

@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _batch_norm
+from jaxbn import _state
 
 _PARAM_KEYS = ("weight", "bias")
 _STATE_KEYS = ("running_mean", "running_var")
@@ -52,7 +52,7 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
 
 
 def from_torch(state_dict: Mapping[str, Any]
-               ) -> tuple[_batch_norm.BatchNormParams | None, _batch_norm.BatchNormState]:
+               ) -> tuple[_state.BatchNormParams | None, _state.BatchNormState]:
   """Converts a PyTorch BatchNorm state dict to jaxbn `(params, state)`.
 
   Works for `torch.nn.BatchNorm1d/2d/3d` and `SyncBatchNorm`. Select a layer's
@@ -128,17 +128,17 @@ def from_torch(state_dict: Mapping[str, Any]
 
   params = None
   if affine:
-    params = _batch_norm.BatchNormParams(scale=jnp.asarray(arrays["weight"]),
+    params = _state.BatchNormParams(scale=jnp.asarray(arrays["weight"]),
                                          bias=jnp.asarray(arrays["bias"]))
-  state = _batch_norm.BatchNormState(
+  state = _state.BatchNormState(
       mean=jnp.asarray(arrays["running_mean"], jnp.float32),
       var=jnp.asarray(arrays["running_var"], jnp.float32),
       count=jnp.asarray(count, jnp.int32))
   return params, state
 
 
-def to_torch(params: _batch_norm.BatchNormParams | None,
-             state: _batch_norm.BatchNormState) -> dict[str, Any]:
+def to_torch(params: _state.BatchNormParams | None,
+             state: _state.BatchNormState) -> dict[str, Any]:
   """Converts jaxbn `(params, state)` to a PyTorch BatchNorm state dict.
 
   The result loads with `torch.nn.BatchNorm2d(C).load_state_dict(...)` (or 1d,

@@ -44,7 +44,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _batch_norm
+from jaxbn import _state
+from jaxbn import _normalization
 from jaxbn import _microbatch
 
 _MODES = ("ema", "batch", "legacy")
@@ -179,23 +180,23 @@ class BatchNorm(eqx.nn.StatefulLayer):
   def _params(self):
     if not self.channelwise_affine:
       return None
-    return _batch_norm.BatchNormParams(scale=self.weight, bias=self.bias)
+    return _state.BatchNormParams(scale=self.weight, bias=self.bias)
 
   def _parse(self, x, state_like, *, training: bool):
     # Equinox's output dtype: the input's promoted with the parameters' and,
     # in inference, with the running statistics'.
     dtypes = [x.dtype] + ([self.weight.dtype] if self.channelwise_affine else [])
     out_dtype = jnp.result_type(*dtypes, *([] if training else [state_like.mean.dtype]))
-    return _batch_norm.parse_call(
+    return _normalization.parse_call(
         self._params(), state_like, x.astype(out_dtype), axis=0, momentum=self.momentum,
         epsilon=self.eps, axis_name=self.axis_name if training else None,
         axis_index_groups=None, mask=None)
 
   def _normalize_running(self, x, mean, var):
-    state_like = _batch_norm.BatchNormState(mean=mean, var=var,
+    state_like = _state.BatchNormState(mean=mean, var=var,
                                             count=jnp.zeros((), jnp.int32))
     call = self._parse(x, state_like, training=False)
-    return _batch_norm.normalize_with_running_stats(call, state_like)
+    return _normalization.normalize_with_running_stats(call, state_like)
 
   def _ema(self, x, state, inference):
     running_mean, running_var = state.get(self.ema_state_index)
@@ -203,7 +204,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       return self._normalize_running(x, running_mean, running_var), state
     first_time = state.get(self.ema_first_time_index)
     state = state.set(self.ema_first_time_index, jnp.array(False))
-    running = _batch_norm.BatchNormState(mean=running_mean, var=running_var,
+    running = _state.BatchNormState(mean=running_mean, var=running_var,
                                          count=jnp.zeros((), jnp.int32))
     call = self._parse(x, running, training=True)
     y, moments = _microbatch.training_moments(call, running, single_value_ok=True,
@@ -220,7 +221,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if inference:
       mean, var = debiased_statistics(hidden_mean, hidden_var, counter, self.momentum)
       return self._normalize_running(x, mean, var), state
-    hidden = _batch_norm.BatchNormState(mean=hidden_mean, var=hidden_var,
+    hidden = _state.BatchNormState(mean=hidden_mean, var=hidden_var,
                                         count=counter.astype(jnp.int32))
     call = self._parse(x, hidden, training=True)
     y, moments = _microbatch.training_moments(call, hidden, single_value_ok=True,
