@@ -136,8 +136,8 @@ def measure(spec: targets.TargetSpec, model: str, dtype: str, parallelism: str,
         "all_reduce_bytes": sum(c.nbytes for c in all_reduces),
         "all_reduces_in_branches": sum(c.in_conditional for c in all_reduces),
         "entry_bytes": hlo.entry_bytes(program.hlo_text),
-        "async_copy_bytes": async_copy_bytes(program.hlo_text),
-        "estimated_cycles": estimated_cycles(program.hlo_text),
+        "async_copy_bytes": hlo.async_copy_bytes(program.hlo_text),
+        "estimated_cycles": hlo.estimated_cycles(program.hlo_text),
         "convolutions": program.convolutions, "temp_bytes": program.temp_bytes,
         "peak_bytes": program.peak_bytes, "flops": program.flops,
         "est_step_s": program.roofline.step_s, "bound": program.roofline.bound,
@@ -181,30 +181,6 @@ def table(rows: list[dict]) -> str:
         f"{row['est_step_s'] * 1e3:.3g} ({row['bound']})",
         f"{row['est_images_per_s']:,.0f}"])
   return _harness.markdown_table(headers, body)
-
-
-_ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
-
-
-def estimated_cycles(hlo_text: str) -> int:
-  """Sum of the TPU compiler's per-kernel `estimated_cycles` (0 on other compilers)."""
-  return sum(int(m.group(1)) for k in hlo.kernels(hlo_text)
-             for m in [_ESTIMATED_CYCLES.search(k.text)] if m)
-
-
-def async_copy_bytes(hlo_text: str) -> int:
-  """Bytes moved by the entry computation's async copies (`copy-start`, `slice-start`).
-
-  On TPUs these are the memory-space assignment's prefetches into and
-  evictions out of on-chip memory (VMEM), which the compiler's "bytes
-  accessed" counts beside the kernels' own traffic. Each copy counts once, by
-  its operand.
-  """
-  bodies = hlo.computations(hlo_text)
-  entry = hlo.instructions(bodies.get(hlo.entry_name(hlo_text), ""))
-  sizes = {inst.name: inst.result_bytes for inst in entry}
-  return sum(sizes.get(inst.operands[0], 0) for inst in entry
-             if inst.op in ("copy-start", "slice-start") and inst.operands)
 
 
 class _Blocks(nn.Module):
@@ -281,8 +257,8 @@ def measure_blocks(spec: targets.TargetSpec, size: int, features: int, dtype: st
         "kernels": len(hlo.kernels(text)), "bytes": nbytes,
         "bytes_method": ("compiler bytes accessed" if "bytes accessed" in cost
                          else lowering.ENTRY_BYTES_METHOD),
-        "entry_bytes": hlo.entry_bytes(text), "estimated_cycles": estimated_cycles(text),
-        "async_copy_bytes": async_copy_bytes(text),
+        "entry_bytes": hlo.entry_bytes(text), "estimated_cycles": hlo.estimated_cycles(text),
+        "async_copy_bytes": hlo.async_copy_bytes(text),
         "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
         "compile_s": time.perf_counter() - start})
     print(f"  compiled {spec.label} blocks {size}x{features} {dtype} {norm} in "

@@ -237,6 +237,30 @@ def convolutions(hlo_text: str) -> int:
   return ops + len(_CUDNN_CONV.findall(hlo_text))
 
 
+_ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+
+
+def estimated_cycles(hlo_text: str) -> int:
+  """Sum of the TPU compiler's per-kernel `estimated_cycles` (0 on other compilers)."""
+  return sum(int(m.group(1)) for k in kernels(hlo_text)
+             for m in [_ESTIMATED_CYCLES.search(k.text)] if m)
+
+
+def async_copy_bytes(hlo_text: str) -> int:
+  """Bytes moved by the entry computation's async copies (`copy-start`, `slice-start`).
+
+  On TPUs these are the memory-space assignment's prefetches into and
+  evictions out of on-chip memory (VMEM), which the compiler's "bytes
+  accessed" counts beside the kernels' own traffic. Each copy counts once, by
+  its operand.
+  """
+  bodies = computations(hlo_text)
+  entry = instructions(bodies.get(entry_name(hlo_text), ""))
+  sizes = {inst.name: inst.result_bytes for inst in entry}
+  return sum(sizes.get(inst.operands[0], 0) for inst in entry
+             if inst.op in ("copy-start", "slice-start") and inst.operands)
+
+
 def fmt_bytes(num: float) -> str:
   """`1.5e9` -> `'1.50 GB'` (decimal units)."""
   for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):

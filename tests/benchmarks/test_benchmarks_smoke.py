@@ -10,7 +10,6 @@ import re
 import numpy as np
 import pytest
 
-from training import hlo
 from benchmarks import accuracy
 from benchmarks import bn_op
 from benchmarks import collectives
@@ -24,28 +23,6 @@ def _table_rows(text: str, first_cell_pattern: str) -> list[list[str]]:
     if line.startswith("|") and re.fullmatch(first_cell_pattern, cells[0]):
       rows.append(cells)
   return rows
-
-
-def test_count_collectives_counts_async_pairs_once_and_marks_cond_branches():
-  hlo_text = """HloModule m
-
-%branch_a (p: f32[4]) -> f32[4] {
-  %p = f32[4]{0} parameter(0)
-  ROOT %all-reduce.2 = f32[4]{0} all-reduce(%p), channel_id=2, to_apply=%add
-}
-
-ENTRY %main (x: f32[4], c: s32[]) -> f32[4] {
-  %x = f32[4]{0} parameter(0)
-  %all-reduce-start = f32[4]{0} all-reduce-start(%x), channel_id=1, to_apply=%add
-  %all-reduce-done = f32[4]{0} all-reduce-done(%all-reduce-start)
-  %c = s32[] parameter(1)
-  ROOT %r = f32[4]{0} conditional(%c, %all-reduce-done, %x), branch_computations={%branch_a, %branch_b}
-}
-"""
-  counts = hlo.count_collectives(hlo_text)
-  assert counts.by_op["all-reduce"] == 2
-  assert counts.total == 2
-  assert counts.in_conditional == 1
 
 
 def test_bn_op_tiny(capsys):
