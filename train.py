@@ -89,8 +89,8 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 def _initialize_distributed() -> None:
   import jax
-  from training import train_lib
-  initialize, reason = train_lib.multi_process_launch(
+  from training import distributed
+  initialize, reason = distributed.multi_process_launch(
       os.environ, coordinator_address=_COORDINATOR.value, distributed=_DISTRIBUTED.value)
   if not initialize:
     print(f"Running as a {reason}.", flush=True)
@@ -137,6 +137,7 @@ def main(argv):
     import jax
     jax.config.update("jax_compilation_cache_dir",
                       os.path.expanduser(_COMPILATION_CACHE.value))
+  from training import stopping
   from training import train_lib
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
@@ -149,9 +150,9 @@ def main(argv):
     return
   try:
     train_lib.train_and_evaluate(_CONFIG.value, workdir)
-  except train_lib.Preempted as preempted:
+  except stopping.Preempted as preempted:
     print(preempted, flush=True)
-    sys.exit(train_lib.PREEMPTED_EXIT_CODE)
+    sys.exit(stopping.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,8 @@ def make_config(model: str, *, half_precision: bool, parallelism: str, num_devic
 def bn_activation_bytes(config, num_devices: int) -> tuple[int, int]:
   """`(layers, bytes)`: BN layers of the model and their inputs' bytes per device."""
   info = lowering.dataset_info(config)
-  from training import train_lib
-  model = train_lib.create_model(config, info)
+  from training import train_state
+  model = train_state.create_model(config, info)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   module = model.clone(dtype=dtype)
   per_device = config.batch_size // num_devices

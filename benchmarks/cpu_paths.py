@@ -1,6 +1,6 @@
 """Two CPU choices of train.py and the experiments, timed: eval batch size, harness conv.
 
-* Evaluation: images/s of train.py's eval step (`train_lib.evaluate`, the MNIST
+* Evaluation: images/s of train.py's eval step (`evaluation.evaluate`, the MNIST
   CNN with running statistics) over 10,000 images at several eval batch
   sizes; `configs/mnist_bn.py` uses the fastest (250 here).
 * The experiments' harness (`training.instances.Trainer`, instances stepped
@@ -31,10 +31,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_bn  # noqa: E402
+from training import distributed  # noqa: E402
+from training import evaluation  # noqa: E402
 from training import input_pipeline  # noqa: E402
 from training import instances  # noqa: E402
 from training import models  # noqa: E402
-from training import train_lib  # noqa: E402
+from training import optimizers  # noqa: E402
+from training import steps  # noqa: E402
+from training import train_state  # noqa: E402
 
 
 def _random_split(num_examples: int) -> input_pipeline.Split:
@@ -50,22 +54,22 @@ def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int
 
   Returns:
     `(images_per_sec, metrics)`, both keyed by eval batch size; `metrics` is
-    `train_lib.evaluate`'s loss and accuracy, which must not depend on it.
+    `evaluation.evaluate`'s loss and accuracy, which must not depend on it.
   """
   config = mnist_bn.get_config()
-  mesh = train_lib.create_mesh(1)  # one device, as train.py on a CPU host
+  mesh = distributed.create_mesh(1)  # one device, as train.py on a CPU host
   model = models.MnistCNN()
-  tx = train_lib.create_optimizer(config, 100)
-  state = jax.jit(lambda key: train_lib.create_train_state(
+  tx = optimizers.create_optimizer(config, 100)
+  state = jax.jit(lambda key: train_state.create_train_state(
       model, tx, key, input_shape=(28, 28, 1)))(jax.random.key(0))
-  eval_fn = train_lib.make_eval_step(config, mesh, model)
+  eval_fn = steps.make_eval_step(config, mesh, model)
   split = _random_split(num_examples)
   times, metrics = {b: [] for b in batch_sizes}, {}
   for repeat in range(repeats + 1):  # the first round compiles
     for batch_size in batch_sizes:
       start = time.perf_counter()
-      metrics[batch_size] = train_lib.evaluate(eval_fn, state, split,
-                                               global_batch_size=batch_size, mesh=mesh)
+      metrics[batch_size] = evaluation.evaluate(eval_fn, state, split,
+                                                global_batch_size=batch_size, mesh=mesh)
       if repeat:
         times[batch_size].append(time.perf_counter() - start)
   return {b: num_examples / statistics.median(t) for b, t in times.items()}, metrics

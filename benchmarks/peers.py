@@ -103,16 +103,16 @@ def load_mnist(num_train: int = 0, num_eval: int = 0):
   """(train, validation, test) `Split`s as train.py reads them (uint8 NHWC)."""
   from configs import mnist_bn
   from training import input_pipeline
-  from training import train_lib
+  from training import run_config
   config = mnist_bn.get_config()
-  names = train_lib.split_names(config)
+  names = run_config.split_names(config)
   splits, _ = input_pipeline.load_dataset(config.dataset, names)
   counts = (num_train, num_eval, num_eval)
   return tuple(input_pipeline.take(splits[name], n) for name, n in zip(names, counts))
 
 
 def warmup_steps(steps_per_epoch: int) -> int:
-  """Steps of the one-cycle rise, as `train_lib.create_learning_rate_schedule`."""
+  """Steps of the one-cycle rise, as `optimizers.create_learning_rate_schedule`."""
   return max(int(WARMUP_EPOCHS * steps_per_epoch), 1)
 
 

@@ -2,7 +2,7 @@
 
 Both models are `training.models.MnistCNN` with the same convolutions, dense
 layers, optimizer (the default config's Adam + one-cycle) and the same jitted,
-state-donating `training.train_lib.train_step`; only the three BN layers
+state-donating `training.steps.train_step`; only the three BN layers
 differ. A third row times the same CNN without BN: the difference to it is
 what the BN layers cost. Timings alternate between the variants in every
 repeat (so all see the same machine load) and the table reports medians.
@@ -32,9 +32,12 @@ import numpy as np  # noqa: E402
 
 from configs import mnist_bn  # noqa: E402
 from jaxbn import linen as jaxbn_linen  # noqa: E402
+from training import distributed  # noqa: E402
 from training import input_pipeline  # noqa: E402
 from training import models  # noqa: E402
-from training import train_lib  # noqa: E402
+from training import optimizers  # noqa: E402
+from training import steps  # noqa: E402
+from training import train_state  # noqa: E402
 
 
 # The BN layers' module (Keras' momentum and epsilon, as the model passes
@@ -47,10 +50,10 @@ def _compiled_step(norm, batch_size: int, steps_per_epoch: int):
   config = mnist_bn.get_config()
   config.batch_size = batch_size
   model = models.MnistCNN(use_bn=norm is not None, norm=norm or jaxbn_linen.BatchNorm)
-  tx = train_lib.create_optimizer(config, steps_per_epoch)
-  mesh = train_lib.create_mesh(1)
+  tx = optimizers.create_optimizer(config, steps_per_epoch)
+  mesh = distributed.create_mesh(1)
   replicated = NamedSharding(mesh, P())
-  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx,
+  state = jax.jit(functools.partial(train_state.create_train_state, model, tx,
                                     input_shape=(28, 28, 1)),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -58,7 +61,7 @@ def _compiled_step(norm, batch_size: int, steps_per_epoch: int):
                                rng.integers(0, 10, batch_size).astype(np.int32),
                                np.ones(batch_size, bool))
   batch = input_pipeline.to_global(batch, NamedSharding(mesh, P("data")), batch_size)
-  step = train_lib.make_train_step(config, mesh, model, tx).lower(state, batch).compile()
+  step = steps.make_train_step(config, mesh, model, tx).lower(state, batch).compile()
   return step, state, batch
 
 

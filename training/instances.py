@@ -6,7 +6,7 @@ evaluations every fraction of an epoch; `Trainer` trains a group of
 that steps the instances one after the other (`lax.map`). Each instance has
 its own initialization (from its seed), its own data order
 (`input_pipeline.epoch_permutation(seed, epoch)`, as `train_lib`) and its own
-learning rate; the loss is `train_lib`'s mean softmax cross-entropy. The model
+learning rate; the loss is `steps`'s mean softmax cross-entropy. The model
 is a linen module called as `model(x, train=...)` (`training.models`); for the
 MNIST CNN use `conv=models.LoopConv`, the convolution for models stepped
 inside loops.

@@ -49,10 +49,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 
+from training import distributed
+from training import evaluation
 from training import hlo
 from training import input_pipeline
+from training import optimizers
+from training import run_config
+from training import steps as steps_lib
 from training import targets
-from training import train_lib
+from training import train_state
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 LOWERED_DIR = "lowered"
@@ -189,7 +194,7 @@ def _num_train_examples(config: ml_collections.ConfigDict) -> int:
   if config.num_train_examples:
     return config.num_train_examples
   try:
-    train_split = train_lib.split_names(config)[0]
+    train_split = run_config.split_names(config)[0]
     return _tfds_builder(config).info.splits[train_split].num_examples
   except (KeyError, ValueError):
     return config.batch_size
@@ -366,7 +371,7 @@ class _Programs(NamedTuple):
   """The jitted steps of a config with abstract arguments to export them with."""
   info: input_pipeline.DatasetInfo
   num_devices: int
-  state: train_lib.TrainState  # of jax.ShapeDtypeStruct, replicated
+  state: train_state.TrainState  # of jax.ShapeDtypeStruct, replicated
   train_batch: input_pipeline.Batch  # of jax.ShapeDtypeStruct, batch-sharded
   steps: dict[str, tuple[Any, tuple]]  # name -> (jitted step, its arguments)
 
@@ -377,36 +382,36 @@ def _build(config: ml_collections.ConfigDict, devices: list | None = None,
 
   Args:
     config: the run's config.
-    devices: the mesh's devices; None: `train_lib.create_mesh` over this
+    devices: the mesh's devices; None: `distributed.create_mesh` over this
       machine's (`config.num_devices`).
     norm: a linen normalization module class replacing the model's
       `jaxbn.linen.BatchNorm` (benchmarks compare flax's and none).
   """
-  mesh = (train_lib.create_mesh(config.num_devices) if devices is None
-          else train_lib.create_mesh(devices=devices))
-  train_lib.validate_config(config, mesh.devices.size)
+  mesh = (distributed.create_mesh(config.num_devices) if devices is None
+          else distributed.create_mesh(devices=devices))
+  run_config.validate_config(config, mesh.devices.size)
   info = dataset_info(config)
-  model = train_lib.create_model(config, info)
+  model = train_state.create_model(config, info)
   if norm is not None:
     model = model.clone(norm=norm)
   steps_per_epoch = input_pipeline.steps_per_epoch(_num_train_examples(config),
                                                    config.batch_size)
-  tx = train_lib.create_optimizer(config, max(steps_per_epoch, 1))
+  tx = optimizers.create_optimizer(config, max(steps_per_epoch, 1))
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(train_lib.AXIS))
+  batch_sharding = NamedSharding(mesh, P(distributed.AXIS))
   state = _abstract(jax.eval_shape(functools.partial(
-      train_lib.create_train_state, model, tx, input_shape=info.image_shape),
+      train_state.create_train_state, model, tx, input_shape=info.image_shape),
       jax.random.key(0)), replicated)
   train_batch = abstract_batch(config.batch_size, info.image_shape, batch_sharding)
   eval_batch = abstract_batch(
-      train_lib.eval_batch_rows(config.eval_batch_size, mesh.devices.size),
+      evaluation.eval_batch_rows(config.eval_batch_size, mesh.devices.size),
       info.image_shape, batch_sharding)
   steps = {
-      "train_step": (train_lib.make_train_step(config, mesh, model, tx),
+      "train_step": (steps_lib.make_train_step(config, mesh, model, tx),
                      (state, train_batch)),
-      "eval_step": (train_lib.make_eval_step(config, mesh, model),
+      "eval_step": (steps_lib.make_eval_step(config, mesh, model),
                     (state.params, state.bn_state,
-                     _abstract(jax.eval_shape(train_lib.zero_eval_sums), replicated),
+                     _abstract(jax.eval_shape(train_state.zero_eval_sums), replicated),
                      eval_batch)),
   }
   return _Programs(info, mesh.devices.size, state, train_batch, steps)

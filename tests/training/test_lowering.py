@@ -23,10 +23,13 @@ import numpy as np
 import pytest
 
 from tests.training import _train_utils as utils
+from training import distributed
 from training import input_pipeline
 from training import lowering
+from training import optimizers
+from training import steps
 from training import targets
-from training import train_lib
+from training import train_state
 
 ACCELERATORS = ("cuda", "tpu")
 
@@ -85,7 +88,7 @@ def check_lowered(result: lowering.Lowering, config, bn_state) -> None:
 def _batch_stats(config):
   """The shapes of the `batch_stats` of `config`'s model."""
   info = lowering.dataset_info(config)
-  model = train_lib.create_model(config, info)
+  model = train_state.create_model(config, info)
   return jax.eval_shape(lambda key: model.init(
       key, jnp.zeros((1,) + info.image_shape), train=False), jax.random.key(0))["batch_stats"]
 
@@ -161,13 +164,13 @@ def test_exported_cpu_train_step_runs_like_the_jitted_step(tmp_path):
   exported = lowering.deserialize_exported(
       tmp_path / "lowered" / "cpu" / "train_step.jax_exported", config)
 
-  mesh = train_lib.create_mesh(0)
+  mesh = distributed.create_mesh(0)
   info = lowering.dataset_info(config)
-  model = train_lib.create_model(config, info)
-  tx = train_lib.create_optimizer(config, 8)
+  model = train_state.create_model(config, info)
+  tx = optimizers.create_optimizer(config, 8)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(train_lib.AXIS))
-  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx,
+  batch_sharding = NamedSharding(mesh, P(distributed.AXIS))
+  state = jax.jit(functools.partial(train_state.create_train_state, model, tx,
                                     input_shape=info.image_shape),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -175,7 +178,7 @@ def test_exported_cpu_train_step_runs_like_the_jitted_step(tmp_path):
       rng.integers(0, 256, size=(64, 28, 28, 1), dtype=np.uint8),
       rng.integers(0, 10, size=64).astype(np.int32), np.ones(64, bool))
   batch = input_pipeline.to_global(batch, batch_sharding, 64)
-  expected = train_lib.make_train_step(config, mesh, model, tx)(
+  expected = steps.make_train_step(config, mesh, model, tx)(
       jax.tree.map(jnp.copy, state), batch)
   got = exported.call(state, batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),

@@ -20,9 +20,14 @@ import pytest
 
 from jaxbn import linen as jaxbn_linen
 from tests.training import _train_utils as utils
+from training import checkpoints
+from training import distributed
 from training import input_pipeline
 from training import resnet
+from training import run_config
+from training import steps
 from training import train_lib
+from training import train_state
 
 NUM_DEVICES = 8
 BATCH = 64
@@ -80,13 +85,13 @@ def _build(parallelism: str, grad_accum_steps: int):
   the step donates it) and the jitted train step (traced at its first call)."""
   config = utils.tiny_config(model="resnet20", batch_size=BATCH, parallelism=parallelism,
                              grad_accum_steps=grad_accum_steps)
-  train_lib.validate_config(config, NUM_DEVICES)
-  mesh = train_lib.create_mesh(NUM_DEVICES)
+  run_config.validate_config(config, NUM_DEVICES)
+  mesh = distributed.create_mesh(NUM_DEVICES)
   model, tx = _model(), _gradient_recorder()
-  init = jax.jit(functools.partial(train_lib.create_train_state, model, tx,
+  init = jax.jit(functools.partial(train_state.create_train_state, model, tx,
                                    input_shape=IMAGE_SHAPE),
                  out_shardings=NamedSharding(mesh, P()))
-  step = train_lib.make_train_step(config, mesh, model, tx, preprocessing=PREPROCESSING)
+  step = steps.make_train_step(config, mesh, model, tx, preprocessing=PREPROCESSING)
   sharding = NamedSharding(mesh, P("data"))
   return init, lambda state, batch: step(state, input_pipeline.to_global(batch, sharding,
                                                                           BATCH))
@@ -229,12 +234,12 @@ def test_gspmd_and_shard_map_accumulate_the_same_microbatches():
 
 def test_split_microbatches_takes_each_microbatch_from_every_device_block():
   batch = _batch()
-  split = jax.device_get(train_lib.split_microbatches(batch, ACCUM, NUM_DEVICES))
+  split = jax.device_get(steps.split_microbatches(batch, ACCUM, NUM_DEVICES))
   for j in range(ACCUM):
     np.testing.assert_array_equal(split.images[j], batch.images[_microbatch_rows(j)])
     np.testing.assert_array_equal(split.labels[j], batch.labels[_microbatch_rows(j)])
   # One block (shard_map's local view): consecutive rows.
-  local = jax.device_get(train_lib.split_microbatches(batch, ACCUM))
+  local = jax.device_get(steps.split_microbatches(batch, ACCUM))
   np.testing.assert_array_equal(local.labels.reshape(-1), batch.labels)
 
 
@@ -266,12 +271,12 @@ def test_nonfinite_microbatch_skips_the_whole_step(monkeypatch):
 def test_bad_grad_accum_configs_fail(overrides, message):
   config = utils.tiny_config(**{"model": "resnet20", **overrides})
   with pytest.raises(ValueError, match=message):
-    train_lib.validate_config(config, NUM_DEVICES)
+    run_config.validate_config(config, NUM_DEVICES)
 
 
 def test_grad_accum_steps_is_part_of_the_run_signature_only_above_one():
-  assert "grad_accum_steps" not in train_lib._run_signature(utils.tiny_config(), 8)
-  signature = train_lib._run_signature(utils.tiny_config(grad_accum_steps=2), 8)
+  assert "grad_accum_steps" not in checkpoints.run_signature(utils.tiny_config(), 8)
+  signature = checkpoints.run_signature(utils.tiny_config(grad_accum_steps=2), 8)
   assert signature["grad_accum_steps"] == 2
 
 

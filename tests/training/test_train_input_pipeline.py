@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests.training import _train_utils
+from training import distributed
 from training import fake_imagenet
 from training import input_pipeline
 from training import train_lib
@@ -100,7 +101,7 @@ def _tpu_topology_devices(name):
 @pytest.mark.parametrize("topology", ["v5e:4x4", "v5p:2x2x4", "v5p:4x4x4"])
 def test_every_process_of_a_tpu_pod_gets_its_devices_rows(topology):
   devices = _tpu_topology_devices(topology)
-  mesh = train_lib.create_mesh(devices=devices)
+  mesh = distributed.create_mesh(devices=devices)
   num_processes = len({d.process_index for d in devices})
   assert num_processes > 1
   order = [d.process_index for d in mesh.devices.flat]

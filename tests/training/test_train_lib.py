@@ -24,9 +24,18 @@ import pytest
 
 import jaxbn
 from tests.training import _train_utils as utils
+from training import checkpoints
+from training import distributed
+from training import evaluation
 from training import input_pipeline
 from training import models
+from training import monitoring
+from training import optimizers
+from training import run_config
+from training import steps
+from training import stopping
 from training import train_lib
+from training import train_state
 
 
 @functools.cache
@@ -62,7 +71,7 @@ def test_outputs_in_workdir(one_device_run):
   # The test split is evaluated after the last epoch only.
   assert "test_accuracy" not in records[0] and "val_accuracy" in records[0]
   # TensorBoard: step metrics every log_every_steps (2) and the epoch metrics.
-  tags = _tensorboard_scalars(workdir / train_lib.TENSORBOARD_DIR)
+  tags = _tensorboard_scalars(workdir / monitoring.TENSORBOARD_DIR)
   assert sorted(tags["train/loss"]) == list(range(2, 17, 2))
   np.testing.assert_allclose(list(tags["train/learning_rate"].values()), 0.003)
   assert sorted(tags["epoch/val_accuracy"]) == [8, 16]
@@ -74,7 +83,7 @@ def test_outputs_in_workdir(one_device_run):
   assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert json.loads((workdir / "config.json").read_text())["batch_size"] == 64
   # The epoch-end checkpoint holds the data position.
-  manager = train_lib.create_checkpoint_manager(workdir, utils.tiny_config())
+  manager = checkpoints.create_checkpoint_manager(workdir, utils.tiny_config())
   assert manager.latest_step() == 16
   progress = manager.restore(16, args=ocp.args.Composite(
       progress=ocp.args.JsonRestore())).progress
@@ -147,13 +156,13 @@ def test_resume_refuses_a_different_run(one_device_run, tmp_path):
 
 def _state_and_step(config, num_devices=8):
   train, info = _mnist_tiny()
-  mesh = train_lib.create_mesh(num_devices)
-  model = train_lib.create_model(config, info)
-  tx = train_lib.create_optimizer(config, 8)
-  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx,
+  mesh = distributed.create_mesh(num_devices)
+  model = train_state.create_model(config, info)
+  tx = optimizers.create_optimizer(config, 8)
+  state = jax.jit(functools.partial(train_state.create_train_state, model, tx,
                                     input_shape=info.image_shape),
                   out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
-  step = train_lib.make_train_step(config, mesh, model, tx)
+  step = steps.make_train_step(config, mesh, model, tx)
   batch = next(input_pipeline.train_batches(train, global_batch_size=config.batch_size,
                                             seed=0, epoch=0, rows=slice(None)))
   return state, step, batch, model, mesh
@@ -161,7 +170,7 @@ def _state_and_step(config, num_devices=8):
 
 def _normalized(batch, config):
   """The model input of `batch` (what the steps compute on the device)."""
-  return input_pipeline.normalize(batch.images, train_lib.dataset_preprocessing(config))
+  return input_pipeline.normalize(batch.images, steps.dataset_preprocessing(config))
 
 
 def _poison_inputs(monkeypatch, poison):
@@ -170,7 +179,7 @@ def _poison_inputs(monkeypatch, poison):
   The NaN enters where a corrupt input would, right after the on-device
   normalization, in the step function the training loop really runs.
   """
-  normalize, train_step = input_pipeline.normalize, train_lib.train_step
+  normalize, train_step = input_pipeline.normalize, steps.train_step
 
   def poisoned_train_step(state, batch, **kwargs):
     def poisoned_normalize(images, preprocessing):
@@ -180,7 +189,7 @@ def _poison_inputs(monkeypatch, poison):
       patch.setattr(input_pipeline, "normalize", poisoned_normalize)
       return train_step(state, batch, **kwargs)
 
-  monkeypatch.setattr(train_lib, "train_step", poisoned_train_step)
+  monkeypatch.setattr(steps, "train_step", poisoned_train_step)
 
 
 def _poison_steps(monkeypatch, steps):
@@ -199,8 +208,8 @@ def test_nonfinite_step_changes_nothing_but_the_counters(parallelism, monkeypatc
   before = jax.device_get(state)
   # A single NaN input pixel (per device under shard_map) poisons the step.
   _poison_inputs(monkeypatch, lambda state, images: images.at[3, 10, 10, 0].set(jnp.nan))
-  poisoned_step = train_lib.make_train_step(config, mesh, model,
-                                            train_lib.create_optimizer(config, 8))
+  poisoned_step = steps.make_train_step(config, mesh, model,
+                                        optimizers.create_optimizer(config, 8))
   after = jax.device_get(poisoned_step(state, batch))
   for name in ("params", "opt_state", "bn_state"):
     chex.assert_trees_all_equal(getattr(after, name), getattr(before, name))
@@ -219,7 +228,7 @@ def test_injected_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
   assert all(np.isfinite(value) for r in utils.compared(records) for value in r.values())
   assert final["train_accuracy"] > 0.5
   # Neither the saved state nor its running statistics took the NaN in.
-  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  manager = checkpoints.create_checkpoint_manager(tmp_path, config)
   saved = manager.restore(16, args=ocp.args.Composite(
       state=ocp.args.StandardRestore())).state
   manager.close()
@@ -233,7 +242,7 @@ def test_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     train_lib.train_and_evaluate(config, tmp_path)
   # It stopped at the first check after 4 poisoned steps in a row (steps 2-5;
   # checked every log_every_steps=2 steps), keeping the last checkpoint's state.
-  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  manager = checkpoints.create_checkpoint_manager(tmp_path, config)
   assert manager.latest_step() == 3
   saved = manager.restore(3, args=ocp.args.Composite(
       state=ocp.args.StandardRestore())).state
@@ -315,8 +324,8 @@ def test_unknown_dataset_fails_at_start(tmp_path):
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
 def test_optimizers_and_schedules(name, schedule):
   config = utils.tiny_config(optimizer=name, lr_schedule=schedule, learning_rate=0.1)
-  tx = train_lib.create_optimizer(config, steps_per_epoch=8)
-  lr = train_lib.create_learning_rate_schedule(config, 8)
+  tx = optimizers.create_optimizer(config, steps_per_epoch=8)
+  lr = optimizers.create_learning_rate_schedule(config, 8)
   params = grads = {"w": jnp.ones(3)}
   opt_state = tx.init(params)
   # The warm-up of 'cosine' starts at 0 (a zero update); the steps after it must
@@ -352,7 +361,7 @@ def test_half_precision_trains_with_float32_state():
 def test_nesterov_and_l2_weight_decay_of_kernels_before_momentum():
   config = utils.tiny_config(optimizer="momentum", nesterov=True, weight_decay=1e-2,
                              learning_rate=0.1)
-  tx = train_lib.create_optimizer(config, steps_per_epoch=8)
+  tx = optimizers.create_optimizer(config, steps_per_epoch=8)
   expected = optax.sgd(0.1, momentum=0.9, nesterov=True)
   params = {"kernel": jnp.array([[1.0, -2.0, 3.0]]), "bias": jnp.array([1.0, -2.0, 3.0])}
   grads = {"kernel": jnp.array([[0.5, 0.5, -1.0]]), "bias": jnp.array([0.5, 0.5, -1.0])}
@@ -364,7 +373,7 @@ def test_nesterov_and_l2_weight_decay_of_kernels_before_momentum():
     updates, state = tx.update(grads, state, params)
     expected_updates, expected_state = expected.update(decayed, expected_state, params)
     chex.assert_trees_all_close(updates, expected_updates, rtol=1e-6)
-  adamw = train_lib.create_optimizer(utils.tiny_config(weight_decay=0.1), 8)
+  adamw = optimizers.create_optimizer(utils.tiny_config(weight_decay=0.1), 8)
   updates, _ = adamw.update(grads, adamw.init(params), params)
   plain = optax.adam(0.003)
   plain_updates, _ = plain.update(grads, plain.init(params), params)
@@ -401,11 +410,11 @@ def test_precise_bn_recomputes_the_statistics_before_evaluation_and_saving(tmp_p
   assert precise_record["val_loss"] != ema_record["val_loss"]
   # The saved statistics are those of the first 3 batches of the epoch, pooled.
   train, info = _mnist_tiny()
-  model = train_lib.create_model(config, info)
+  model = train_state.create_model(config, info)
   abstract = jax.eval_shape(functools.partial(
-      train_lib.create_train_state, model, train_lib.create_optimizer(config, 8),
+      train_state.create_train_state, model, optimizers.create_optimizer(config, 8),
       input_shape=info.image_shape), jax.random.key(0))
-  manager = train_lib.create_checkpoint_manager(tmp_path / "precise", config)
+  manager = checkpoints.create_checkpoint_manager(tmp_path / "precise", config)
   saved = manager.restore(8, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract))).state
   manager.close()
@@ -426,9 +435,9 @@ def test_checkpoints_with_jaxbn_batch_norm_states_restore(tmp_path):
   # The MNIST models' checkpoints from before they were linen modules: a
   # jaxbn.BatchNormParams / BatchNormState per BN layer, with an update count.
   config = utils.tiny_config(num_devices=1)
-  model = train_lib.create_model(config, _mnist_tiny()[1])
+  model = train_state.create_model(config, _mnist_tiny()[1])
   state = jax.jit(functools.partial(
-      train_lib.create_train_state, model, train_lib.create_optimizer(config, 8),
+      train_state.create_train_state, model, optimizers.create_optimizer(config, 8),
       input_shape=(28, 28, 1)))(jax.random.key(0))
   state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.5, state.bn_state))
 
@@ -442,16 +451,16 @@ def test_checkpoints_with_jaxbn_batch_norm_states_restore(tmp_path):
                              state.opt_state, is_leaf=lambda node: isinstance(node, dict)),
       bn_state={name: jaxbn.BatchNormState(layer["mean"], layer["var"], jnp.int32(7))
                 for name, layer in state.bn_state.items()})
-  manager = train_lib.create_checkpoint_manager(tmp_path, config)
-  train_lib.save_checkpoint(manager, old, {"step": 3})
+  manager = checkpoints.create_checkpoint_manager(tmp_path, config)
+  checkpoints.save_checkpoint(manager, old, {"step": 3})
   manager.wait_until_finished()
-  restored, progress = train_lib.restore_checkpoint(manager, jax.eval_shape(lambda: state))
+  restored, progress = checkpoints.restore_checkpoint(manager, jax.eval_shape(lambda: state))
   manager.close()
   assert progress == {"step": 3}
   chex.assert_trees_all_equal(restored, state)
 
 
-class _SigtermAtSecondCheck(train_lib._StopRequest):
+class _SigtermAtSecondCheck(stopping.StopRequest):
   """Delivers a real SIGTERM to this process just before the second check."""
   checks = 0
 
@@ -465,14 +474,14 @@ class _SigtermAtSecondCheck(train_lib._StopRequest):
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_as_uninterrupted(
     one_device_run, tmp_path, monkeypatch):
   reference_dir, final = one_device_run
-  monkeypatch.setattr(train_lib, "_StopRequest", _SigtermAtSecondCheck)
+  monkeypatch.setattr(stopping, "StopRequest", _SigtermAtSecondCheck)
   previous_handler = signal.getsignal(signal.SIGTERM)
   config = utils.tiny_config(num_devices=1, preemption_check_every_steps=2)
-  with pytest.raises(train_lib.Preempted, match="checkpoint saved at step 4") as caught:
+  with pytest.raises(stopping.Preempted, match="checkpoint saved at step 4") as caught:
     train_lib.train_and_evaluate(config, tmp_path)
   assert caught.value.step == 4
   assert signal.getsignal(signal.SIGTERM) is previous_handler  # handler restored
-  manager = train_lib.create_checkpoint_manager(tmp_path, config)
+  manager = checkpoints.create_checkpoint_manager(tmp_path, config)
   assert manager.latest_step() == 4  # not a periodic step (every 3)
   manager.close()
   monkeypatch.undo()
@@ -497,8 +506,8 @@ def test_resnet_trains_under_shard_map_with_precise_bn(tmp_path):
 def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_size):
   # 1001 examples: an uneven last batch; eval batches that are not multiples of 8.
   model = models.MnistCNN()
-  state = train_lib.create_train_state(model, optax.sgd(0.1), jax.random.key(0),
-                                       input_shape=(28, 28, 1))
+  state = train_state.create_train_state(model, optax.sgd(0.1), jax.random.key(0),
+                                         input_shape=(28, 28, 1))
   # Non-trivial running statistics, so that the BN layers matter.
   state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.3, state.bn_state))
   rng = np.random.default_rng(0)
@@ -507,10 +516,10 @@ def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_si
   config = utils.tiny_config()
   results = {}
   for num_devices in (1, 8):
-    mesh = train_lib.create_mesh(num_devices)
-    eval_fn = train_lib.make_eval_step(config, mesh, model)
+    mesh = distributed.create_mesh(num_devices)
+    eval_fn = steps.make_eval_step(config, mesh, model)
     for chained in (False, True):
-      results[num_devices, chained] = train_lib.evaluate(
+      results[num_devices, chained] = evaluation.evaluate(
           eval_fn, state, split, global_batch_size=eval_batch_size, mesh=mesh,
           chained=chained)
   logits = model.apply({"params": state.params, "batch_stats": state.bn_state},
@@ -529,8 +538,8 @@ def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_si
 @pytest.mark.parametrize("config_name", ["mnist_bn", "resnet_cifar", "resnet_imagenet"])
 def test_the_shipped_configs_are_valid_on_8_devices(config_name):
   config = importlib.import_module(f"configs.{config_name}").get_config()
-  train_lib.validate_config(config, 8)
-  assert train_lib.eval_batch_rows(config.eval_batch_size, 8) % 8 == 0
+  run_config.validate_config(config, 8)
+  assert evaluation.eval_batch_rows(config.eval_batch_size, 8) % 8 == 0
 
 
 _SRUN_STEP = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
@@ -550,6 +559,6 @@ _SRUN_STEP = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NT
     ({}, {"distributed": True}, True, "--distributed=True"),
 ])
 def test_multi_process_launch_is_detected_only_when_real(environ, flags, expected, reason):
-  initialize, why = train_lib.multi_process_launch(environ, **flags)
+  initialize, why = distributed.multi_process_launch(environ, **flags)
   assert initialize is expected
   assert reason in why
