@@ -20,6 +20,7 @@ import pytest
 
 from jaxbn import linen as jaxbn_linen
 from tests import _train_utils as utils
+from training import datasets
 from training import input_pipeline
 from training import resnet
 from training import train_lib
@@ -31,7 +32,7 @@ IMAGE_SHAPE = (8, 8, 3)
 
 
 # Pixels to model inputs: (pixel - 100) / 50 per channel.
-PREPROCESSING = input_pipeline.Preprocessing(mean=(100.0,), std=(50.0,))
+PREPROCESSING = datasets.Preprocessing(mean=(100.0,), std=(50.0,))
 
 
 @functools.cache

@@ -49,8 +49,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 
+from training import datasets
 from training import hlo
 from training import input_pipeline
+from training import prepare
 from training import targets
 from training import train_lib
 
@@ -138,45 +140,15 @@ def parse_platforms(text: str | Iterable[str]) -> tuple[str, ...]:
 
 # --- building the program from abstract values --------------------------------
 
-def _tfds_builder(config: ml_collections.ConfigDict):
-  # tfds' metadata needs neither the data nor TensorFlow.
-  import tensorflow_datasets as tfds
-  data_dir = config.data_dir or str(input_pipeline.default_data_dir())
-  try:
-    return tfds.builder(config.dataset, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f"unknown dataset {config.dataset!r}: expected a "
-                     "tensorflow-datasets image classification dataset.") from None
-
-
-# What `input_pipeline.load_dataset` gives the model when the config leaves
-# `image_size` / `num_classes` at 0: synthetic images are 32x32x3 of 10
-# classes, streamed datasets of variable-size JPEGs (imagenet2012) are cropped
-# to 224x224.
-
-
-def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
+def dataset_info(config: ml_collections.ConfigDict) -> datasets.DatasetInfo:
   """The model input's shape and classes for `config`, without reading any data.
 
   From the config's `image_size` / `num_classes` when set (and present), else
-  from tfds' metadata of `config.dataset`, as the input pipeline resolves them.
+  from tfds' metadata of `config.dataset` (`datasets.dataset_info`).
   """
-  image_size = config.get("image_size", 0)
-  num_classes = config.get("num_classes", 0)
-  if config.dataset == input_pipeline.SYNTHETIC:
-    side = image_size or input_pipeline.SYNTHETIC_DEFAULT_IMAGE_SIZE
-    return input_pipeline.DatasetInfo(
-        input_pipeline.SYNTHETIC, (side, side, 3),
-        num_classes or input_pipeline.SYNTHETIC_DEFAULT_NUM_CLASSES)
-  builder = _tfds_builder(config)
-  image_key, label_key = builder.info.supervised_keys
-  features = builder.info.features
-  shape = tuple(features[image_key].shape)
-  if None in shape[:2]:  # streamed and cropped to a square
-    side = image_size or input_pipeline.DEFAULT_STREAMED_IMAGE_SIZE
-    shape = (side, side, shape[-1] or 3)
-  return input_pipeline.DatasetInfo(config.dataset, shape,
-                                    num_classes or int(features[label_key].num_classes))
+  return datasets.dataset_info(config.dataset, data_dir=config.data_dir or None,
+                               image_size=config.get("image_size", 0),
+                               num_classes=config.get("num_classes", 0))
 
 
 def _num_train_examples(config: ml_collections.ConfigDict) -> int:
@@ -190,7 +162,8 @@ def _num_train_examples(config: ml_collections.ConfigDict) -> int:
     return config.num_train_examples
   try:
     train_split = train_lib.split_names(config)[0]
-    return _tfds_builder(config).info.splits[train_split].num_examples
+    builder = prepare.tfds_builder(config.dataset, config.data_dir or None, tensorflow=False)
+    return builder.info.splits[train_split].num_examples
   except (KeyError, ValueError):
     return config.batch_size
 
@@ -364,7 +337,7 @@ def format_collectives(found: Iterable[Collective]) -> str:
 
 class _Programs(NamedTuple):
   """The jitted steps of a config with abstract arguments to export them with."""
-  info: input_pipeline.DatasetInfo
+  info: datasets.DatasetInfo
   num_devices: int
   state: train_lib.TrainState  # of jax.ShapeDtypeStruct, replicated
   train_batch: input_pipeline.Batch  # of jax.ShapeDtypeStruct, batch-sharded

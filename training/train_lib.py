@@ -65,9 +65,11 @@ import orbax.checkpoint as ocp
 
 import jaxbn
 
+from training import datasets
 from training import files
 from training import input_pipeline
 from training import models
+from training import prepare
 from training import resnet
 
 AXIS = "data"
@@ -282,7 +284,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def create_model(config: ml_collections.ConfigDict,
-                 info: input_pipeline.DatasetInfo) -> nn.Module:
+                 info: datasets.DatasetInfo) -> nn.Module:
   return models.create_model(
       config.model, num_classes=info.num_classes,
       use_bn=config.use_bn, bias_before_bn=config.bias_before_bn,
@@ -347,7 +349,7 @@ def _all_finite(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *,
                model: nn.Module, tx: optax.GradientTransformation,
-               preprocessing: input_pipeline.Preprocessing,
+               preprocessing: datasets.Preprocessing,
                compute_dtype=jnp.float32, axis_name: str | None = None,
                bn_axis_index_groups=None, label_smoothing: float = 0.0,
                grad_accum_steps: int = 1, batch_shards: int = 1) -> TrainState:
@@ -555,7 +557,7 @@ def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch
 
 
 def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
-              model: nn.Module, preprocessing: input_pipeline.Preprocessing,
+              model: nn.Module, preprocessing: datasets.Preprocessing,
               compute_dtype=jnp.float32) -> EvalSums:
   """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
 
@@ -579,15 +581,15 @@ def zero_eval_sums() -> EvalSums:
                   jnp.zeros((), jnp.int32))
 
 
-def dataset_preprocessing(config: ml_collections.ConfigDict) -> input_pipeline.Preprocessing:
+def dataset_preprocessing(config: ml_collections.ConfigDict) -> datasets.Preprocessing:
   """The normalization of `config.dataset`'s images (what `load_dataset` gives its splits)."""
-  mean, std = input_pipeline.pixel_statistics(config.dataset)
-  return input_pipeline.Preprocessing(mean=mean, std=std)
+  mean, std = datasets.pixel_statistics(config.dataset)
+  return datasets.Preprocessing(mean=mean, std=std)
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     model: nn.Module, tx: optax.GradientTransformation, *,
-                    preprocessing: input_pipeline.Preprocessing | None = None):
+                    preprocessing: datasets.Preprocessing | None = None):
   """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`.
 
   `preprocessing` normalizes the uint8 batches on the device; default
@@ -626,7 +628,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    model: nn.Module, *,
-                   preprocessing: input_pipeline.Preprocessing | None = None):
+                   preprocessing: datasets.Preprocessing | None = None):
   """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`).
 
   `preprocessing`: as `make_train_step`'s.
@@ -647,10 +649,10 @@ def eval_batch_rows(eval_batch_size: int, num_devices: int) -> int:
   return -(-eval_batch_size // num_devices) * num_devices
 
 
-def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
-             global_batch_size: int, mesh: jax.sharding.Mesh,
-             chained: bool | None = None, heartbeat=None,
-             num_workers: int = 0) -> dict[str, float]:
+def evaluate(eval_fn, state: TrainState, split: datasets.Source, *,
+       global_batch_size: int, mesh: jax.sharding.Mesh,
+       chained: bool | None = None, heartbeat=None,
+       num_workers: int = 0) -> dict[str, float]:
   """Loss and accuracy of the running-statistics model over a whole split.
 
   With several processes each batch's program starts only when the one before
@@ -1102,7 +1104,7 @@ class SummaryWriter:
 
   def _write(self, logdir: str) -> None:
     try:
-      tf, _ = input_pipeline._import_tf()
+      tf, _ = prepare.import_tf()
       from tensorflow.core.framework import summary_pb2
       writer = tf.summary.create_file_writer(logdir)
       metadata = summary_pb2.SummaryMetadata(
@@ -1134,9 +1136,9 @@ class _Run(NamedTuple):
   config: ml_collections.ConfigDict
   workdir: epath.Path
   mesh: jax.sharding.Mesh
-  train: input_pipeline.Source
-  validation: input_pipeline.Source
-  test: input_pipeline.Source
+  train: datasets.Source
+  validation: datasets.Source
+  test: datasets.Source
   steps_per_epoch: int
   rows: input_pipeline.Rows  # this process's rows of every global training batch
   manager: ocp.CheckpointManager
@@ -1280,12 +1282,12 @@ def _format_record(record: dict, num_epochs: int) -> str:
 def split_names(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
   """The (train, validation, test) tfds split strings of `config`.
 
-  A '' split field takes the dataset's default (`input_pipeline.default_splits`).
+  A '' split field takes the dataset's default (`datasets.default_splits`).
   """
   names = (config.train_split, config.validation_split, config.test_split)
   if all(names):
     return names
-  defaults = input_pipeline.default_splits(config.dataset)
+  defaults = datasets.default_splits(config.dataset)
   return tuple(name or default for name, default in zip(names, defaults))
 
 
@@ -1307,15 +1309,15 @@ def _microbatches_note(config: ml_collections.ConfigDict, num_devices: int) -> s
 def _load_splits(config: ml_collections.ConfigDict):
   """(train, validation, test, info) of `config`'s dataset."""
   names = split_names(config)
-  splits, info = input_pipeline.load_dataset(
-      config.dataset, names, data_dir=config.data_dir or None,
-      manual_dir=config.manual_dir or None, augmentation=config.augmentation,
-      image_size=config.image_size, num_classes=config.num_classes)
+  splits, info = datasets.load_dataset(
+config.dataset, names, data_dir=config.data_dir or None,
+manual_dir=config.manual_dir or None, augmentation=config.augmentation,
+image_size=config.image_size, num_classes=config.num_classes)
   train, validation, test = (splits[name] for name in names)
-  return (input_pipeline.take(train, config.num_train_examples),
-          input_pipeline.take(validation, config.num_eval_examples),
-          input_pipeline.take(test, config.num_eval_examples),
-          info)
+  return (train.take(config.num_train_examples),
+          validation.take(config.num_eval_examples),
+          test.take(config.num_eval_examples),
+info)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
@@ -1343,7 +1345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = create_mesh(config.num_devices)
   validate_config(config, mesh.devices.size)
   train, validation, test, info = _load_splits(config)
-  num_train = input_pipeline.count_examples(train)
+  num_train = train.num_examples
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"Bad config: batch_size={config.batch_size} is larger than the "
@@ -1391,8 +1393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
               f"batch {progress['batch_in_epoch']}) in {workdir}.")
     run.log(models.format_parameter_table(models.parameter_table(model, info.image_shape)))
     run.log(f"{config.dataset}: {num_train} train / "
-            f"{input_pipeline.count_examples(validation)} val / "
-            f"{input_pipeline.count_examples(test)} test examples; "
+            f"{validation.num_examples} val / "
+            f"{test.num_examples} test examples; "
             f"{jax.process_count()} process(es), "
             f"{mesh.devices.size} device(s), parallelism={config.parallelism}, global "
             f"batch {config.batch_size}{_microbatches_note(config, mesh.devices.size)}, "
