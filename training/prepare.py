@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import itertools
 import os
 import pathlib
 import shutil
@@ -26,6 +27,8 @@ import jax
 from training import files
 
 T = TypeVar("T")
+PREPARE_TIMEOUT_S = 48 * 3600  # how long the other processes wait for process 0's preparation
+_BARRIERS = itertools.count()  # barrier names are used once; processes count alike
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Datasets that tfds cannot download: the files the user puts in manual_dir.
@@ -194,13 +197,19 @@ def ensure_prepared(builder, dataset: str, data_dir: pathlib.Path,
 
 
 def _barrier(name: str) -> None:
-  from jax.experimental import multihost_utils
-  multihost_utils.sync_global_devices(name)
+  """Waits at the coordination service's barrier `name` until every process reached it.
+
+  Not a device collective (`multihost_utils.sync_global_devices`): gloo's and
+  NCCL's connection timeouts end a wait far shorter than a preparation.
+  """
+  import orbax.checkpoint as ocp
+  ocp.multihost.get_barrier_sync_fn()(key=f"{name} #{next(_BARRIERS)}",
+                                      timeout_ms=PREPARE_TIMEOUT_S * 1000)
 
 
 def once_per_job(load: Callable[[], T], name: str, *, process_index: int | None = None,
-                  process_count: int | None = None,
-                  barrier: Callable[[str], None] = _barrier) -> T:
+                 process_count: int | None = None,
+                 barrier: Callable[[str], None] | None = None) -> T:
   """`load()` on process 0 first, then on the others: a dataset prepared once per job.
 
   Process 0 prepares what `load` needs (tfds' download_and_prepare, the numpy
@@ -214,7 +223,8 @@ def once_per_job(load: Callable[[], T], name: str, *, process_index: int | None 
     name: the barrier's name, the same in every process.
     process_index: default `jax.process_index()`.
     process_count: default `jax.process_count()`.
-    barrier: waits until every process reached it.
+    barrier: waits until every process reached it; default the distributed
+      runtime's barrier (at most `PREPARE_TIMEOUT_S`).
 
   Returns:
     What `load()` returned in this process.
@@ -224,5 +234,5 @@ def once_per_job(load: Callable[[], T], name: str, *, process_index: int | None 
   if process_count == 1:
     return load()
   result = load() if process_index == 0 else None
-  barrier(name)
+  (barrier or _barrier)(name)
   return result if process_index == 0 else load()
