@@ -24,7 +24,7 @@ variant, per device per step:
   normalization and dx fuse into the neighbouring elementwise passes);
 * all-reduces and their bytes, and how many more than without norm per BN layer;
 * temp and peak memory (`memory_analysis()`), flops (TPU: the compiler's; GPU:
-  convolutions and matmuls of the traced step, `lowering.matmul_flops`), and
+  convolutions and matmuls of the traced step, `compiling.matmul_flops`), and
   a roofline ESTIMATE of the step time and images/s: max(bytes / HBM
   bandwidth, flops / peak) from public datasheet numbers (`training.targets.TARGETS`). Not a timing.
 
@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import _harness  # noqa: E402
 from jaxbn import linen as jaxbn_linen  # noqa: E402
 from training import hlo  # noqa: E402
+from training import compiling  # noqa: E402
 from training import lowering  # noqa: E402
 from training import resnet  # noqa: E402
 from training import targets  # noqa: E402
@@ -111,8 +112,8 @@ def measure(spec: targets.TargetSpec, model: str, dtype: str, parallelism: str,
   rows = []
   for norm in norms:
     start = time.perf_counter()
-    (program,) = lowering.compile_config(config, spec, norm=NORMS[norm],
-                                         programs=("train_step",))
+    (program,) = compiling.compile_config(config, spec, norm=NORMS[norm],
+                                          programs=("train_step",))
     all_reduces = [c for c in program.collectives if c.op == "all-reduce"]
     rows.append({
         "target": spec.label, "model": model, "dtype": dtype, "parallelism": parallelism,
@@ -190,7 +191,7 @@ def main(argv=None) -> list[dict]:
                           args.per_device_batch)
   print()
   print(table(rows))
-  print(f"\nBytes: TPU: the compiler's bytes accessed; GPU: {lowering.ENTRY_BYTES_METHOD}. "
+  print(f"\nBytes: TPU: the compiler's bytes accessed; GPU: {compiling.ENTRY_BYTES_METHOD}. "
         f"Floor: {FLOOR_PASSES} passes over the BN layers' activations. Step time and "
         "images/s: roofline estimates (max of bytes / HBM bandwidth, flops / peak), not "
         "timings.")
