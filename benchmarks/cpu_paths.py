@@ -40,8 +40,8 @@ from training import train_lib  # noqa: E402
 def _random_split(num_examples: int) -> datasets.Split:
   rng = np.random.default_rng(0)
   return datasets.Split(
-rng.integers(0, 256, (num_examples, 28, 28, 1)).astype(np.uint8),
-rng.integers(0, 10, num_examples).astype(np.int32))
+      rng.integers(0, 256, (num_examples, 28, 28, 1)).astype(np.uint8),
+      rng.integers(0, 10, num_examples).astype(np.int32))
 
 
 def eval_images_per_sec(batch_sizes, num_examples: int, repeats: int

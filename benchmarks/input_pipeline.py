@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         pathlib.Path(tmp) / "manual", train_per_class=per_class, num_validation=1,
         train_sizes=lambda i: (375, 500))
     imagenet, _ = datasets.load_dataset(
-  "imagenet2012", ["train"], data_dir=pathlib.Path(tmp) / "tfds",
-  manual_dir=pathlib.Path(tmp) / "manual")
+        "imagenet2012", ["train"], data_dir=pathlib.Path(tmp) / "tfds",
+        manual_dir=pathlib.Path(tmp) / "manual")
     rows.append((imagenet_name, imagenet["train"], True))
     print(f"batch {args.batch_size}, {args.num_batches} batches after the first; "
           f"{input_pipeline.host_cores()} host cores\n")

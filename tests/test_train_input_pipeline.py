@@ -208,7 +208,7 @@ def cifar10(tmp_path_factory):
   """cifar10 through its tfds builder with tfds' mock examples (offline)."""
   with tfds.testing.mock_data(num_examples=24):
     return datasets.load_dataset(
-  "cifar10", [TRAIN, TEST], data_dir=tmp_path_factory.mktemp("tfds"))
+        "cifar10", [TRAIN, TEST], data_dir=tmp_path_factory.mktemp("tfds"))
 
 
 def test_cifar_splits_in_memory_with_cifar_augmentation(cifar10):
@@ -431,8 +431,8 @@ def test_imagenet_eval_is_the_resized_center_crop(imagenet):
 
 def test_synthetic_needs_no_files_and_is_deterministic():
   splits, info = datasets.load_dataset(
-"synthetic", ["train[:100]", "validation", "test[:5]"], image_size=12,
-num_classes=7, data_dir="/nonexistent")
+      "synthetic", ["train[:100]", "validation", "test[:5]"], image_size=12,
+      num_classes=7, data_dir="/nonexistent")
   assert info == datasets.DatasetInfo("synthetic", (12, 12, 3), 7)
   train = splits["train[:100]"]
   assert train.images.shape == (100, 12, 12, 3) and train.images.dtype == np.uint8

@@ -14,8 +14,8 @@ from training import models
 def _split(num_examples=64):
   rng = np.random.default_rng(0)
   return datasets.Split(
-rng.integers(0, 256, (num_examples, 8, 8, 1)).astype(np.uint8),
-rng.integers(0, 10, num_examples).astype(np.int32))
+      rng.integers(0, 256, (num_examples, 8, 8, 1)).astype(np.uint8),
+      rng.integers(0, 10, num_examples).astype(np.int32))
 
 
 def _trainer(split):

@@ -187,8 +187,8 @@ class Trainer:
     return jax.lax.map(batch_correct, (images, labels)).sum(0)
 
   def accuracy(self, carry: Carry, split: datasets.Split, *,
-         batch_size: int | None = None,
-         training: bool = False, state=None) -> np.ndarray:
+               batch_size: int | None = None,
+               training: bool = False, state=None) -> np.ndarray:
     """Accuracy `(num_instances,)` on `split`.
 
     Args:

@@ -650,9 +650,9 @@ def eval_batch_rows(eval_batch_size: int, num_devices: int) -> int:
 
 
 def evaluate(eval_fn, state: TrainState, split: datasets.Source, *,
-       global_batch_size: int, mesh: jax.sharding.Mesh,
-       chained: bool | None = None, heartbeat=None,
-       num_workers: int = 0) -> dict[str, float]:
+             global_batch_size: int, mesh: jax.sharding.Mesh,
+             chained: bool | None = None, heartbeat=None,
+             num_workers: int = 0) -> dict[str, float]:
   """Loss and accuracy of the running-statistics model over a whole split.
 
   With several processes each batch's program starts only when the one before
@@ -1310,14 +1310,14 @@ def _load_splits(config: ml_collections.ConfigDict):
   """(train, validation, test, info) of `config`'s dataset."""
   names = split_names(config)
   splits, info = datasets.load_dataset(
-config.dataset, names, data_dir=config.data_dir or None,
-manual_dir=config.manual_dir or None, augmentation=config.augmentation,
-image_size=config.image_size, num_classes=config.num_classes)
+      config.dataset, names, data_dir=config.data_dir or None,
+      manual_dir=config.manual_dir or None, augmentation=config.augmentation,
+      image_size=config.image_size, num_classes=config.num_classes)
   train, validation, test = (splits[name] for name in names)
   return (train.take(config.num_train_examples),
           validation.take(config.num_eval_examples),
           test.take(config.num_eval_examples),
-info)
+          info)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
