@@ -8,7 +8,7 @@ Examples:
   # (files in <workdir>/lowered/; training.lowering):
   python train.py --lower_for=cuda,tpu --workdir=/tmp/lowered_cnn
   # Compile them for GPUs and TPUs without one and say whether the run fits
-  # (memory, estimated step time; training.lowering, needs the compile extra):
+  # (memory, estimated step time; training.compiling, needs the compile extra):
   python train.py --config=configs/resnet_imagenet.py --compile_for=h100:8,tpu-v5e:2x4
   # Two processes (e.g. two hosts), JAX's multi-process runtime:
   python train.py --coordinator_address=HOST:1234 --num_processes=2 --process_id=0
@@ -115,11 +115,11 @@ def _compile_for() -> int:
   targets.prepare_environment()
   import jax
   jax.config.update("jax_platforms", "cpu")  # no local accelerator is looked for
-  from training import lowering
+  from training import compiling
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", pathlib.Path(config_path).stem)
-  result = lowering.compile_for_targets(_CONFIG.value, workdir, _COMPILE_FOR.value,
-                                        fit_batch=_COMPILE_FIT_BATCH.value)
+  result = compiling.compile_for_targets(_CONFIG.value, workdir, _COMPILE_FOR.value,
+                                         fit_batch=_COMPILE_FIT_BATCH.value)
   print(result.summary, flush=True)
   return 0 if result.fits else 1
 

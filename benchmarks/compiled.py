@@ -25,7 +25,7 @@ variant, per device per step:
   normalization and dx fuse into the neighbouring elementwise passes);
 * all-reduces and their bytes, and how many more than without norm per BN layer;
 * temp and peak memory (`memory_analysis()`), flops (TPU: the compiler's; GPU:
-  convolutions and matmuls of the traced step, `lowering.matmul_flops`), and
+  convolutions and matmuls of the traced step, `compiling.matmul_flops`), and
   a roofline ESTIMATE of the step time and images/s: max(bytes / HBM
   bandwidth, flops / peak) from public datasheet numbers (`training.targets.TARGETS`). Not a timing.
 
@@ -63,6 +63,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from training import hlo  # noqa: E402
+from training import compiling  # noqa: E402
 from training import lowering  # noqa: E402
 from training import resnet  # noqa: E402
 from training import targets  # noqa: E402
@@ -124,8 +125,8 @@ def measure(spec: targets.TargetSpec, model: str, dtype: str, parallelism: str,
   rows = []
   for norm in norms:
     start = time.perf_counter()
-    (program,) = lowering.compile_config(config, spec, norm=NORMS[norm],
-                                         programs=("train_step",))
+    (program,) = compiling.compile_config(config, spec, norm=NORMS[norm],
+                                          programs=("train_step",))
     all_reduces = [c for c in program.collectives if c.op == "all-reduce"]
     rows.append({
         "target": spec.label, "model": model, "dtype": dtype, "parallelism": parallelism,
@@ -256,7 +257,7 @@ def measure_blocks(spec: targets.TargetSpec, size: int, features: int, dtype: st
                                * jnp.dtype(compute_dtype).itemsize,
         "kernels": len(hlo.kernels(text)), "bytes": nbytes,
         "bytes_method": ("compiler bytes accessed" if "bytes accessed" in cost
-                         else lowering.ENTRY_BYTES_METHOD),
+                         else compiling.ENTRY_BYTES_METHOD),
         "entry_bytes": hlo.entry_bytes(text), "estimated_cycles": hlo.estimated_cycles(text),
         "async_copy_bytes": hlo.async_copy_bytes(text),
         "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
@@ -352,7 +353,7 @@ def main(argv=None) -> list[dict]:
     print()
     print(block_table(rows))
     print("\nBytes: TPU: the compiler's bytes accessed; GPU: "
-          f"{lowering.ENTRY_BYTES_METHOD}. Est. cycles: the sum of the TPU compiler's "
+          f"{compiling.ENTRY_BYTES_METHOD}. Est. cycles: the sum of the TPU compiler's "
           "per-kernel estimated_cycles. Compiler counts, not timings.")
     if args.json:
       with open(args.json, "w") as f:
@@ -371,7 +372,7 @@ def main(argv=None) -> list[dict]:
   print(table(rows))
   print()
   print(breakdown_table(rows))
-  print(f"\nBytes: TPU: the compiler's bytes accessed; GPU: {lowering.ENTRY_BYTES_METHOD}. "
+  print(f"\nBytes: TPU: the compiler's bytes accessed; GPU: {compiling.ENTRY_BYTES_METHOD}. "
         f"Floor: {FLOOR_PASSES} passes over the BN layers' activations. Step time and "
         "images/s: roofline estimates (max of bytes / HBM bandwidth, flops / peak), not "
         "timings.")

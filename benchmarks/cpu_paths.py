@@ -31,9 +31,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_bn  # noqa: E402
+from training import datasets  # noqa: E402
 from training import distributed  # noqa: E402
 from training import evaluation  # noqa: E402
-from training import input_pipeline  # noqa: E402
 from training import instances  # noqa: E402
 from training import models  # noqa: E402
 from training import optimizers  # noqa: E402
@@ -41,9 +41,9 @@ from training import steps  # noqa: E402
 from training import train_state  # noqa: E402
 
 
-def _random_split(num_examples: int) -> input_pipeline.Split:
+def _random_split(num_examples: int) -> datasets.Split:
   rng = np.random.default_rng(0)
-  return input_pipeline.Split(
+  return datasets.Split(
       rng.integers(0, 256, (num_examples, 28, 28, 1)).astype(np.uint8),
       rng.integers(0, 10, num_examples).astype(np.int32))
 

@@ -40,6 +40,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from training import datasets  # noqa: E402
 from training import fake_imagenet  # noqa: E402
 from training import input_pipeline  # noqa: E402
 
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> None:
   workers = [int(n) for n in args.workers.split(",")]
   needed = (args.num_batches + 1) * args.batch_size
   rows = []
-  mnist, _ = input_pipeline.load_dataset("mnist", ["train[:50000]"])
+  mnist, _ = datasets.load_dataset("mnist", ["train[:50000]"])
   rows.append(("mnist (in memory, none)", mnist["train[:50000]"], False))
-  synthetic, _ = input_pipeline.load_dataset("synthetic", ["train"], image_size=32,
-                                             augmentation="cifar")
+  synthetic, _ = datasets.load_dataset("synthetic", ["train"], image_size=32,
+                                       augmentation="cifar")
   rows.append(("synthetic 32x32x3 (in memory, cifar)", synthetic["train"], True))
   imagenet_name = "imagenet2012 fake 375x500 JPEGs (streamed, imagenet 224)"
   per_core = {}
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     fake_imagenet.write_fake_imagenet(
         pathlib.Path(tmp) / "manual", train_per_class=per_class, num_validation=1,
         train_sizes=lambda i: (375, 500))
-    imagenet, _ = input_pipeline.load_dataset(
+    imagenet, _ = datasets.load_dataset(
         "imagenet2012", ["train"], data_dir=pathlib.Path(tmp) / "tfds",
         manual_dir=pathlib.Path(tmp) / "manual")
     rows.append((imagenet_name, imagenet["train"], True))

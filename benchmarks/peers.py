@@ -102,13 +102,13 @@ RESULT_PREFIX = "PEER_RESULT "
 def load_mnist(num_train: int = 0, num_eval: int = 0):
   """(train, validation, test) `Split`s as train.py reads them (uint8 NHWC)."""
   from configs import mnist_bn
-  from training import input_pipeline
+  from training import datasets
   from training import run_config
   config = mnist_bn.get_config()
   names = run_config.split_names(config)
-  splits, _ = input_pipeline.load_dataset(config.dataset, names)
+  splits, _ = datasets.load_dataset(config.dataset, names)
   counts = (num_train, num_eval, num_eval)
-  return tuple(input_pipeline.take(splits[name], n) for name, n in zip(names, counts))
+  return tuple(splits[name].take(n) for name, n in zip(names, counts))
 
 
 def warmup_steps(steps_per_epoch: int) -> int:

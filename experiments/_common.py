@@ -22,7 +22,7 @@ import numpy as np
 from training import files
 
 # TensorFlow (tfds) must not spam logs. It leaves accelerators to JAX
-# (training.input_pipeline hides GPUs from TensorFlow only; an environment
+# (training.prepare hides GPUs from TensorFlow only; an environment
 # variable such as CUDA_VISIBLE_DEVICES would hide them from JAX as well).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -14,17 +14,17 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from training import input_pipeline
+from training import datasets
 from training import instances
 
-TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT = "train[:50000]", "train[50000:]", "test"
+TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT = datasets.default_splits("mnist")
 
 
 class Data(NamedTuple):
   """Splits in memory: uint8 images `(n, 28, 28, 1)`, int32 labels `(n,)`."""
-  train: input_pipeline.Split
-  validation: input_pipeline.Split
-  test: input_pipeline.Split
+  train: datasets.Split
+  validation: datasets.Split
+  test: datasets.Split
 
 
 def load_mnist(*, quick: bool = False, train_examples: int = 0) -> Data:
@@ -35,16 +35,13 @@ def load_mnist(*, quick: bool = False, train_examples: int = 0) -> Data:
     train_examples: if > 0, use only the first `train_examples` training
       examples.
   """
-  arrays, _ = input_pipeline.load_dataset("mnist", [TRAIN_SPLIT, VALIDATION_SPLIT,
-                                                    TEST_SPLIT])
+  arrays, _ = datasets.load_dataset("mnist", [TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT])
   train, validation, test = (arrays[s] for s in (TRAIN_SPLIT, VALIDATION_SPLIT,
                                                  TEST_SPLIT))
   if quick:
-    train, validation, test = (input_pipeline.take(train, 2048),
-                               input_pipeline.take(validation, 512),
-                               input_pipeline.take(test, 512))
+    train, validation, test = train.take(2048), validation.take(512), test.take(512)
   if train_examples:
-    train = input_pipeline.take(train, train_examples)
+    train = train.take(train_examples)
   return Data(train, validation, test)
 
 

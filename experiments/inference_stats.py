@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import jaxbn
 from experiments import _common
 from experiments import _mnist
-from training import input_pipeline
 from training import instances
 from training import models
 
@@ -121,7 +120,7 @@ def run(args) -> dict:
   if args.quick:  # fewer sizes: each one is a compilation
     args.steps, args.test_examples, args.checkpoints = 10, 400, [5]
     running_batch_sizes, batch_stat_sizes = (1, 100), (1, 2, 100)
-  test = input_pipeline.take(data.test, args.test_examples)
+  test = data.test.take(args.test_examples)
   model = models.create_model("cnn", num_classes=10, norm=MultiStatBatchNorm,
                               conv=models.LoopConv)
   trainer = instances.Trainer(model, "adam", data.train, args.batch_size)
@@ -159,7 +158,7 @@ def run(args) -> dict:
 
   # Running statistics: the inference batch size must not matter (default variant).
   default = variant_state(VARIANTS.index((0.99, False)), carry)
-  small = input_pipeline.take(test, min(len(test.labels), 1000))
+  small = test.take(min(len(test.labels), 1000))
   running_by_batch = {}
   for size in running_batch_sizes:
     accuracy = trainer.accuracy(carry, small, state=default, batch_size=size)

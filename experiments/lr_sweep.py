@@ -21,7 +21,6 @@ import numpy as np
 
 from experiments import _common
 from experiments import _mnist
-from training import input_pipeline
 from training import instances
 from training import models
 
@@ -49,7 +48,7 @@ def run(args) -> dict:
   data = _mnist.load_mnist(quick=args.quick)
   if args.quick:
     args.epochs, args.learning_rates, args.validation_examples = 0.25, [1e-3, 1.0], 256
-  validation = input_pipeline.take(data.validation, args.validation_examples)
+  validation = data.validation.take(args.validation_examples)
   learning_rates = list(args.learning_rates)
   lr_seeds = [(lr, seed) for lr in learning_rates for seed in args.seeds]
   cells = {}

@@ -35,7 +35,7 @@ INTRO = [
     "this project grew from; \"seed 000\" to \"seed 004\" below name them by their file "
     "numbers ([provenance](evidence.md)). \"Seed 0, 1, 2\" are random seeds.",
     "",
-    "Conventions: MNIST from tfds (`training.input_pipeline`), 50,000 training images "
+    "Conventions: MNIST from tfds (`training.datasets`), 50,000 training images "
     "(train[:50000]) and 10,000 validation images (train[50000:]) as in seed 003's "
     "Keras run; test = the 10,000 MNIST test images. Models from `training.models` "
     "(the Keras MNIST CNN with Keras' BN momentum 0.99 and epsilon 1e-3; the BN paper's "

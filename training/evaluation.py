@@ -8,6 +8,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from training import datasets
 from training import input_pipeline
 from training import stopping
 from training.distributed import AXIS
@@ -21,7 +22,7 @@ def eval_batch_rows(eval_batch_size: int, num_devices: int) -> int:
   return -(-eval_batch_size // num_devices) * num_devices
 
 
-def evaluate(eval_fn, state: TrainState, split: input_pipeline.Source, *,
+def evaluate(eval_fn, state: TrainState, split: datasets.Source, *,
              global_batch_size: int, mesh: jax.sharding.Mesh,
              chained: bool | None = None, heartbeat=None,
              num_workers: int = 0) -> dict[str, float]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from training import datasets
 from training import input_pipeline
 
 
@@ -72,7 +73,7 @@ class Trainer:
   """
 
   def __init__(self, model: nn.Module, optimizer: str,
-               train: input_pipeline.Split, batch_size: int, *,
+               train: datasets.Split, batch_size: int, *,
                pixel_scale: float = PIXEL_SCALE):
     self.model = model
     self.pixel_scale = pixel_scale
@@ -185,7 +186,7 @@ class Trainer:
       return jnp.sum(jnp.argmax(logits, -1) == batch_labels[None], axis=-1)
     return jax.lax.map(batch_correct, (images, labels)).sum(0)
 
-  def accuracy(self, carry: Carry, split: input_pipeline.Split, *,
+  def accuracy(self, carry: Carry, split: datasets.Split, *,
                batch_size: int | None = None,
                training: bool = False, state=None) -> np.ndarray:
     """Accuracy `(num_instances,)` on `split`.

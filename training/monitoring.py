@@ -10,7 +10,7 @@ import threading
 from etils import epath
 
 from training import files
-from training import input_pipeline
+from training import prepare
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -110,7 +110,7 @@ class SummaryWriter:
 
   def _write(self, logdir: str) -> None:
     try:
-      tf, _ = input_pipeline._import_tf()
+      tf, _ = prepare.import_tf()
       from tensorflow.core.framework import summary_pb2
       writer = tf.summary.create_file_writer(logdir)
       metadata = summary_pb2.SummaryMetadata(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from training import input_pipeline
+from training import datasets
 from training import models
 from training import optimizers
 from training import resnet
@@ -94,10 +94,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 def split_names(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
   """The (train, validation, test) tfds split strings of `config`.
 
-  A '' split field takes the dataset's default (`input_pipeline.default_splits`).
+  A '' split field takes the dataset's default (`datasets.default_splits`).
   """
   names = (config.train_split, config.validation_split, config.test_split)
   if all(names):
     return names
-  defaults = input_pipeline.default_splits(config.dataset)
+  defaults = datasets.default_splits(config.dataset)
   return tuple(name or default for name, default in zip(names, defaults))

@@ -34,6 +34,7 @@ import optax
 
 import jaxbn
 
+from training import datasets
 from training import input_pipeline
 from training.distributed import AXIS
 from training.train_state import EpochSums
@@ -49,7 +50,7 @@ def _all_finite(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *,
                model: nn.Module, tx: optax.GradientTransformation,
-               preprocessing: input_pipeline.Preprocessing,
+               preprocessing: datasets.Preprocessing,
                compute_dtype=jnp.float32, axis_name: str | None = None,
                bn_axis_index_groups=None, label_smoothing: float = 0.0,
                grad_accum_steps: int = 1, batch_shards: int = 1) -> TrainState:
@@ -257,7 +258,7 @@ def accumulate_microbatches(params, bn_state, microbatches: input_pipeline.Batch
 
 
 def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
-              model: nn.Module, preprocessing: input_pipeline.Preprocessing,
+              model: nn.Module, preprocessing: datasets.Preprocessing,
               compute_dtype=jnp.float32) -> EvalSums:
   """`sums` plus the loss and correct predictions over the batch's valid (mask) examples.
 
@@ -276,15 +277,15 @@ def eval_step(params, bn_state, sums: EvalSums, batch: input_pipeline.Batch, *,
                   examples=sums.examples + jnp.sum(batch.mask, dtype=jnp.int32))
 
 
-def dataset_preprocessing(config: ml_collections.ConfigDict) -> input_pipeline.Preprocessing:
+def dataset_preprocessing(config: ml_collections.ConfigDict) -> datasets.Preprocessing:
   """The normalization of `config.dataset`'s images (what `load_dataset` gives its splits)."""
-  mean, std = input_pipeline.pixel_statistics(config.dataset)
-  return input_pipeline.Preprocessing(mean=mean, std=std)
+  mean, std = datasets.pixel_statistics(config.dataset)
+  return datasets.Preprocessing(mean=mean, std=std)
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     model: nn.Module, tx: optax.GradientTransformation, *,
-                    preprocessing: input_pipeline.Preprocessing | None = None):
+                    preprocessing: datasets.Preprocessing | None = None):
   """The jitted, state-donating `(state, global_batch) -> state` for `config.parallelism`.
 
   `preprocessing` normalizes the uint8 batches on the device; default
@@ -323,7 +324,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    model: nn.Module, *,
-                   preprocessing: input_pipeline.Preprocessing | None = None):
+                   preprocessing: datasets.Preprocessing | None = None):
   """The jitted `(params, bn_state, sums, global_batch) -> sums` (`eval_step`).
 
   `preprocessing`: as `make_train_step`'s.

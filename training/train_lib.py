@@ -42,6 +42,7 @@ import ml_collections
 import jaxbn
 
 from training import checkpoints
+from training import datasets
 from training import distributed
 from training import evaluation
 from training import files
@@ -57,7 +58,7 @@ from training.distributed import AXIS
 from training.train_state import TrainState
 
 
-def recompute_bn_state(state: TrainState, model: nn.Module, train: input_pipeline.Source, *,
+def recompute_bn_state(state: TrainState, model: nn.Module, train: datasets.Source, *,
                        config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                        epoch: int, heartbeat: Callable[[], None] | None = None
                        ) -> TrainState:
@@ -118,7 +119,7 @@ def _check_nonfinite(state: TrainState, limit: int) -> None:
 
 def train_epoch(step_fn, state: TrainState, epoch: int, *,
                 config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                train: input_pipeline.Source, steps_per_epoch: int,
+                train: datasets.Source, steps_per_epoch: int,
                 save: Callable[[TrainState, int], None],
                 stop_agreed: Callable[[TrainState], bool],
                 recompute_bn: Callable[[TrainState], TrainState] | None = None,
@@ -223,8 +224,8 @@ def train_epoch(step_fn, state: TrainState, epoch: int, *,
 
 
 def evaluate_epoch(eval_fn, state: TrainState, epoch: int, *,
-                   validation: input_pipeline.Source,
-                   test: input_pipeline.Source | None, mesh: jax.sharding.Mesh,
+                   validation: datasets.Source,
+                   test: datasets.Source | None, mesh: jax.sharding.Mesh,
                    config: ml_collections.ConfigDict, examples_per_sec: float,
                    heartbeat: Callable[[], None] | None = None) -> dict:
   """The epoch's `metrics.jsonl` record: training sums, validation (and test).
@@ -284,14 +285,14 @@ def _microbatches_note(config: ml_collections.ConfigDict, num_devices: int) -> s
 def _load_splits(config: ml_collections.ConfigDict):
   """(train, validation, test, info) of `config`'s dataset."""
   names = run_config.split_names(config)
-  splits, info = input_pipeline.load_dataset(
+  splits, info = datasets.load_dataset(
       config.dataset, names, data_dir=config.data_dir or None,
       manual_dir=config.manual_dir or None, augmentation=config.augmentation,
       image_size=config.image_size, num_classes=config.num_classes)
   train, validation, test = (splits[name] for name in names)
-  return (input_pipeline.take(train, config.num_train_examples),
-          input_pipeline.take(validation, config.num_eval_examples),
-          input_pipeline.take(test, config.num_eval_examples),
+  return (train.take(config.num_train_examples),
+          validation.take(config.num_eval_examples),
+          test.take(config.num_eval_examples),
           info)
 
 
@@ -320,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = distributed.create_mesh(config.num_devices)
   run_config.validate_config(config, mesh.devices.size)
   train, validation, test, info = _load_splits(config)
-  num_train = input_pipeline.count_examples(train)
+  num_train = train.num_examples
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"Bad config: batch_size={config.batch_size} is larger than the "
@@ -381,8 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           f"batch {progress_record['batch_in_epoch']}) in {workdir}.")
     log(models.format_parameter_table(models.parameter_table(model, info.image_shape)))
     log(f"{config.dataset}: {num_train} train / "
-        f"{input_pipeline.count_examples(validation)} val / "
-        f"{input_pipeline.count_examples(test)} test examples; "
+        f"{validation.num_examples} val / "
+        f"{test.num_examples} test examples; "
         f"{jax.process_count()} process(es), "
         f"{mesh.devices.size} device(s), parallelism={config.parallelism}, global "
         f"batch {config.batch_size}{_microbatches_note(config, mesh.devices.size)}, "

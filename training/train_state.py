@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from training import input_pipeline
+from training import datasets
 from training import models
 
 
@@ -65,7 +65,7 @@ def zero_eval_sums() -> EvalSums:
 
 
 def create_model(config: ml_collections.ConfigDict,
-                 info: input_pipeline.DatasetInfo) -> nn.Module:
+                 info: datasets.DatasetInfo) -> nn.Module:
   return models.create_model(
       config.model, num_classes=info.num_classes,
       use_bn=config.use_bn, bias_before_bn=config.bias_before_bn,

@@ -19,7 +19,7 @@ import pytest
 
 from jaxbn import linen as jaxbn_linen
 from training import hlo
-from training import lowering
+from training import compiling
 from training import targets
 
 TARGETS = ("h100:2", "tpu-v5e:2x2")
@@ -141,8 +141,8 @@ def _mnist_config(parallelism: str, half_precision: bool, batch: int = 16):
 def test_cnn_convolutions_reach_the_convolution_units(spec):
   """bf16 + shard_map: the CNN's convolutions stay convolutions (no im2col matmuls)."""
   _devices_or_skip(spec)
-  (train,) = lowering.compile_config(_mnist_config("shard_map", True),
-                                     targets.parse(spec)[0], programs=("train_step",))
+  (train,) = compiling.compile_config(_mnist_config("shard_map", True),
+                                      targets.parse(spec)[0], programs=("train_step",))
   # Two conv layers: two forward convolutions, two kernel gradients and the
   # input gradient of the second (the first's input is data).
   assert train.convolutions >= 5
@@ -151,7 +151,7 @@ def test_cnn_convolutions_reach_the_convolution_units(spec):
 
 def test_compile_for_reports_memory_against_the_target(tmp_path):
   _devices_or_skip("h100:2")
-  result = lowering.compile_for_targets(_mnist_config("gspmd", True), tmp_path, "h100:2")
+  result = compiling.compile_for_targets(_mnist_config("gspmd", True), tmp_path, "h100:2")
   train, evaluate = result.programs
   assert result.fits and train.fits and evaluate.fits
   assert 0 < train.peak_bytes < train.hbm_bytes == targets.TARGETS["h100"].hbm_bytes
@@ -160,7 +160,7 @@ def test_compile_for_reports_memory_against_the_target(tmp_path):
   assert (tmp_path / "compiled" / "h100_2" / "train_step.hlo.txt").read_text().startswith(
       "HloModule")
   # 2**21 MNIST images per device: far more than 80 GB of activations.
-  too_big = lowering.compile_for_targets(
+  too_big = compiling.compile_for_targets(
       _mnist_config("gspmd", True, batch=2 * 2**21), None, "h100:2")
   assert not too_big.fits and "DOES NOT FIT" in too_big.summary
 

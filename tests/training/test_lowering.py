@@ -25,6 +25,7 @@ import pytest
 from tests.training import _train_utils as utils
 from training import distributed
 from training import input_pipeline
+from training import compiling
 from training import lowering
 from training import optimizers
 from training import steps
@@ -145,7 +146,7 @@ def test_gspmd_collectives_appear_when_compiled(parallelism):
   except RuntimeError as error:
     pytest.skip(str(error))
   config = utils.tiny_config(parallelism=parallelism, batch_size=16, eval_batch_size=16)
-  train, evaluate = lowering.compile_config(config, spec)
+  train, evaluate = compiling.compile_config(config, spec)
   train_bytes = [c.nbytes for c in train.collectives if c.op == "all-reduce"]
   eval_bytes = [c.nbytes for c in evaluate.collectives if c.op == "all-reduce"]
   # BN statistics: per-channel f32 vectors (32 channels: >= 128 bytes each).

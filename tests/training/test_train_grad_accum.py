@@ -21,6 +21,7 @@ import pytest
 from jaxbn import linen as jaxbn_linen
 from tests.training import _train_utils as utils
 from training import checkpoints
+from training import datasets
 from training import distributed
 from training import input_pipeline
 from training import resnet
@@ -36,7 +37,7 @@ IMAGE_SHAPE = (8, 8, 3)
 
 
 # Pixels to model inputs: (pixel - 100) / 50 per channel.
-PREPROCESSING = input_pipeline.Preprocessing(mean=(100.0,), std=(50.0,))
+PREPROCESSING = datasets.Preprocessing(mean=(100.0,), std=(50.0,))
 
 
 @functools.cache

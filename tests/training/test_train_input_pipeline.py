@@ -12,9 +12,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests.training import _train_utils
+from training import datasets
 from training import distributed
 from training import fake_imagenet
 from training import input_pipeline
+from training import prepare
 from training import train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -24,19 +26,19 @@ SPLITS = ["train[:50000]", "train[50000:]", "test"]
 @pytest.fixture(scope="module")
 def mnist():
   """The real MNIST splits (prepared once into data/tfds, then cached)."""
-  return input_pipeline.load_dataset("mnist", SPLITS)
+  return datasets.load_dataset("mnist", SPLITS)
 
 
 def test_mnist_splits_as_in_the_keras_notes(mnist):
   splits, info = mnist
-  assert info == input_pipeline.DatasetInfo("mnist", (28, 28, 1), 10)
+  assert info == datasets.DatasetInfo("mnist", (28, 28, 1), 10)
   assert [len(splits[s].labels) for s in SPLITS] == [50_000, 10_000, 10_000]
   train = splits["train[:50000]"]
   assert train.images.dtype == np.uint8 and train.images.shape[1:] == (28, 28, 1)
   assert train.labels.dtype == np.int32
   assert np.bincount(train.labels, minlength=10).min() > 4000  # all ten digits
   # Loading again (from the cache) gives identical arrays.
-  again, _ = input_pipeline.load_dataset("mnist", ["test"])
+  again, _ = datasets.load_dataset("mnist", ["test"])
   np.testing.assert_array_equal(again["test"].images, splits["test"].images)
 
 
@@ -59,7 +61,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
 def _toy_split(n=100):
   images = (np.arange(n, dtype=np.uint8)[:, None, None, None]
             * np.ones((1, 28, 28, 1), np.uint8))
-  return input_pipeline.Split(images, np.arange(n, dtype=np.int32))
+  return datasets.Split(images, np.arange(n, dtype=np.int32))
 
 
 @pytest.mark.parametrize("num_processes", [2, 4])
@@ -157,8 +159,8 @@ def test_missing_archive_names_file_and_folder(tmp_path):
   manual_dir = tmp_path / "fashion_mnist"
   manual_dir.mkdir()
   with pytest.raises(FileNotFoundError) as error:
-    input_pipeline.load_dataset("fashion_mnist", ["test"], data_dir=tmp_path / "tfds",
-                                manual_dir=manual_dir)
+    datasets.load_dataset("fashion_mnist", ["test"], data_dir=tmp_path / "tfds",
+                          manual_dir=manual_dir)
   message = str(error.value)
   assert "idx" in message and "ubyte.gz" in message
   assert str(manual_dir) in message and "manual_dir" in message
@@ -170,31 +172,31 @@ def test_wrong_checksum_names_the_file(tmp_path):
   corrupt = manual_dir / "t10k-labels-idx1-ubyte.gz"
   corrupt.write_bytes(corrupt.read_bytes()[:-10])
   with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz.*checksum"):
-    input_pipeline.load_dataset("mnist", ["test"], data_dir=tmp_path / "tfds",
-                                manual_dir=manual_dir)
+    datasets.load_dataset("mnist", ["test"], data_dir=tmp_path / "tfds",
+                          manual_dir=manual_dir)
   corrupt.unlink()
   with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz"):
-    input_pipeline.load_dataset("mnist", ["test"], data_dir=tmp_path / "tfds",
-                                manual_dir=manual_dir)
+    datasets.load_dataset("mnist", ["test"], data_dir=tmp_path / "tfds",
+                          manual_dir=manual_dir)
 
 
 def test_unknown_dataset(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset 'mnits'"):
-    input_pipeline.load_dataset("mnits", ["test"], data_dir=tmp_path)
+    datasets.load_dataset("mnits", ["test"], data_dir=tmp_path)
 
 
 def test_take():
   split = _toy_split(10)
-  assert len(input_pipeline.take(split, 0).labels) == 10
-  assert list(input_pipeline.take(split, 3).labels) == [0, 1, 2]
+  assert len(split.take(0).labels) == 10
+  assert list(split.take(3).labels) == [0, 1, 2]
   with pytest.raises(ValueError, match="asked for 11 examples"):
-    input_pipeline.take(split, 11)
+    split.take(11)
 
 
 def test_bad_split_names_the_available_ones(mnist):
   del mnist  # prepared
   with pytest.raises(ValueError, match=r"split 'validation' of 'mnist'.*'train': 60000"):
-    input_pipeline.load_dataset("mnist", ["validation"])
+    datasets.load_dataset("mnist", ["validation"])
 
 
 # --- datasets beyond MNIST: cifar (tfds mock), imagenet2012 (fake archives), synthetic ---
@@ -206,13 +208,13 @@ TRAIN, TEST = "train[:45000]", "test"
 def cifar10(tmp_path_factory):
   """cifar10 through its tfds builder with tfds' mock examples (offline)."""
   with tfds.testing.mock_data(num_examples=24):
-    return input_pipeline.load_dataset(
+    return datasets.load_dataset(
         "cifar10", [TRAIN, TEST], data_dir=tmp_path_factory.mktemp("tfds"))
 
 
 def test_cifar_splits_in_memory_with_cifar_augmentation(cifar10):
   splits, info = cifar10
-  assert info == input_pipeline.DatasetInfo("cifar10", (32, 32, 3), 10)
+  assert info == datasets.DatasetInfo("cifar10", (32, 32, 3), 10)
   train = splits[TRAIN]
   assert train.images.shape == (24, 32, 32, 3) and train.images.dtype == np.uint8
   assert train.labels.dtype == np.int32 and train.labels.max() < 10
@@ -222,8 +224,8 @@ def test_cifar_splits_in_memory_with_cifar_augmentation(cifar10):
 
 def test_cifar100_goes_through_its_builder(tmp_path):
   with tfds.testing.mock_data(num_examples=4):
-    splits, info = input_pipeline.load_dataset("cifar100", [TEST], data_dir=tmp_path)
-  assert info == input_pipeline.DatasetInfo("cifar100", (32, 32, 3), 100)
+    splits, info = datasets.load_dataset("cifar100", [TEST], data_dir=tmp_path)
+  assert info == datasets.DatasetInfo("cifar100", (32, 32, 3), 100)
   assert splits[TEST].images.shape == (4, 32, 32, 3)
 
 
@@ -296,8 +298,8 @@ def _numpy_normalize(images, preprocessing):
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10", "imagenet2012"])
 def test_normalize_on_the_device_gives_the_numpy_numbers(dataset):
-  mean, std = input_pipeline.pixel_statistics(dataset)
-  preprocessing = input_pipeline.Preprocessing(mean=mean, std=std)
+  mean, std = datasets.pixel_statistics(dataset)
+  preprocessing = datasets.Preprocessing(mean=mean, std=std)
   channels = 1 if dataset == "mnist" else 3
   images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, channels), dtype=np.uint8)
   images[0, 0, 0] = 0
@@ -319,16 +321,16 @@ def imagenet(tmp_path_factory):
   fake_imagenet.write_fake_imagenet(root / "manual")
 
   def load(splits, **kwargs):
-    return input_pipeline.load_dataset("imagenet2012", splits, data_dir=root / "tfds",
-                                       manual_dir=root / "manual", image_size=16,
-                                       **kwargs)
+    return datasets.load_dataset("imagenet2012", splits, data_dir=root / "tfds",
+                                 manual_dir=root / "manual", image_size=16,
+                                 **kwargs)
   return load
 
 
 def test_first_preparation_says_one_line_on_stderr_and_nothing_on_stdout(tmp_path, capfd):
   fake_imagenet.write_fake_imagenet(tmp_path / "manual")
-  input_pipeline.load_dataset("imagenet2012", ("validation",), data_dir=tmp_path / "tfds",
-                              manual_dir=tmp_path / "manual", image_size=16)
+  datasets.load_dataset("imagenet2012", ("validation",), data_dir=tmp_path / "tfds",
+                        manual_dir=tmp_path / "manual", image_size=16)
   out, err = capfd.readouterr()
   assert out == ""  # tfds' "Downloading and preparing dataset ..." and its bars
   assert f"Preparing 'imagenet2012' once with tfds into {tmp_path / 'tfds'}" in err
@@ -337,8 +339,8 @@ def test_first_preparation_says_one_line_on_stderr_and_nothing_on_stdout(tmp_pat
 def test_missing_imagenet_archives_name_the_files_and_folder(tmp_path):
   (tmp_path / "manual").mkdir()
   with pytest.raises(FileNotFoundError) as error:
-    input_pipeline.load_dataset("imagenet2012", ["validation"], data_dir=tmp_path / "tfds",
-                                manual_dir=tmp_path / "manual")
+    datasets.load_dataset("imagenet2012", ["validation"], data_dir=tmp_path / "tfds",
+                          manual_dir=tmp_path / "manual")
   message = str(error.value)
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
   assert str(tmp_path / "manual") in message and "manual_dir" in message
@@ -351,9 +353,9 @@ def _fingerprints(batches) -> list[float]:
 
 def test_imagenet_streams_each_process_share(imagenet):
   splits, info = imagenet(["train", "validation"])
-  assert info == input_pipeline.DatasetInfo("imagenet2012", (16, 16, 3), 1000)
+  assert info == datasets.DatasetInfo("imagenet2012", (16, 16, 3), 1000)
   train = splits["train"]
-  assert isinstance(train, input_pipeline.Stream) and input_pipeline.count_examples(train) == 12
+  assert isinstance(train, datasets.Stream) and train.num_examples == 12
   assert train.preprocessing.augmentation == "imagenet"
   # Evaluation: every example once; two processes split the examples between them.
   one = list(input_pipeline.eval_batches(train, global_batch_size=4, rows=slice(0, 4)))
@@ -374,8 +376,8 @@ def test_imagenet_streams_each_process_share(imagenet):
                                               epoch=0, rows=slice(2, 4)))
   assert len(batches) == 3 and set(_fingerprints(batches)) == set(shares[1])
   # The first N examples (num_eval_examples) of a streamed split.
-  first5 = input_pipeline.take(train, 5)
-  assert (first5.split, input_pipeline.count_examples(first5)) == ("train[0:5]", 5)
+  first5 = train.take(5)
+  assert (first5.split, first5.num_examples) == ("train[0:5]", 5)
   assert sum(b.mask.sum() for b in input_pipeline.eval_batches(
       first5, global_batch_size=4, rows=slice(0, 4))) == 5
   # Validation has ImageNet's validation labels.
@@ -405,7 +407,7 @@ def test_imagenet_augmentation_is_random_resized_crops_keyed_by_seed_and_epoch(i
   epoch1 = next(input_pipeline.train_batches(train, epoch=1, **kwargs))
   assert not np.array_equal(epoch1.images, first[0].images)
   # Normalized with ImageNet's per-channel statistics: roughly centered.
-  assert train.preprocessing.mean == input_pipeline.IMAGENET_MEAN
+  assert train.preprocessing.mean == datasets.IMAGENET_MEAN
   assert abs(float(input_pipeline.normalize(augmented, train.preprocessing).mean())) < 1.0
 
 
@@ -429,17 +431,17 @@ def test_imagenet_eval_is_the_resized_center_crop(imagenet):
 
 
 def test_synthetic_needs_no_files_and_is_deterministic():
-  splits, info = input_pipeline.load_dataset(
+  splits, info = datasets.load_dataset(
       "synthetic", ["train[:100]", "validation", "test[:5]"], image_size=12,
       num_classes=7, data_dir="/nonexistent")
-  assert info == input_pipeline.DatasetInfo("synthetic", (12, 12, 3), 7)
+  assert info == datasets.DatasetInfo("synthetic", (12, 12, 3), 7)
   train = splits["train[:100]"]
   assert train.images.shape == (100, 12, 12, 3) and train.images.dtype == np.uint8
-  assert input_pipeline.count_examples(splits["validation"]) == 10_000
-  assert input_pipeline.count_examples(splits["test[:5]"]) == 5
+  assert splits["validation"].num_examples == 10_000
+  assert splits["test[:5]"].num_examples == 5
   assert train.labels.max() < 7 and len(set(train.labels)) > 1
-  again, _ = input_pipeline.load_dataset("synthetic", ["train[:100]"], image_size=12,
-                                         num_classes=7)
+  again, _ = datasets.load_dataset("synthetic", ["train[:100]"], image_size=12,
+                                   num_classes=7)
   np.testing.assert_array_equal(again["train[:100]"].images, train.images)
   # The validation split cycles through the distinct images, consistently labelled.
   validation = splits["validation"]
@@ -449,7 +451,7 @@ def test_synthetic_needs_no_files_and_is_deterministic():
   first, second = batches[0], batches[1]
   np.testing.assert_array_equal(first.images[:1024], first.images[1024:])
   np.testing.assert_array_equal(first.labels[:1024], second.labels[:1024])
-  assert input_pipeline.default_splits("synthetic") == ("train", "validation", "test")
+  assert datasets.default_splits("synthetic") == ("train", "validation", "test")
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -468,24 +470,24 @@ def test_bad_arguments_name_what_was_expected(mnist, kwargs, error, message):
   del mnist  # prepared
   dataset = kwargs.pop("dataset")
   with pytest.raises(error, match=message):
-    input_pipeline.load_dataset(dataset, ["test"], **kwargs)
+    datasets.load_dataset(dataset, ["test"], **kwargs)
 
 
 def test_data_dir_follows_tfds_data_dir(monkeypatch):
   monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
-  assert input_pipeline.default_data_dir() == REPO / "data" / "tfds"
+  assert prepare.default_data_dir() == REPO / "data" / "tfds"
   monkeypatch.setenv("TFDS_DATA_DIR", "/somewhere/tensorflow_datasets")
-  assert input_pipeline.default_data_dir() == pathlib.Path("/somewhere/tensorflow_datasets")
+  assert prepare.default_data_dir() == pathlib.Path("/somewhere/tensorflow_datasets")
 
 
 def test_default_splits():
-  assert input_pipeline.default_splits("mnist") == ("train[:50000]", "train[50000:]", "test")
-  assert input_pipeline.default_splits("cifar10")[0] == "train[:45000]"
-  assert input_pipeline.default_splits("imagenet2012")[2] == "validation"
+  assert datasets.default_splits("mnist") == ("train[:50000]", "train[50000:]", "test")
+  assert datasets.default_splits("cifar10")[0] == "train[:45000]"
+  assert datasets.default_splits("imagenet2012")[2] == "validation"
   with pytest.raises(ValueError, match="'svhn_cropped' has no default splits"):
-    input_pipeline.default_splits("svhn_cropped")
+    datasets.default_splits("svhn_cropped")
   with pytest.raises(ValueError, match="unknown dataset 'mnits'"):
-    input_pipeline.default_splits("mnits")
+    datasets.default_splits("mnits")
 
 
 def test_prefetch_to_device_yields_every_global_batch_in_order(mesh8):

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from training import input_pipeline
+from training import datasets
 from training import instances
 from training import models
 
 
 def _split(num_examples=64):
   rng = np.random.default_rng(0)
-  return input_pipeline.Split(
+  return datasets.Split(
       rng.integers(0, 256, (num_examples, 8, 8, 1)).astype(np.uint8),
       rng.integers(0, 10, num_examples).astype(np.int32))
 

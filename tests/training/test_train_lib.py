@@ -25,12 +25,14 @@ import pytest
 import jaxbn
 from tests.training import _train_utils as utils
 from training import checkpoints
+from training import datasets
 from training import distributed
 from training import evaluation
 from training import input_pipeline
 from training import models
 from training import monitoring
 from training import optimizers
+from training import prepare
 from training import run_config
 from training import steps
 from training import stopping
@@ -40,8 +42,8 @@ from training import train_state
 
 @functools.cache
 def _mnist_tiny():
-  splits, info = input_pipeline.load_dataset("mnist", ["train[:50000]"])
-  return input_pipeline.take(splits["train[:50000]"], 512), info
+  splits, info = datasets.load_dataset("mnist", ["train[:50000]"])
+  return splits["train[:50000]"].take(512), info
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_outputs_in_workdir(one_device_run):
 
 def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
   """{tag: {step: value}} of the event files in `logdir`."""
-  tf, _ = input_pipeline._import_tf()
+  tf, _ = prepare.import_tf()
   from tensorflow.core.util import event_pb2
   scalars = {}
   for path in sorted(logdir.glob("events.out.tfevents.*")):
@@ -511,8 +513,8 @@ def test_evaluation_on_8_devices_counts_every_example_once_as_on_1(eval_batch_si
   # Non-trivial running statistics, so that the BN layers matter.
   state = state._replace(bn_state=jax.tree.map(lambda x: x + 0.3, state.bn_state))
   rng = np.random.default_rng(0)
-  split = input_pipeline.Split(rng.integers(0, 256, (1001, 28, 28, 1), dtype=np.uint8),
-                               rng.integers(0, 10, 1001).astype(np.int32))
+  split = datasets.Split(rng.integers(0, 256, (1001, 28, 28, 1), dtype=np.uint8),
+                         rng.integers(0, 10, 1001).astype(np.int32))
   config = utils.tiny_config()
   results = {}
   for num_devices in (1, 8):
