@@ -159,9 +159,9 @@ def test_compile_for_reports_memory_against_the_target(tmp_path):
   assert "h100:2 train_step (2 devices, 8 per device): fits: peak" in result.summary
   assert (tmp_path / "compiled" / "h100_2" / "train_step.hlo.txt").read_text().startswith(
       "HloModule")
-  # 2**21 MNIST images per device: far more than 80 GB of activations.
+  # 2**24 MNIST images per device: far more than 80 GB of activations.
   too_big = compiling.compile_for_targets(
-      _mnist_config("gspmd", True, batch=2 * 2**21), None, "h100:2")
+      _mnist_config("gspmd", True, batch=2 * 2**24), None, "h100:2")
   assert not too_big.fits and "DOES NOT FIT" in too_big.summary
 
 

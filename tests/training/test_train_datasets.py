@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests import _train_utils as utils
+from tests.training import _train_utils as utils
 from training import datasets
 from training import input_pipeline
 from training import prepare
