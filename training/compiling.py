@@ -168,10 +168,33 @@ def compile_config(config: ml_collections.ConfigDict, spec: targets.TargetSpec, 
   for name in programs:
     step, args = built.steps[name]
     batch = config.batch_size if name == "train_step" else config.eval_batch_size
-    found.append(compile_step(
+    program = compile_step(
         name, step, args, spec, per_device_batch=batch // built.num_devices,
-        flops_are_global=config.parallelism == "gspmd", float32=float32))
+        flops_are_global=config.parallelism == "gspmd", float32=float32)
+    if name == "train_step" and config.grad_accum_steps > 1:
+      program = _with_microbatch_costs(program, config, spec, norm=norm)
+    found.append(program)
   return tuple(found)
+
+
+def _with_microbatch_costs(program: CompiledProgram, config: ml_collections.ConfigDict,
+                           spec: targets.TargetSpec, *, norm: Any) -> CompiledProgram:
+  """`program` (a step of k = `grad_accum_steps` microbatches) with k times the flops
+  and bytes of a one-microbatch step.
+
+  The compilers' cost analyses count the body of the microbatch loop once; the
+  memory figures stay the k-microbatch program's own. The optimizer update,
+  which runs once per step, is counted k times: an overestimate by that much.
+  """
+  k = config.grad_accum_steps
+  micro = config.copy_and_resolve_references()
+  micro.batch_size, micro.grad_accum_steps = config.batch_size // k, 1
+  (one,) = compile_config(micro, spec, norm=norm, programs=("train_step",))
+  flops, nbytes = k * one.flops, k * one.nbytes
+  return program._replace(
+      flops=flops, nbytes=nbytes, bytes_method=f"{one.bytes_method}, {k} x one microbatch",
+      roofline=targets.roofline(spec.target, nbytes, flops,
+                                float32=not config.half_precision))
 
 
 FIT_BATCH_LIMIT = 4096
@@ -183,25 +206,29 @@ def largest_fitting_batch(config: ml_collections.ConfigDict, spec: targets.Targe
 
   Doubles from the configured per-device batch until a step does not fit (or
   `limit`, which is then returned), then bisects; every probe is one
-  compilation. 0: not even one example fits.
+  compilation. Batches are multiples of `grad_accum_steps` (equal
+  microbatches). 0: not even one microbatch of one example fits.
   """
   num_devices = len(targets.devices(spec))
+  k = config.grad_accum_steps
 
-  def fits(per_device: int) -> bool:
+  def fits(units: int) -> bool:
     probe = config.copy_and_resolve_references()
-    probe.batch_size = per_device * num_devices
+    probe.batch_size = units * k * num_devices
     (program,) = compile_config(probe, spec, programs=("train_step",))
     return program.fits
 
-  low, high = 0, max(config.batch_size // num_devices, 1)
-  while high <= limit and fits(high):
+  # Search in units of k examples per device (one example per microbatch).
+  limit_units = max(limit // k, 1)
+  low, high = 0, max(config.batch_size // num_devices // k, 1)
+  while high <= limit_units and fits(high):
     low, high = high, 2 * high
-  if low == high // 2 and high > limit:
-    return low
+  if low == high // 2 and high > limit_units:
+    return low * k
   while high - low > 1:
     middle = (low + high) // 2
     low, high = (middle, high) if fits(middle) else (low, middle)
-  return low
+  return low * k
 
 
 class Compilation(NamedTuple):

@@ -208,3 +208,20 @@ def test_hlo_reader_on_a_fixed_module():
   assert hlo.convolutions(_MODULE) == 1
   assert hlo.shape_bytes("(f32[64]{0:T(128)}, bf16[2,3]{1,0:T(8,128)(2,1)})") == 268
   assert hlo.fmt_bytes(1.5e9) == "1.50 GB"
+
+
+def test_compile_for_with_grad_accum_counts_every_microbatch():
+  """The compilers count a loop body once: k microbatches cost k one-microbatch steps."""
+  _devices_or_skip("h100:2")
+  spec = targets.parse("h100:2")[0]
+  config = _mnist_config("gspmd", True, batch=32)
+  config.grad_accum_steps = 2
+  (accumulated,) = compiling.compile_config(config, spec, programs=("train_step",))
+  micro = _mnist_config("gspmd", True, batch=16)
+  (one,) = compiling.compile_config(micro, spec, programs=("train_step",))
+  assert accumulated.per_device_batch == 16
+  assert accumulated.flops == pytest.approx(2 * one.flops)
+  assert accumulated.nbytes == pytest.approx(2 * one.nbytes)
+  assert "2 x one microbatch" in accumulated.bytes_method
+  # The largest fitting batch is a whole number of microbatches per device.
+  assert compiling.largest_fitting_batch(config, spec, limit=16) == 16
