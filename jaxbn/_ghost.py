@@ -77,15 +77,10 @@ def ghost_batch_norm(params: _state.BatchNormParams | None, state: _state.BatchN
     virtual_batch_size: examples per ghost batch, `V`; must divide
       `x.shape[batch_axis]` in training.
     batch_axis: the axis of `x` that indexes examples; not a feature axis.
-    axis: feature axis or axes (int or tuple). NCHW is 1.
-    momentum: weight of the old running value (flax convention); None for a
-      cumulative average.
-    epsilon: added to the variance before the square root; > 0.
-    axis_name: mapped axis name(s) (vmap / shard_map) over which the running
-      statistics update is pooled.
-    axis_index_groups: optional equal-size partition of the replicas.
-    mask: optional boolean array broadcastable to `x`; only True elements count
-      toward the statistics (per ghost batch, and in the pooled update).
+    axis, momentum, epsilon, axis_index_groups: as `jaxbn.batch_norm`'s.
+    axis_name: as `jaxbn.batch_norm`'s; it pools the running-statistics update
+      (each ghost batch is normalized with its own statistics).
+    mask: as `jaxbn.batch_norm`'s, per ghost batch and in the pooled update.
     unbiased_running_var: store `n / (n - 1)` times the pooled batch variance,
       `n` the number of valid elements per feature in the whole batch.
 

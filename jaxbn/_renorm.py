@@ -108,16 +108,9 @@ def batch_renorm(params: _state.BatchNormParams | None, state: _state.BatchNormS
       values below 1 act as 1.
     d_max: clip of `|d|`: a number >= 0 (`inf` disables it) or a callable
       `count -> scalar`; a callable's negative values act as 0.
-    axis: feature axis or axes (int or tuple). NCHW is 1.
-    momentum: weight of the old running value (flax convention); None for a
-      cumulative average. See `jaxbn.batch_norm`.
+    axis, momentum, axis_name, axis_index_groups, mask, unbiased_running_var:
+      as `jaxbn.batch_norm`'s.
     epsilon: added to both variances before the square root; > 0.
-    axis_name: mapped axis name(s) (vmap / shard_map) over which the batch
-      statistics are pooled with one count-weighted psum.
-    axis_index_groups: optional equal-size partition of the replicas.
-    mask: optional boolean array broadcastable to `x`; only True elements count
-      toward the batch statistics.
-    unbiased_running_var: store `n / (n - 1)` times the batch variance.
 
   Returns:
     `(y, new_state)`: `y` of `x`'s shape and dtype; `new_state` float32.
