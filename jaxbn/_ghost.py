@@ -77,7 +77,10 @@ def ghost_batch_norm(params: _state.BatchNormParams | None, state: _state.BatchN
     virtual_batch_size: examples per ghost batch, `V`; must divide
       `x.shape[batch_axis]` in training.
     batch_axis: the axis of `x` that indexes examples; not a feature axis.
-    axis, momentum, epsilon, axis_index_groups: as `jaxbn.batch_norm`'s.
+    axis: as `jaxbn.batch_norm`'s.
+    momentum: as `jaxbn.batch_norm`'s.
+    epsilon: as `jaxbn.batch_norm`'s.
+    axis_index_groups: as `jaxbn.batch_norm`'s.
     axis_name: as `jaxbn.batch_norm`'s; it pools the running-statistics update
       (each ghost batch is normalized with its own statistics).
     mask: as `jaxbn.batch_norm`'s, per ghost batch and in the pooled update.

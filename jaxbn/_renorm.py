@@ -108,9 +108,13 @@ def batch_renorm(params: _state.BatchNormParams | None, state: _state.BatchNormS
       values below 1 act as 1.
     d_max: clip of `|d|`: a number >= 0 (`inf` disables it) or a callable
       `count -> scalar`; a callable's negative values act as 0.
-    axis, momentum, axis_name, axis_index_groups, mask, unbiased_running_var:
-      as `jaxbn.batch_norm`'s.
+    axis: as `jaxbn.batch_norm`'s.
+    momentum: as `jaxbn.batch_norm`'s.
     epsilon: added to both variances before the square root; > 0.
+    axis_name: as `jaxbn.batch_norm`'s.
+    axis_index_groups: as `jaxbn.batch_norm`'s.
+    mask: as `jaxbn.batch_norm`'s.
+    unbiased_running_var: as `jaxbn.batch_norm`'s.
 
   Returns:
     `(y, new_state)`: `y` of `x`'s shape and dtype; `new_state` float32.
