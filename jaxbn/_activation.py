@@ -147,13 +147,8 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
   dx = _normalization.to_input_rank(multiplier, y, layout) * (grad_out - correction)
-  dscale = dbias = None
-  if scale is not None:
-    dscale = _stats.replicated_sum(local[1], sum_dz_x_hat, scale, layout.axis_name,
-                                   layout.axis_index_groups).astype(scale.dtype)
-  if bias is not None:
-    dbias = _stats.replicated_sum(local[0], sum_dz, bias, layout.axis_name,
-                                  layout.axis_index_groups).astype(bias.dtype)
+  dscale, dbias = _normalization.parameter_gradients(local, sum_dz, sum_dz_x_hat, scale,
+                                                     bias, layout)
   return dx.astype(dy.dtype), dscale, dbias, None, None, None, dshortcut
 
 

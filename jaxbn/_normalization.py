@@ -160,6 +160,19 @@ def normalize_bwd(layout: Layout, residuals, cotangents):
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
   dx = to_input_rank(multiplier, x, layout) * (grad_out - correction)
+  dscale, dbias = parameter_gradients(local, sum_dy, sum_dy_xhat, scale, bias, layout)
+  return dx.astype(x.dtype), dscale, dbias, None, None, None
+
+
+def parameter_gradients(local, sum_dy, sum_dy_xhat, scale, bias, layout: Layout):
+  """`(dscale, dbias)` of the closed-form backward pass (None where the parameter is).
+
+  Args:
+    local: this replica's `(sum dy, sum dy * x_hat)` before the cross-replica sum.
+    sum_dy, sum_dy_xhat: the same sums over the whole (pooled) batch.
+    scale, bias: the parameters, or None.
+    layout: the call's `Layout`.
+  """
   dscale = dbias = None
   if scale is not None:
     dscale = _stats.replicated_sum(local[1], sum_dy_xhat, scale, layout.axis_name,
@@ -167,7 +180,7 @@ def normalize_bwd(layout: Layout, residuals, cotangents):
   if bias is not None:
     dbias = _stats.replicated_sum(local[0], sum_dy, bias, layout.axis_name,
                                   layout.axis_index_groups).astype(bias.dtype)
-  return dx.astype(x.dtype), dscale, dbias, None, None, None
+  return dscale, dbias
 
 
 normalize_with_batch_stats.defvjp(_normalize_fwd, normalize_bwd)
