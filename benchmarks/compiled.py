@@ -324,6 +324,23 @@ def breakdown_table(rows: list[dict]) -> str:
   return _harness.markdown_table(headers, body)
 
 
+_ROW_KEY = ("target", "model", "stage", "dtype", "parallelism", "norm")
+
+
+def write_json(path: str, rows: list[dict], *, append: bool = False) -> None:
+  """Writes `{'commands': [...], 'rows': rows}`, merged into `path`'s rows with `append`."""
+  command = _harness.command_line()
+  commands, kept = [command], []
+  if append and os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    new_keys = {tuple(r.get(k) for k in _ROW_KEY) for r in rows}
+    kept = [r for r in old["rows"] if tuple(r.get(k) for k in _ROW_KEY) not in new_keys]
+    commands = [c for c in old.get("commands", [old.get("command")]) if c] + commands
+  with open(path, "w") as f:
+    json.dump({"commands": list(dict.fromkeys(commands)), "rows": kept + rows}, f, indent=1)
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--targets", default=DEFAULT_TARGETS,
@@ -338,6 +355,10 @@ def main(argv=None) -> list[dict]:
                       help="instead of whole models: bottleneck blocks at these stage shapes, "
                            "e.g. 56x64,28x128,14x256,7x512 (ResNet-50's four stages)")
   parser.add_argument("--num_blocks", type=int, default=2, help="blocks per --blocks stage")
+  parser.add_argument("--append", action="store_true",
+                      help="merge the rows into an existing --json file: a row of the same "
+                           "target, model or stage, dtype, parallelism and norm is replaced, "
+                           "the others kept, and this command is added to its 'commands'")
   args = parser.parse_args(argv)
   stages = parse_block_stages(args.blocks) if args.blocks else None
   targets.prepare_environment()
@@ -356,8 +377,7 @@ def main(argv=None) -> list[dict]:
           f"{compiling.ENTRY_BYTES_METHOD}. Est. cycles: the sum of the TPU compiler's "
           "per-kernel estimated_cycles. Compiler counts, not timings.")
     if args.json:
-      with open(args.json, "w") as f:
-        json.dump({"command": _harness.command_line(), "rows": rows}, f, indent=1)
+      write_json(args.json, rows, append=args.append)
     return rows
   _harness.print_header("Batch norm in compiled train steps (GPU and TPU compilers, "
                         "no device)")
@@ -377,8 +397,7 @@ def main(argv=None) -> list[dict]:
         "images/s: roofline estimates (max of bytes / HBM bandwidth, flops / peak), not "
         "timings.")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"command": _harness.command_line(), "rows": rows}, f, indent=1)
+    write_json(args.json, rows, append=args.append)
   return rows
 
 

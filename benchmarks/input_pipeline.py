@@ -80,7 +80,7 @@ def h100_resnet50_images_per_sec(path: pathlib.Path = COMPILED_RESULTS) -> tuple
           f"{row['target']} {row['dtype']} {row['parallelism']} jaxbn, "
           f"{row['per_device_batch']} images per device, {row['bound']}-bound roofline "
           f"{row['est_step_s'] * 1e3:.1f} ms per step")
-  raise ValueError(f"{path} has no h100 resnet50 jaxbn row; run `{results['command']}`.")
+  raise ValueError(f"{path} has no h100 resnet50 jaxbn row; run `{results['commands'][0]}`.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "docs" / "scaling.md"
-# Written by `python -m benchmarks.compiled --json <this file>` (see its "command").
+# Written by `python -m benchmarks.compiled --json <this file> [--append]` (see its "commands").
 COMPILED_RESULTS = REPO / "benchmarks" / "results" / "compiled_resnet50.json"
 
 # The 8 devices of the collective measurement; must precede the first jax import
@@ -220,7 +220,7 @@ def measure_layer(impl_name: str) -> LayerCost:
 
 
 def load_compiled(path: pathlib.Path = COMPILED_RESULTS) -> dict:
-  """`{'command': ..., 'rows': [...]}` as `benchmarks.compiled --json` wrote it."""
+  """`{'commands': [...], 'rows': [...]}` as `benchmarks.compiled --json` wrote it."""
   return json.loads(pathlib.Path(path).read_text())
 
 
@@ -271,9 +271,11 @@ def build_page(shapes: ResNetShapes, costs: dict[str, LayerCost], compiled: dict
         f"lowered under `jax.shard_map` on 8 CPU devices: {cost.all_reduces} "
         f"all-reduce(s) per layer and step carrying "
         f"{cost.all_reduce_bytes_per_channel:.0f} bytes per channel in total.")
+  commands = ", ".join(f"`{c}`" for c in compiled["commands"])
+  compiled_targets = ", ".join(dict.fromkeys(r["target"] for r in compiled["rows"]))
   out.append(
-      f"* ResNet-50's train step compiled without a device by XLA:GPU (H100) and "
-      f"libtpu (TPU v5e): `{compiled['command']}` (benchmarks/compiled.py), stored in "
+      f"* ResNet-50's train step compiled without a device by XLA:GPU and libtpu "
+      f"({compiled_targets}): {commands} (benchmarks/compiled.py), stored in "
       f"`{COMPILED_RESULTS.relative_to(REPO)}`.")
   for accelerator in ACCELERATORS:
     out.append(f"* {accelerator.name}: {accelerator.source}.")

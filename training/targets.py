@@ -38,6 +38,9 @@ class Target(NamedTuple):
       precision is one bfloat16 pass there), at the TF32 rate on GPUs.
     peak_flops_f32: the float32 (GPU: TF32 tensor core) rate.
     tpu_name: libtpu's topology prefix ('v5e'); '' for GPUs.
+    megacore: a TPU whose two TensorCores per chip JAX drives as one device
+      (v4, v5p); libtpu's compile-only topology then needs
+      `chip_config_name='megacore'` and the chips per host.
   """
   name: str
   platform: str
@@ -46,6 +49,7 @@ class Target(NamedTuple):
   peak_flops: float
   peak_flops_f32: float
   tpu_name: str = ""
+  megacore: bool = False
 
 
 # Public datasheet numbers (NVIDIA H100 SXM5 and A100 SXM4 80GB; Google Cloud TPU
@@ -54,8 +58,9 @@ TARGETS = {
     "h100": Target("h100", "cuda", 84942979072, 3.35e12, 989e12, 494e12),
     "a100": Target("a100", "cuda", 85198045184, 2.039e12, 312e12, 156e12),
     "tpu-v5e": Target("tpu-v5e", "tpu", 16 * 2**30, 819e9, 197e12, 197e12, "v5e"),
-    "tpu-v4": Target("tpu-v4", "tpu", 32 * 2**30, 1228e9, 275e12, 275e12, "v4"),
-    "tpu-v5p": Target("tpu-v5p", "tpu", 95 * 2**30, 2765e9, 459e12, 459e12, "v5p"),
+    "tpu-v4": Target("tpu-v4", "tpu", 32 * 2**30, 1228e9, 275e12, 275e12, "v4", megacore=True),
+    "tpu-v5p": Target("tpu-v5p", "tpu", 95 * 2**30, 2765e9, 459e12, 459e12, "v5p",
+                      megacore=True),
 }
 
 
@@ -137,8 +142,11 @@ def devices(spec: TargetSpec | str) -> list:
   from jax.experimental import topologies
   try:
     if spec.target.platform == "tpu":
+      # v4 and v5p hosts hold 2x2x1 chips; JAX runs each chip as one device.
+      options = (dict(chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1))
+                 if spec.target.megacore else {})
       topology = topologies.get_topology_desc(
-          platform="tpu", topology_name=f"{spec.target.tpu_name}:{spec.topology}")
+          platform="tpu", topology_name=f"{spec.target.tpu_name}:{spec.topology}", **options)
     else:
       count = int(spec.topology)
       per_host = min(count, 8)

@@ -116,6 +116,23 @@ def test_scaling_page_is_what_the_script_writes(tmp_path):
       "docs/scaling.md is stale: rerun `python -m benchmarks.scaling`.")
 
 
+def test_compiled_json_append_replaces_rows_of_the_same_variant(tmp_path, monkeypatch):
+  from benchmarks import compiled
+  path = str(tmp_path / "rows.json")
+  row = dict(target="h100:2", model="resnet50", dtype="bf16", parallelism="gspmd")
+  monkeypatch.setattr(compiled._harness, "command_line", lambda: "first")
+  compiled.write_json(path, [dict(row, norm="jaxbn", bytes=1), dict(row, norm="flax", bytes=2)])
+  monkeypatch.setattr(compiled._harness, "command_line", lambda: "second")
+  compiled.write_json(path, [dict(row, norm="jaxbn", bytes=3),
+                             dict(row, target="a100:2", norm="jaxbn", bytes=4)], append=True)
+  merged = json.loads(open(path).read())
+  assert merged["commands"] == ["first", "second"]
+  assert [(r["target"], r["norm"], r["bytes"]) for r in merged["rows"]] == [
+      ("h100:2", "flax", 2), ("h100:2", "jaxbn", 3), ("a100:2", "jaxbn", 4)]
+  compiled.write_json(path, [dict(row, norm="none", bytes=5)])  # no append: a new file
+  assert json.loads(open(path).read())["commands"] == ["second"]
+
+
 def test_accelerator_tiny(capsys):
   from benchmarks import accelerator
   accelerator.main(["--tiny", "--dtypes", "bf16", "--repeats", "1"])

@@ -26,12 +26,15 @@ TARGETS = ("h100:2", "tpu-v5e:2x2")
 LAYERS = 2
 
 
-def _devices_or_skip(spec: str):
+def _all_devices_or_skip(spec: str):
   try:
-    devices = targets.devices(spec)
+    return targets.devices(spec)
   except RuntimeError as error:
     pytest.skip(str(error))
-  return devices[:2]
+
+
+def _devices_or_skip(spec: str):
+  return _all_devices_or_skip(spec)[:2]
 
 
 class _NoNorm(nn.Module):
@@ -174,6 +177,17 @@ def test_target_parsing_errors_name_the_flag():
     targets.parse("tpu-v5e:8")
   with pytest.raises(ValueError, match="needs a topology"):
     targets.parse("h100")
+
+
+def test_tpu_v4_runs_one_device_per_chip():
+  """v4 (like v5p) is compiled for as JAX runs it: each chip's two cores as one device."""
+  devices = _all_devices_or_skip("tpu-v4:2x2x2")
+  assert len(devices) == 8  # 8 chips, not 16 cores
+  assert len({d.process_index for d in devices}) == 2  # 4 chips per host
+  mesh = jax.make_mesh((8,), ("data",), devices=devices)  # rejects per-core devices
+  x = jax.ShapeDtypeStruct((32, 128), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  compiled = jax.jit(lambda x: jnp.sum(x, 0)).lower(x).compile()
+  assert hlo.count_collectives(compiled.as_text()).summary().startswith("1 (1 all-reduce")
 
 
 _MODULE = """HloModule m

@@ -1,6 +1,5 @@
 """training.input_pipeline: tfds datasets, augmentation, exact deterministic batches."""
 
-import os
 import pathlib
 import shutil
 
@@ -17,6 +16,7 @@ from training import distributed
 from training import fake_imagenet
 from training import input_pipeline
 from training import prepare
+from training import targets
 from training import train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -91,18 +91,11 @@ def test_process_rows_from_the_sharding(mesh8):
   assert input_pipeline.process_rows(sharding, 64) == slice(0, 64)
 
 
-def _tpu_topology_devices(name):
-  """The devices of a compile-only TPU slice (libtpu; no TPU needed)."""
+@pytest.mark.parametrize("target", ["tpu-v5e:4x4", "tpu-v5p:2x2x4", "tpu-v5p:4x4x4",
+                                    "tpu-v4:2x2x4"])
+def test_every_process_of_a_tpu_pod_gets_its_devices_rows(target):
   pytest.importorskip("libtpu")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a Cloud TPU VM
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other tests may hold it
-  from jax.experimental import topologies
-  return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
-
-
-@pytest.mark.parametrize("topology", ["v5e:4x4", "v5p:2x2x4", "v5p:4x4x4"])
-def test_every_process_of_a_tpu_pod_gets_its_devices_rows(topology):
-  devices = _tpu_topology_devices(topology)
+  devices = targets.devices(target)  # compile-only: libtpu, no TPU needed
   mesh = distributed.create_mesh(devices=devices)
   num_processes = len({d.process_index for d in devices})
   assert num_processes > 1
