@@ -155,22 +155,104 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
 _normalize_act_saving_output.defvjp(_saving_output_fwd, _saving_output_bwd)
 
 
+def _pre_activation(x, scale, bias, shortcut, mean, inv_std, layout):
+  """`(x - mean) * inv_std * scale + bias [+ shortcut]` in the compute dtype, and `x - mean`."""
+  compute_dtype = inv_std.dtype
+  centered = x.astype(compute_dtype) - _normalization.to_input_rank(mean, x, layout)
+  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+  z = centered * _normalization.to_input_rank(multiplier, x, layout)
+  if bias is not None:
+    z = z + _normalization.to_input_rank(bias.astype(compute_dtype), x, layout)
+  if shortcut is not None:
+    z = z + shortcut.astype(compute_dtype)
+  return z, centered
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _normalize_act_saving_input(x, scale, bias, shift, mask, running, shortcut, layout,
+                                slope):
+  outputs, _ = _saving_input_fwd(x, scale, bias, shift, mask, running, shortcut, layout,
+                                 slope)
+  return outputs
+
+
+def _saving_input_fwd(x, scale, bias, shift, mask, running, shortcut, layout, slope):
+  stats = _normalization.batch_statistics(x, shift, mask, running, layout)
+  inv_std = lax.rsqrt(stats.var + layout.epsilon)
+  z, _ = _pre_activation(x, scale, bias, shortcut, stats.mean, inv_std, layout)
+  y = apply_activation(z, slope).astype(x.dtype)
+  residuals = (x, scale, bias, mask, stats.mean, inv_std, stats.count, shortcut)
+  return (y, stats), residuals
+
+
+def _saving_input_bwd(layout, slope, residuals, cotangents):
+  """Batch norm's closed-form backward pass through the activation's derivative.
+
+  The activation's derivative is recomputed from `x` where each full-size
+  result needs it, never stored: the sums read `x` and `dy`, and so does `dx`
+  (as `act'(z) * dy` written out in each, so that no `act'(z) * dy` array is
+  materialized between them; `dshortcut` is that array).
+  """
+  x, scale, bias, mask, mean, inv_std, count, shortcut = residuals
+  dy, _ = cotangents
+  compute_dtype = mean.dtype
+  z, centered = _pre_activation(x, scale, bias, shortcut, mean, inv_std, layout)
+  grad_in = dy.astype(compute_dtype)
+  if slope == 1.0:
+    active, grad_out = None, grad_in
+  else:
+    # jax.nn.relu's derivative is 0 at 0; the leaky ReLU's (`apply_activation`) 1.
+    active = z > 0 if slope == 0.0 else z >= 0
+    grad_out = jnp.where(active, grad_in, grad_in * slope)
+  dz_centered = grad_out * centered
+  if mask is not None:
+    dz_centered = jnp.where(mask | (grad_out != 0), dz_centered, 0)
+  sum_dz_local, sum_dz_centered_local = _stats.fused_sums((grad_out, dz_centered),
+                                                          layout.reduction_axes)
+  local = jnp.stack([sum_dz_local, sum_dz_centered_local * inv_std])
+  total = _stats.cross_replica_sum(local, layout.axis_name, layout.axis_index_groups)
+  sum_dz, sum_dz_x_hat = total[0], total[1]
+  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+  safe_count = jnp.maximum(count, 1)
+  correction = (_normalization.to_input_rank(sum_dz / safe_count, x, layout)
+                + centered * _normalization.to_input_rank(inv_std * sum_dz_x_hat / safe_count,
+                                                          x, layout))
+  if mask is not None:
+    correction = jnp.where(mask, correction, 0)
+  scaled = _normalization.to_input_rank(multiplier, x, layout)
+  if active is None:
+    dx = scaled * (grad_in - correction)
+  else:
+    dx = jnp.where(active, scaled * (grad_in - correction),
+                   scaled * (grad_in * slope - correction))
+  dshortcut = None if shortcut is None else grad_out.astype(shortcut.dtype)
+  dscale, dbias = _normalization.parameter_gradients(local, sum_dz, sum_dz_x_hat, scale,
+                                                     bias, layout)
+  return dx.astype(x.dtype), dscale, dbias, None, None, None, dshortcut
+
+
+_normalize_act_saving_input.defvjp(_saving_input_fwd, _saving_input_bwd)
+
+
 def normalize_act_in_training(call: _normalization.ParsedCall,
                               state: _state.BatchNormState, *, slope: float,
                               single_value_ok: bool, countless_state: bool,
-                              shortcut: jax.Array | None = None
+                              shortcut: jax.Array | None = None,
+                              memory_saving: bool = True
                               ) -> tuple[jax.Array, _stats.Moments]:
-  """Training-mode `act(batch_norm(x) [+ shortcut])` saving only the output (and
-  the shortcut) for the backward pass.
+  """Training-mode `act(batch_norm(x) [+ shortcut])` with one closed-form backward pass.
 
-  `call.scale` must already be nonzero (`invertible_scale`). Returns `y` and
-  the batch's `Moments` (stop_gradient) for `_normalization.update_state`; the
-  shift of the one-pass variance is chosen as in
-  `_normalization.normalize_in_training`.
+  With `memory_saving` the backward pass keeps only the output (and the
+  shortcut), and `call.scale` must already be nonzero (`invertible_scale`);
+  otherwise it keeps `x` (and the shortcut), like `jaxbn.batch_norm`, and
+  recomputes the activation's derivative from it. Returns `y` and the batch's
+  `Moments` (stop_gradient) for `_normalization.update_state`; the shift of the
+  one-pass variance is chosen as in `_normalization.normalize_in_training`.
   """
   layout, shift = _normalization.training_layout_and_shift(
       call, state, single_value_ok=single_value_ok, countless_state=countless_state)
-  y, stats = _normalize_act_saving_output(
+  fused = _normalize_act_saving_output if memory_saving else _normalize_act_saving_input
+  y, stats = fused(
       call.x, call.scale, call.bias, shift, call.mask,
       _normalization.running_statistics(state, call.compute_dtype), shortcut, layout, slope)
   return y, jax.tree.map(lax.stop_gradient, stats)
@@ -247,7 +329,7 @@ def batch_norm_activation(params: _state.BatchNormParams | None,
   shortcut = check_shortcut(shortcut, jnp.shape(x))
   if memory_saving and params is not None:
     params = params._replace(scale=invertible_scale(jnp.asarray(params.scale), epsilon))
-  if not (training and memory_saving):
+  if not training:
     y, new_state = _batch_norm.batch_norm(
         params, state, x, training=training, axis=axis, momentum=momentum,
         epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -257,5 +339,6 @@ def batch_norm_activation(params: _state.BatchNormParams | None,
                                 epsilon=epsilon, axis_name=axis_name,
                                 axis_index_groups=axis_index_groups, mask=mask)
   y, stats = normalize_act_in_training(call, state, slope=slope, single_value_ok=False,
-                                       countless_state=False, shortcut=shortcut)
+                                       countless_state=False, shortcut=shortcut,
+                                       memory_saving=memory_saving)
   return y, _normalization.update_state(state, stats, call.momentum, unbiased_running_var)

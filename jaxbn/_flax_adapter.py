@@ -146,10 +146,11 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
   # One value per feature is flax's variance 0 (the output is `bias`), not an
   # error: flax code paths such as nnx.tabulate and per-example vmap do it.
   merged = None
-  if memory_saving:
+  fused_activation = slope is not None and pooled is None
+  if fused_activation:
     y, stats = _activation.normalize_act_in_training(
         call, state, slope=slope, single_value_ok=True, countless_state=True,
-        shortcut=shortcut)
+        shortcut=shortcut, memory_saving=memory_saving)
   elif pooled is not None:
     y, stats = _microbatch.training_moments(call, state, single_value_ok=True,
                                             countless_state=True)
@@ -158,7 +159,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     y, new_state = _normalization.normalize_in_training(
         call, state, unbiased_running_var=False, single_value_ok=True, countless_state=True)
     y = _activation.apply_activation(_activation.add_shortcut(y, shortcut), slope)
-  if memory_saving or pooled is not None:
+  if fused_activation or pooled is not None:
     if pooled is not None:
       stats = merged = _stats.merge_moments(
           _stats.Moments(*(jnp.asarray(v, jnp.float32) for v in pooled)),

@@ -158,6 +158,48 @@ def test_without_memory_saving_it_is_the_plain_composition(activation, reference
          _value_and_grads(composed, params, state, x, weights))
 
 
+@pytest.mark.parametrize("activation,reference", [
+    ("relu", jax.nn.relu), ("leaky_relu", lambda y: jax.nn.leaky_relu(y, SLOPE))])
+def test_fused_backward_with_mask_axis_name_and_shortcut(activation, reference):
+  """One closed-form backward through the activation (saving `x`), against autodiff
+  of the composition: masked slots holding NaN, statistics pooled over `vmap`'s
+  axis, gradients for `x`, the shortcut and the parameters."""
+  x = _data((4, 6, 5))
+  shortcut = _data(x.shape, seed=4, loc=0.0)
+  mask = jnp.asarray(np.random.default_rng(3).random((4, 6, 1)) < 0.7)
+  x = jnp.where(mask, x, jnp.nan)
+  weights = jnp.where(mask, _data(x.shape, seed=2, loc=0.0), 0.0)
+  _, state = jaxbn.init(5)
+  params = _params(5)
+
+  def fused(params, state, x, shortcut, **kwargs):
+    return jaxbn.batch_norm_activation(params, state, x, training=True, activation=activation,
+                                       negative_slope=SLOPE, shortcut=shortcut, **kwargs)
+
+  def composed(params, state, x, shortcut, **kwargs):
+    y, new_state = jaxbn.batch_norm(params, state, x, training=True, **kwargs)
+    return reference(y + shortcut), new_state
+
+  def run(fn):
+    def per_replica(x, shortcut, mask, weights):
+      def loss(params, x, shortcut):
+        y, new_state = fn(params, state, x, shortcut, axis_name="data", mask=mask)
+        y_used = jnp.where(weights != 0, y, 0)
+        return jnp.sum(weights * y_used * y_used), (y, new_state)
+      return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, x, shortcut)
+    (loss, (y, new_state)), (grad_params, grad_x, grad_shortcut) = jax.vmap(
+        per_replica, axis_name="data")(x, shortcut, mask, weights)
+    return (loss.sum(), jnp.where(mask, y, 0), new_state, grad_params,
+            jnp.where(mask, grad_x, 0), grad_shortcut)
+
+  _close(run(fused), run(composed))
+  # The backward pass keeps x and the shortcut (full size), not the activation's gradient.
+  no_mask = jnp.where(mask, x, 0.0)
+  saved = _full_size_residuals(
+      lambda x: fused(params, state, x, shortcut)[0], no_mask)
+  assert len(saved) == 2 and any(np.array_equal(leaf, no_mask) for leaf in saved)
+
+
 def test_inference_uses_the_same_scale_as_training():
   x = _data((16, 6))
   params = _params(6)

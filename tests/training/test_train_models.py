@@ -447,3 +447,28 @@ def test_precise_bn_pools_batches_with_equal_weight(kind):
   assert not np.allclose(stats["mean"], variables["batch_stats"][first]["mean"])
   with pytest.raises(ValueError, match="needs 3 batches, got 2"):
     jaxbn.linen.recompute_stats(model, variables, iter(batches), num_batches=3, train=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_resnet_fused_bn_relu_equals_the_unfused_pair(dtype, monkeypatch):
+  """With jaxbn's norm each BN + ReLU is one layer (`resnet.norm_relu`): same loss,
+  gradients and running statistics as `nn.relu` after the layer."""
+  model = _tiny_resnet(zero_init_last_bn=False, dtype=dtype)
+  images = jax.random.normal(jax.random.key(1), (8, 12, 12, 3))
+  labels = jnp.arange(8) % 10
+  variables = model.init(jax.random.key(0), images, train=False)
+
+  def loss_and_grads():
+    def loss(params):
+      logits, updates = model.apply({**variables, "params": params}, images, train=True,
+                                    mutable=["batch_stats"])
+      one_hot = jax.nn.one_hot(labels, 10)
+      return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * one_hot, -1)), updates
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+  fused = loss_and_grads()
+  monkeypatch.setattr(resnet, "norm_relu",
+                      lambda norm, y, **kwargs: nn.relu(norm(**kwargs)(y)))
+  unfused = loss_and_grads()
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  chex.assert_trees_all_close(fused, unfused, atol=tol, rtol=tol)
