@@ -359,7 +359,15 @@ def main(argv=None) -> list[dict]:
                       help="merge the rows into an existing --json file: a row of the same "
                            "target, model or stage, dtype, parallelism and norm is replaced, "
                            "the others kept, and this command is added to its 'commands'")
+  parser.add_argument("--show", default=None,
+                      help="print the tables of a --json file written earlier, compiling nothing")
   args = parser.parse_args(argv)
+  if args.show:
+    with open(args.show) as f:
+      rows = json.load(f)["rows"]
+    print(block_table(rows) if rows and "stage" in rows[0] else
+          table(rows) + "\n\n" + breakdown_table(rows))
+    return rows
   stages = parse_block_stages(args.blocks) if args.blocks else None
   targets.prepare_environment()
   if stages:
