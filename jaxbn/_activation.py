@@ -18,6 +18,11 @@ its scale can neither vanish nor change sign. The gradients are those of the
 unfused composition `act(batch_norm(x))` with that scale, to rounding; where
 `|scale|` is small next to `|bias|` the recovered `x_hat` loses precision
 (by about `|bias| / |scale|` times the rounding of `y`'s dtype).
+
+Without `memory_saving` the pair keeps `x` (and the shortcut) and its one
+closed-form backward pass recomputes `z` and `act'(z)` from them wherever a
+full-size result needs them, so that no `act'(z) * dy` array is written between
+the sums and `dx` (XLA:GPU writes one for the unfused pair).
 """
 
 from __future__ import annotations
@@ -289,7 +294,10 @@ def batch_norm_activation(params: _state.BatchNormParams | None,
                           shortcut=None) -> tuple[jax.Array, _state.BatchNormState]:
   """Batch norm followed by an activation: `act(scale * x_hat + bias [+ shortcut])`.
 
-  Without `memory_saving` this is `act(jaxbn.batch_norm(...)[0])`. With it
+  Without `memory_saving` this is `act(jaxbn.batch_norm(...)[0])`, with one
+  closed-form backward pass through both that keeps `x` and recomputes the
+  activation's derivative from it (no `act'(z) * dy` array is written between
+  batch norm's two backward passes). With it
   (InPlace-ABN), the training-mode backward pass keeps only the output `y`
   (which the next layer usually keeps anyway as its input), not `x`, and
   the layer's scale is `|scale| + epsilon` in training and inference (so
