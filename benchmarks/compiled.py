@@ -301,13 +301,13 @@ def block_table(rows: list[dict]) -> str:
 
 
 def breakdown_table(rows: list[dict]) -> str:
-  """Where each program's bytes go: the kernels' own traffic and the async copies."""
+  """Where each TPU program's bytes go: the kernels' own traffic and the async copies."""
   def share_vs_flax(row, key):
     def same(norm):
       return next((r for r in rows if r["norm"] == norm and all(
           r[k] == row[k] for k in ("target", "model", "dtype", "parallelism"))), None)
     none, flax = same("none"), same("flax")
-    if row["norm"] != "jaxbn" or none is None or flax is None or key not in row:
+    if row["norm"] != "jaxbn" or any(r is None or key not in r for r in (row, none, flax)):
       return ""
     theirs = flax[key] - none[key]
     return _harness.fmt_ratio((row[key] - none[key]) / theirs) if theirs else ""
@@ -320,7 +320,7 @@ def breakdown_table(rows: list[dict]) -> str:
            hlo.fmt_bytes(row["bytes"]), hlo.fmt_bytes(row["entry_bytes"]),
            share_vs_flax(row, "entry_bytes"), hlo.fmt_bytes(row["async_copy_bytes"]),
            f"{row['estimated_cycles']:,}", share_vs_flax(row, "estimated_cycles")]
-          for row in rows if "entry_bytes" in row]
+          for row in rows if row.get("estimated_cycles")]  # TPU programs
   return _harness.markdown_table(headers, body)
 
 
