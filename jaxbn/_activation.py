@@ -176,6 +176,7 @@ def _pre_activation(x, scale, bias, shortcut, mean, inv_std, layout):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _normalize_act_saving_input(x, scale, bias, shift, mask, running, shortcut, layout,
                                 slope):
+  """`act(batch_norm(x) [+ shortcut])` with one closed-form backward pass (saves `x`)."""
   outputs, _ = _saving_input_fwd(x, scale, bias, shift, mask, running, shortcut, layout,
                                  slope)
   return outputs
@@ -256,11 +257,29 @@ def normalize_act_in_training(call: _normalization.ParsedCall,
   """
   layout, shift = _normalization.training_layout_and_shift(
       call, state, single_value_ok=single_value_ok, countless_state=countless_state)
-  fused = _normalize_act_saving_output if memory_saving else _normalize_act_saving_input
-  y, stats = fused(
-      call.x, call.scale, call.bias, shift, call.mask,
-      _normalization.running_statistics(state, call.compute_dtype), shortcut, layout, slope)
+  running = _normalization.running_statistics(state, call.compute_dtype)
+  if memory_saving:
+    y, stats = _normalize_act_saving_output(call.x, call.scale, call.bias, shift, call.mask,
+                                            running, shortcut, layout, slope)
+  else:
+    fused = functools.partial(_normalize_act_saving_input, layout=layout, slope=slope)
+    composed = functools.partial(_normalize_then_act, layout=layout, slope=slope)
+    # The fused backward pass saves XLA:GPU a write and two reads of the masked
+    # gradient per layer; libtpu fuses the composition as well by itself (and
+    # compiles ResNets to fewer bytes and cycles without the fused pass), and
+    # XLA:CPU keeps its own tuned batch-norm kernels: BENCHMARKS.md, "Compiled
+    # for GPUs and TPUs".
+    y, stats = lax.platform_dependent(call.x, call.scale, call.bias, shift, call.mask,
+                                      running, shortcut, cuda=fused, rocm=fused,
+                                      default=composed)
   return y, jax.tree.map(lax.stop_gradient, stats)
+
+
+def _normalize_then_act(x, scale, bias, shift, mask, running, shortcut, *, layout, slope):
+  """`act(batch_norm(x) [+ shortcut])` as two layers (autodiff through the activation)."""
+  y, stats = _normalization.normalize_with_batch_stats(x, scale, bias, shift, mask, running,
+                                                        layout)
+  return apply_activation(add_shortcut(y, shortcut), slope), stats
 
 
 def add_shortcut(y: jax.Array, shortcut: jax.Array | None) -> jax.Array:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxbn
+from jaxbn import _activation
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
 from tests import helpers
@@ -160,10 +161,16 @@ def test_without_memory_saving_it_is_the_plain_composition(activation, reference
 
 @pytest.mark.parametrize("activation,reference", [
     ("relu", jax.nn.relu), ("leaky_relu", lambda y: jax.nn.leaky_relu(y, SLOPE))])
-def test_fused_backward_with_mask_axis_name_and_shortcut(activation, reference):
-  """One closed-form backward through the activation (saving `x`), against autodiff
-  of the composition: masked slots holding NaN, statistics pooled over `vmap`'s
-  axis, gradients for `x`, the shortcut and the parameters."""
+@pytest.mark.parametrize("gpu_pass", [True, False])
+def test_fused_backward_with_mask_axis_name_and_shortcut(activation, reference, gpu_pass,
+                                                         monkeypatch):
+  """The backward pass programs compiled for GPUs use (one closed-form pass through
+  the activation, saving `x`; forced here on CPU) and the others' (the two layers),
+  against autodiff of the composition: masked slots holding NaN, statistics pooled
+  over `vmap`'s axis, gradients for `x`, the shortcut and the parameters."""
+  if gpu_pass:
+    monkeypatch.setattr(_activation, "_normalize_then_act",
+                        _activation._normalize_act_saving_input)
   x = _data((4, 6, 5))
   shortcut = _data(x.shape, seed=4, loc=0.0)
   mask = jnp.asarray(np.random.default_rng(3).random((4, 6, 1)) < 0.7)
@@ -193,11 +200,11 @@ def test_fused_backward_with_mask_axis_name_and_shortcut(activation, reference):
             jnp.where(mask, grad_x, 0), grad_shortcut)
 
   _close(run(fused), run(composed))
-  # The backward pass keeps x and the shortcut (full size), not the activation's gradient.
-  no_mask = jnp.where(mask, x, 0.0)
-  saved = _full_size_residuals(
-      lambda x: fused(params, state, x, shortcut)[0], no_mask)
-  assert len(saved) == 2 and any(np.array_equal(leaf, no_mask) for leaf in saved)
+  if gpu_pass:
+    # It keeps x and the shortcut (full size), not the activation's gradient.
+    no_mask = jnp.where(mask, x, 0.0)
+    saved = _full_size_residuals(lambda x: fused(params, state, x, shortcut)[0], no_mask)
+    assert len(saved) == 2 and any(np.array_equal(leaf, no_mask) for leaf in saved)
 
 
 def test_inference_uses_the_same_scale_as_training():
