@@ -19,10 +19,11 @@ unfused composition `act(batch_norm(x))` with that scale, to rounding; where
 `|scale|` is small next to `|bias|` the recovered `x_hat` loses precision
 (by about `|bias| / |scale|` times the rounding of `y`'s dtype).
 
-Without `memory_saving` the pair keeps `x` (and the shortcut) and its one
-closed-form backward pass recomputes `z` and `act'(z)` from them wherever a
-full-size result needs them, so that no `act'(z) * dy` array is written between
-the sums and `dx` (XLA:GPU writes one for the unfused pair).
+Without `memory_saving` the pair keeps `x` (and the shortcut); in programs
+compiled for GPUs its one closed-form backward pass recomputes `z` and
+`act'(z)` from them wherever a full-size result needs them, so that no
+`act'(z) * dy` array is written between the sums and `dx` (XLA:GPU writes one
+for the unfused pair); elsewhere it is the two layers.
 """
 
 from __future__ import annotations
@@ -250,8 +251,8 @@ def normalize_act_in_training(call: _normalization.ParsedCall,
 
   With `memory_saving` the backward pass keeps only the output (and the
   shortcut), and `call.scale` must already be nonzero (`invertible_scale`);
-  otherwise it keeps `x` (and the shortcut), like `jaxbn.batch_norm`, and
-  recomputes the activation's derivative from it. Returns `y` and the batch's
+  otherwise it keeps `x` (and the shortcut), like `jaxbn.batch_norm`, and,
+  compiled for GPUs, recomputes the activation's derivative from it. Returns `y` and the batch's
   `Moments` (stop_gradient) for `_normalization.update_state`; the shift of the
   one-pass variance is chosen as in `_normalization.normalize_in_training`.
   """
@@ -313,10 +314,10 @@ def batch_norm_activation(params: _state.BatchNormParams | None,
                           shortcut=None) -> tuple[jax.Array, _state.BatchNormState]:
   """Batch norm followed by an activation: `act(scale * x_hat + bias [+ shortcut])`.
 
-  Without `memory_saving` this is `act(jaxbn.batch_norm(...)[0])`, with one
-  closed-form backward pass through both that keeps `x` and recomputes the
-  activation's derivative from it (no `act'(z) * dy` array is written between
-  batch norm's two backward passes). With it
+  Without `memory_saving` this is `act(jaxbn.batch_norm(...)[0])`; compiled
+  for GPUs, with one closed-form backward pass through both that keeps `x`
+  and recomputes the activation's derivative from it (no `act'(z) * dy` array
+  is written between batch norm's two backward passes). With it
   (InPlace-ABN), the training-mode backward pass keeps only the output `y`
   (which the next layer usually keeps anyway as its input), not `x`, and
   the layer's scale is `|scale| + epsilon` in training and inference (so

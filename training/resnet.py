@@ -128,12 +128,12 @@ class BottleneckBlock(nn.Module):
 def norm_relu(norm: ModuleDef, y: jax.Array, **kwargs) -> jax.Array:
   """`relu(norm(y))`; one layer when `norm` is `jaxbn.linen.BatchNorm` (a partial of it).
 
-  jaxbn's layer with `activation="relu"` computes the same values and one
-  closed-form backward pass through both, which recomputes the ReLU's mask
-  from the layer's input instead of writing the masked gradient out between
-  its two passes (XLA:GPU does that for the unfused pair: fewer bytes per
-  step; the TPU compiler already fuses either way). Other norms get
-  `nn.relu` after them.
+  jaxbn's layer with `activation="relu"` computes the same values; in
+  programs compiled for GPUs it takes one closed-form backward pass through
+  both, so that XLA:GPU does not write the masked gradient out between batch
+  norm's two backward passes (fewer bytes per step; elsewhere it runs as the
+  two layers: `jaxbn.batch_norm_activation`). Other norms get `nn.relu` after
+  them.
   """
   module_class = norm.func if isinstance(norm, functools.partial) else norm
   if isinstance(module_class, type) and issubclass(module_class, jaxbn_linen.BatchNorm):
