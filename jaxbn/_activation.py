@@ -87,6 +87,19 @@ def invertible_scale(scale: jax.Array | None, epsilon: float) -> jax.Array | Non
   return None if scale is None else jnp.abs(scale) + jnp.asarray(epsilon, scale.dtype)
 
 
+def _pre_activation(x, scale, bias, shortcut, mean, inv_std, layout):
+  """`(x - mean) * inv_std * scale + bias [+ shortcut]` in the compute dtype, and `x - mean`."""
+  compute_dtype = inv_std.dtype
+  centered = x.astype(compute_dtype) - _normalization.to_input_rank(mean, x, layout)
+  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+  z = centered * _normalization.to_input_rank(multiplier, x, layout)
+  if bias is not None:
+    z = z + _normalization.to_input_rank(bias.astype(compute_dtype), x, layout)
+  if shortcut is not None:
+    z = z + shortcut.astype(compute_dtype)
+  return z, centered
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _normalize_act_saving_output(x, scale, bias, shift, mask, running, shortcut, layout,
                                  slope):
@@ -96,16 +109,9 @@ def _normalize_act_saving_output(x, scale, bias, shift, mask, running, shortcut,
 
 
 def _saving_output_fwd(x, scale, bias, shift, mask, running, shortcut, layout, slope):
-  compute_dtype = shift.dtype
   stats = _normalization.batch_statistics(x, shift, mask, running, layout)
   inv_std = lax.rsqrt(stats.var + layout.epsilon)
-  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
-  z = (x.astype(compute_dtype) - _normalization.to_input_rank(stats.mean, x, layout)) * (
-      _normalization.to_input_rank(multiplier, x, layout))
-  if bias is not None:
-    z = z + _normalization.to_input_rank(bias.astype(compute_dtype), x, layout)
-  if shortcut is not None:
-    z = z + shortcut.astype(compute_dtype)
+  z, _ = _pre_activation(x, scale, bias, shortcut, stats.mean, inv_std, layout)
   y = apply_activation(z, slope).astype(x.dtype)
   # Only the output (which the next layer keeps anyway), the shortcut (the
   # block's input, kept by its first layer) and per-feature vectors.
@@ -159,19 +165,6 @@ def _saving_output_bwd(layout, slope, residuals, cotangents):
 
 
 _normalize_act_saving_output.defvjp(_saving_output_fwd, _saving_output_bwd)
-
-
-def _pre_activation(x, scale, bias, shortcut, mean, inv_std, layout):
-  """`(x - mean) * inv_std * scale + bias [+ shortcut]` in the compute dtype, and `x - mean`."""
-  compute_dtype = inv_std.dtype
-  centered = x.astype(compute_dtype) - _normalization.to_input_rank(mean, x, layout)
-  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
-  z = centered * _normalization.to_input_rank(multiplier, x, layout)
-  if bias is not None:
-    z = z + _normalization.to_input_rank(bias.astype(compute_dtype), x, layout)
-  if shortcut is not None:
-    z = z + shortcut.astype(compute_dtype)
-  return z, centered
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
