@@ -85,8 +85,9 @@ class SummaryWriter:
   plugin's metadata: what `tf.summary.scalar` writes), since TensorFlow is
   already a dependency of the input pipeline; `clu.metric_writers`, as flax's
   examples use, needs the separate `tensorboard` package as well. The thread
-  imports TensorFlow (seconds), so training does not wait for it. Failures
-  are reported once on stderr and do not stop the run.
+  imports TensorFlow (seconds), so training does not wait for it; not tfds,
+  whose import is not safe next to other threads' imports (`prepare.import_tf`).
+  Failures are reported once on stderr and do not stop the run.
   """
 
   def __init__(self, logdir, enabled: bool = True):
@@ -110,7 +111,7 @@ class SummaryWriter:
 
   def _write(self, logdir: str) -> None:
     try:
-      tf, _ = prepare.import_tf()
+      tf = prepare.import_tensorflow()
       from tensorflow.core.framework import summary_pb2
       writer = tf.summary.create_file_writer(logdir)
       metadata = summary_pb2.SummaryMetadata(

@@ -67,12 +67,24 @@ def file_lock(path: pathlib.Path):
       fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def import_tf():
-  """TensorFlow and tfds, with every accelerator left to JAX."""
+def import_tensorflow():
+  """TensorFlow, with every accelerator left to JAX."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
-  import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+def import_tf():
+  """TensorFlow and tfds, with every accelerator left to JAX.
+
+  Import them on the main thread before other threads run: tfds imports its
+  modules under `etils.epy.lazy_imports`, which replaces `builtins.__import__`
+  for every thread while it runs, so an `import` on another thread at that
+  moment gets a placeholder module (an orbax checkpoint thread failed so).
+  """
+  tf = import_tensorflow()
+  import tensorflow_datasets as tfds
   return tf, tfds
 
 

@@ -11,6 +11,8 @@ import importlib
 import json
 import shutil
 import signal
+import subprocess
+import sys
 
 import chex
 import jax
@@ -91,6 +93,24 @@ def test_outputs_in_workdir(one_device_run):
       progress=ocp.args.JsonRestore())).progress
   assert (progress["epoch"], progress["batch_in_epoch"]) == (2, 0)
   manager.close()
+
+
+def test_tensorboard_thread_imports_tensorflow_but_not_tfds(tmp_path):
+  """tfds's import replaces `builtins.__import__` for every thread while it runs
+  (etils' lazy imports), so the writer's background thread must not import it
+  next to orbax's checkpoint threads (a save failed so in CI)."""
+  script = (
+      "import sys\n"
+      "from training import monitoring\n"
+      f"writer = monitoring.SummaryWriter({str(tmp_path)!r})\n"
+      "writer.scalars(1, {'train/loss': 0.5})\n"
+      "writer.close()\n"
+      "assert 'tensorflow' in sys.modules\n"
+      "assert 'tensorflow_datasets' not in sys.modules, 'the writer imported tfds'\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=utils.REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert _tensorboard_scalars(tmp_path) == {"train/loss": {1: 0.5}}
 
 
 def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
