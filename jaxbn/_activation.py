@@ -204,21 +204,11 @@ def _saving_input_bwd(layout, slope, residuals, cotangents):
     # jax.nn.relu's derivative is 0 at 0; the leaky ReLU's (`apply_activation`) 1.
     active = z > 0 if slope == 0.0 else z >= 0
     grad_out = jnp.where(active, grad_in, grad_in * slope)
-  dz_centered = grad_out * centered
-  if mask is not None:
-    dz_centered = jnp.where(mask | (grad_out != 0), dz_centered, 0)
-  sum_dz_local, sum_dz_centered_local = _stats.fused_sums((grad_out, dz_centered),
-                                                          layout.reduction_axes)
-  local = jnp.stack([sum_dz_local, sum_dz_centered_local * inv_std])
-  total = _stats.cross_replica_sum(local, layout.axis_name, layout.axis_index_groups)
-  sum_dz, sum_dz_x_hat = total[0], total[1]
+  local, sum_dz, sum_dz_x_hat = _normalization.backward_sums(grad_out, centered, inv_std,
+                                                              mask, layout)
   multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
-  safe_count = jnp.maximum(count, 1)
-  correction = (_normalization.to_input_rank(sum_dz / safe_count, x, layout)
-                + centered * _normalization.to_input_rank(inv_std * sum_dz_x_hat / safe_count,
-                                                          x, layout))
-  if mask is not None:
-    correction = jnp.where(mask, correction, 0)
+  correction = _normalization.input_correction(sum_dz, sum_dz_x_hat, centered, inv_std,
+                                               count, mask, layout)
   scaled = _normalization.to_input_rank(multiplier, x, layout)
   if active is None:
     dx = scaled * (grad_in - correction)

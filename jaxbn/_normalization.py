@@ -133,6 +133,30 @@ def normalize_bwd(layout: Layout, residuals, cotangents):
   compute_dtype = mean.dtype
   grad_out = dy.astype(compute_dtype)
   centered = x.astype(compute_dtype) - to_input_rank(mean, x, layout)
+  local, sum_dy, sum_dy_xhat = backward_sums(grad_out, centered, inv_std, mask, layout)
+  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
+  # The multiplier goes on last: dy - correction cancels exactly where it
+  # should (one value per feature: dx = 0, as autodiff of the forward gives).
+  correction = input_correction(sum_dy, sum_dy_xhat, centered, inv_std, count, mask, layout)
+  dx = to_input_rank(multiplier, x, layout) * (grad_out - correction)
+  dscale, dbias = parameter_gradients(local, sum_dy, sum_dy_xhat, scale, bias, layout)
+  return dx.astype(x.dtype), dscale, dbias, None, None, None
+
+
+def backward_sums(grad_out, centered, inv_std, mask, layout: Layout):
+  """`(local, sum_dy, sum_dy_xhat)` of the closed-form backward pass.
+
+  Args:
+    grad_out: the output's cotangent in the compute dtype, `x`'s shape.
+    centered: `x - mean` in the compute dtype.
+    inv_std: per-feature `1 / sqrt(var + epsilon)`.
+    mask: the call's mask, or None.
+    layout: the call's `Layout`.
+
+  Returns:
+    This replica's stacked `(sum dy, sum dy * x_hat)` and the same sums over
+    the whole (pooled) batch.
+  """
   dy_centered = grad_out * centered
   if mask is not None:
     # Masked-out outputs still depend on scale, bias and the statistics, but
@@ -146,22 +170,23 @@ def normalize_bwd(layout: Layout, residuals, cotangents):
       (grad_out, dy_centered), layout.reduction_axes)
   local = jnp.stack([sum_dy_local, sum_dy_centered_local * inv_std])
   total = _stats.cross_replica_sum(local, layout.axis_name, layout.axis_index_groups)
-  sum_dy, sum_dy_xhat = total[0], total[1]
-  multiplier = inv_std if scale is None else inv_std * scale.astype(compute_dtype)
-  # dx = gamma * inv_std / m * (m * dy - dbeta - x_hat * dgamma); only valid
-  # (masked-in) elements feed the statistics, so only they get the correction.
-  # A feature without any (count 0) was normalized with constant statistics.
-  # The multiplier goes on last: dy - correction cancels exactly where it
-  # should (one value per feature: dx = 0, as autodiff of the forward gives).
+  return local, total[0], total[1]
+
+
+def input_correction(sum_dy, sum_dy_xhat, centered, inv_std, count, mask, layout: Layout):
+  """`mean(dy) + x_hat * mean(dy * x_hat)`, what `dy` loses to the statistics.
+
+  dx = gamma * inv_std * (dy - correction); only valid (masked-in) elements
+  feed the statistics, so only they get the correction. A feature without any
+  (count 0) was normalized with constant statistics.
+  """
   safe_count = jnp.maximum(count, 1)
-  correction = (to_input_rank(sum_dy / safe_count, x, layout)
+  correction = (to_input_rank(sum_dy / safe_count, centered, layout)
                 + centered * to_input_rank(inv_std * sum_dy_xhat / safe_count,
-                                            x, layout))
+                                            centered, layout))
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
-  dx = to_input_rank(multiplier, x, layout) * (grad_out - correction)
-  dscale, dbias = parameter_gradients(local, sum_dy, sum_dy_xhat, scale, bias, layout)
-  return dx.astype(x.dtype), dscale, dbias, None, None, None
+  return correction
 
 
 def parameter_gradients(local, sum_dy, sum_dy_xhat, scale, bias, layout: Layout):
