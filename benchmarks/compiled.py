@@ -19,6 +19,12 @@ variant, per device per step:
 * bytes: TPU: the compiler's `cost_analysis()['bytes accessed']`; GPU (whose
   compiler reports none): the operand + result bytes of those kernels
   (`training.hlo.entry_bytes`), which ignores caches;
+* HBM bytes (`training.hlo.hbm_traffic_bytes`; the second table, and `--blocks`): the
+  kernels' operands and results that live in device memory plus each async
+  copy once. The TPU compiler's "bytes accessed" also counts the kernels'
+  reads and writes of on-chip VMEM and each VMEM prefetch or eviction four
+  times (`tests/training/test_compiled.py` checks that account); on GPUs both
+  are the kernels' operand + result bytes;
 * BN: bytes minus the no-norm program's (BN's share), its ratio to flax's
   share, and to the floor: 3 passes over each BN layer's activations (one read
   of x for the statistics; x and dy read once for the backward sums; the
@@ -137,6 +143,7 @@ def measure(spec: targets.TargetSpec, model: str, dtype: str, parallelism: str,
         "all_reduce_bytes": sum(c.nbytes for c in all_reduces),
         "all_reduces_in_branches": sum(c.in_conditional for c in all_reduces),
         "entry_bytes": hlo.entry_bytes(program.hlo_text),
+        "hbm_bytes": hlo.hbm_traffic_bytes(program.hlo_text),
         "async_copy_bytes": hlo.async_copy_bytes(program.hlo_text),
         "estimated_cycles": hlo.estimated_cycles(program.hlo_text),
         "convolutions": program.convolutions, "temp_bytes": program.temp_bytes,
@@ -258,7 +265,8 @@ def measure_blocks(spec: targets.TargetSpec, size: int, features: int, dtype: st
         "kernels": len(hlo.kernels(text)), "bytes": nbytes,
         "bytes_method": ("compiler bytes accessed" if "bytes accessed" in cost
                          else compiling.ENTRY_BYTES_METHOD),
-        "entry_bytes": hlo.entry_bytes(text), "estimated_cycles": hlo.estimated_cycles(text),
+        "entry_bytes": hlo.entry_bytes(text), "hbm_bytes": hlo.hbm_traffic_bytes(text),
+        "estimated_cycles": hlo.estimated_cycles(text),
         "async_copy_bytes": hlo.async_copy_bytes(text),
         "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
         "compile_s": time.perf_counter() - start})
@@ -267,23 +275,31 @@ def measure_blocks(spec: targets.TargetSpec, size: int, features: int, dtype: st
   return rows
 
 
+def _fmt_optional(row: dict, key: str) -> str:
+  """`row[key]` in bytes, or '' for rows written before the column existed."""
+  return hlo.fmt_bytes(row[key]) if key in row else ""
+
+
 def block_table(rows: list[dict]) -> str:
   """Per stage shape and norm: bytes and cycles, BN's share of them against flax's."""
   def share(row, key):
     none = next((r for r in rows if r["norm"] == "none" and all(
         r[k] == row[k] for k in ("target", "stage", "dtype"))), None)
-    return None if none is None else row[key] - none[key]
+    return None if none is None or key not in none else row[key] - none[key]
 
   def vs_flax(row, key):
     flax = next((r for r in rows if r["norm"] == "flax" and all(
         r[k] == row[k] for k in ("target", "stage", "dtype"))), None)
+    if key not in row:
+      return ""
     mine, theirs = share(row, key), flax and share(flax, key)
     if row["norm"] != "jaxbn" or mine is None or not theirs:
       return ""
     return _harness.fmt_ratio(mine / theirs)
 
   headers = ["target", "stage", "dtype", "norm", "kernels", "bytes", "BN bytes (over no norm)",
-             "BN bytes vs flax", "entry kernels' operand + result bytes",
+             "BN bytes vs flax", "HBM bytes", "BN HBM bytes vs flax",
+             "entry kernels' operand + result bytes",
              "BN entry bytes vs flax", "async copies (TPU: VMEM prefetch / eviction)",
              "est. cycles (TPU)", "BN cycles vs flax", "temp"]
   body = []
@@ -293,7 +309,8 @@ def block_table(rows: list[dict]) -> str:
         row["target"], row["stage"], row["dtype"], row["norm"], row["kernels"],
         hlo.fmt_bytes(row["bytes"]),
         "" if row["norm"] == "none" or bn_bytes is None else hlo.fmt_bytes(bn_bytes),
-        vs_flax(row, "bytes"), hlo.fmt_bytes(row["entry_bytes"]), vs_flax(row, "entry_bytes"),
+        vs_flax(row, "bytes"), _fmt_optional(row, "hbm_bytes"), vs_flax(row, "hbm_bytes"),
+        hlo.fmt_bytes(row["entry_bytes"]), vs_flax(row, "entry_bytes"),
         hlo.fmt_bytes(row["async_copy_bytes"]),
         f"{row['estimated_cycles']:,}", vs_flax(row, "estimated_cycles"),
         hlo.fmt_bytes(row["temp_bytes"])])
@@ -313,11 +330,13 @@ def breakdown_table(rows: list[dict]) -> str:
     return _harness.fmt_ratio((row[key] - none[key]) / theirs) if theirs else ""
 
   headers = ["target", "model", "dtype", "parallelism", "norm", "bytes",
+             "HBM bytes", "BN HBM bytes vs flax",
              "entry kernels' operand + result bytes", "BN entry bytes vs flax",
              "async copies (TPU: VMEM prefetch / eviction)", "est. cycles (TPU)",
              "BN cycles vs flax"]
   body = [[row["target"], row["model"], row["dtype"], row["parallelism"], row["norm"],
-           hlo.fmt_bytes(row["bytes"]), hlo.fmt_bytes(row["entry_bytes"]),
+           hlo.fmt_bytes(row["bytes"]), _fmt_optional(row, "hbm_bytes"),
+           share_vs_flax(row, "hbm_bytes"), hlo.fmt_bytes(row["entry_bytes"]),
            share_vs_flax(row, "entry_bytes"), hlo.fmt_bytes(row["async_copy_bytes"]),
            f"{row['estimated_cycles']:,}", share_vs_flax(row, "estimated_cycles")]
           for row in rows if row.get("estimated_cycles")]  # TPU programs

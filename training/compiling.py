@@ -42,6 +42,9 @@ class CompiledProgram(NamedTuple):
       by the devices under 'gspmd').
     nbytes: memory traffic per device per step, by `bytes_method`.
     bytes_method: 'compiler bytes accessed' (TPU) or `ENTRY_BYTES_METHOD` (GPU).
+    hbm_traffic_bytes: device-memory traffic per device per step by where the
+      program keeps each array (`hlo.hbm_traffic_bytes`): on TPUs less than the
+      compiler's bytes accessed, which also counts on-chip VMEM; on GPUs `nbytes`.
     roofline: the estimated step time (`targets.roofline`).
     collectives: the collective ops the compiled program holds (inserted by
       the SPMD partitioner under 'gspmd').
@@ -62,6 +65,7 @@ class CompiledProgram(NamedTuple):
   flops: float
   nbytes: float
   bytes_method: str
+  hbm_traffic_bytes: float
   roofline: targets.Roofline
   collectives: tuple[hlo.Collective, ...]
   kernels: int
@@ -117,7 +121,7 @@ def compile_step(name: str, step, args, spec: targets.TargetSpec, *, per_device_
       per_device_batch=per_device_batch, argument_bytes=args_b, output_bytes=out_b,
       alias_bytes=alias_b, temp_bytes=temp_b, peak_bytes=int(peak),
       hbm_bytes=spec.target.hbm_bytes, flops=float(flops), nbytes=nbytes,
-      bytes_method=method,
+      bytes_method=method, hbm_traffic_bytes=float(hlo.hbm_traffic_bytes(text)),
       roofline=targets.roofline(spec.target, nbytes, flops, float32=float32),
       collectives=hlo.collectives(text), kernels=len(hlo.kernels(text)),
       convolutions=hlo.convolutions(text), hlo_text=text)
@@ -193,6 +197,7 @@ def _with_microbatch_costs(program: CompiledProgram, config: ml_collections.Conf
   flops, nbytes = k * one.flops, k * one.nbytes
   return program._replace(
       flops=flops, nbytes=nbytes, bytes_method=f"{one.bytes_method}, {k} x one microbatch",
+      hbm_traffic_bytes=k * one.hbm_traffic_bytes,
       roofline=targets.roofline(spec.target, nbytes, flops,
                                 float32=not config.half_precision))
 
@@ -309,7 +314,9 @@ def _compiled_summary(config, result: Compilation, workdir) -> str:
         f"HBM (arguments {hlo.fmt_bytes(p.argument_bytes)}, outputs "
         f"{hlo.fmt_bytes(p.output_bytes)}, aliased {hlo.fmt_bytes(p.alias_bytes)}, temp "
         f"{hlo.fmt_bytes(p.temp_bytes)}).",
-        f"  {p.flops / 1e9:,.4g} GFLOP, {hlo.fmt_bytes(p.nbytes)} ({p.bytes_method}); "
+        f"  {p.flops / 1e9:,.4g} GFLOP, {hlo.fmt_bytes(p.nbytes)} ({p.bytes_method}"
+        + (f"; HBM traffic by memory space {hlo.fmt_bytes(p.hbm_traffic_bytes)}"
+           if p.hbm_traffic_bytes != p.nbytes else "") + "); "
         f"estimated {p.roofline.step_s * 1e3:.3g} ms per step ({p.roofline.bound}-bound), "
         f"{p.images_per_s:,.0f} images/s; {p.kernels} kernels, {p.convolutions} "
         f"convolutions; collectives: {collective_summary(p.collectives)}."]

@@ -13,6 +13,9 @@ for the tests, the benchmarks and `train.py --compile_for`, on every compiler
 * `entry_bytes`: operand + result bytes of those ops, an estimate of the
   memory traffic of a program whose compiler reports none (XLA:GPU's
   `cost_analysis()` returns None);
+* `hbm_traffic_bytes`: the same, counting only arrays kept in device memory (HBM), in
+  the bytes their tiled layouts take, plus the async copies between HBM and a
+  TPU's on-chip memory once each (`async_copy_bytes`);
 * `convolutions`: convolution ops (cuDNN calls on GPU, `convolution` ops in
   fusions on TPU and CPU).
 """
@@ -246,19 +249,95 @@ def estimated_cycles(hlo_text: str) -> int:
              for m in [_ESTIMATED_CYCLES.search(k.text)] if m)
 
 
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+# One array of a shape with its layout, e.g. `bf16[8,128]{1,0:T(8,128)(2,1)S(1)}`.
+_LAID_OUT_ARRAY = re.compile(r"\b[a-z]\w*\[[\d,]*\](?:\{[^}]*\})?")
+
+
 def async_copy_bytes(hlo_text: str) -> int:
   """Bytes moved by the entry computation's async copies (`copy-start`, `slice-start`).
 
   On TPUs these are the memory-space assignment's prefetches into and
-  evictions out of on-chip memory (VMEM), which the compiler's "bytes
-  accessed" counts beside the kernels' own traffic. Each copy counts once, by
-  its operand.
+  evictions out of on-chip memory (VMEM). Each copy counts once, by what it
+  moves: the destination array of its result, `(source, destination, context)`
+  (a `slice-start` moves one slice of its operand, not the whole array), in
+  `stored_bytes`.
   """
-  bodies = computations(hlo_text)
-  entry = instructions(bodies.get(entry_name(hlo_text), ""))
-  sizes = {inst.name: inst.result_bytes for inst in entry}
-  return sum(sizes.get(inst.operands[0], 0) for inst in entry
-             if inst.op in ("copy-start", "slice-start") and inst.operands)
+  body = computations(hlo_text).get(entry_name(hlo_text), "")
+  total = 0
+  for match in map(_INSTRUCTION.match, body.splitlines()):
+    if match and match.group(3) in ("copy-start", "slice-start"):
+      arrays = _LAID_OUT_ARRAY.findall(match.group(2))
+      total += stored_bytes(arrays[1]) if len(arrays) > 1 else 0
+  return total
+
+
+def stored_bytes(array_text: str) -> int:
+  """Bytes one array occupies in memory, its layout's tiling included.
+
+  A TPU layout's first tile, e.g. `T(8,128)` in `bf16[8,16,16,32]{3,2,1,0:T(8,128)(2,1)}`,
+  pads the array's minor dimensions (in layout order) to multiples of the tile:
+  the 32 channels above take 128 lanes, four times `shape_bytes`. Without
+  tiles (GPU and CPU layouts) this is `shape_bytes`.
+  """
+  match = re.fullmatch(r"([a-z]\w*)\[([\d,]*)\](?:\{([\d,]*)(?::([^}]*))?\})?", array_text)
+  if not match or match.group(1) not in _BYTES_PER_ELEMENT:
+    return shape_bytes(array_text)
+  dtype, dims_text, minor_to_major, layout = match.groups()
+  dims = [int(d) for d in dims_text.split(",") if d]
+  tile = re.match(r"T\(([\d,]+)\)", layout or "")
+  if tile and minor_to_major:
+    physical = [dims[int(i)] for i in reversed(minor_to_major.split(","))]  # major..minor
+    for k, size in enumerate(reversed([int(t) for t in tile.group(1).split(",")]), start=1):
+      if k <= len(physical):
+        physical[-k] = -(-physical[-k] // size) * size
+    dims = physical
+  return math.prod(dims) * _BYTES_PER_ELEMENT[dtype]
+
+
+def device_memory_bytes(shape_text: str) -> int:
+  """Bytes (`stored_bytes`) of the arrays of an HLO shape that live in device memory (HBM).
+
+  A layout's `S(n)` with n > 0 names another memory space (on TPUs `S(1)` is
+  the on-chip VMEM); arrays without one are in device memory.
+  """
+  return sum(stored_bytes(array) for array in _LAID_OUT_ARRAY.findall(shape_text)
+             if not _MEMORY_SPACE.search(array))
+
+
+# Custom calls that move no data: XLA:TPU's view of adjacent prefetched slices as one array.
+_NO_TRAFFIC_CALLS = re.compile(r'custom_call_target="ConcatBitcast"')
+
+
+def hbm_traffic_bytes(hlo_text: str) -> int:
+  """Device-memory (HBM) bytes a compiled program reads and writes, by where it keeps each array.
+
+  Like `entry_bytes`, each kernel (`kernels`) reads its operands and writes its
+  result once, in `stored_bytes` (tiled layouts' padding included), but only
+  arrays in device memory count: on TPUs the compiler's
+  memory-space assignment keeps some in on-chip VMEM (`S(1)` in their layouts),
+  whose reads and writes are not HBM traffic, and moves them with async copies
+  (`copy-start`, `slice-start`), which count once each (`async_copy_bytes`: one
+  side of each copy is HBM). On GPUs (one memory space, no such copies) this is
+  `entry_bytes`.
+
+  The TPU compiler's own `cost_analysis()['bytes accessed']` counts differently:
+  every operand and result of every kernel (in `stored_bytes`), VMEM included,
+  and each `copy-start` four times (its operand, the two arrays of its result,
+  the `copy-done`); `tests/training/test_compiled.py` checks that account
+  against the compiler's.
+  """
+  body = computations(hlo_text).get(entry_name(hlo_text), "")
+  shapes = {match.group(1): match.group(2) for match in map(_INSTRUCTION.match, body.splitlines())
+            if match}
+  total = async_copy_bytes(hlo_text)
+  for inst in kernels(hlo_text):
+    if _NO_TRAFFIC_CALLS.search(inst.text):
+      continue
+    result = 0 if inst.op.endswith("-start") else device_memory_bytes(shapes[inst.name])
+    total += result + sum(device_memory_bytes(shapes.get(operand, ""))
+                          for operand in inst.operands)
+  return total
 
 
 def fmt_bytes(num: float) -> str:
@@ -267,9 +346,6 @@ def fmt_bytes(num: float) -> str:
     if num >= scale:
       return f"{num / scale:.2f} {unit}"
   return f"{int(num)} B"
-
-
-_BYTES_PER_ELEMENT = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "f64": 8, "pred": 1}
 
 
 class ArrayTraffic(NamedTuple):

@@ -9,6 +9,7 @@ convolutions reach the convolution units (no im2col), and that
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -64,9 +65,14 @@ class _ConvNormNet(nn.Module):
 _NORMS = {"jaxbn": jaxbn_linen.BatchNorm, "flax": nn.BatchNorm, "none": _NoNorm}
 
 
-@functools.cache
 def _compiled_step(spec: str, norm: str, parallelism: str) -> str:
   """Optimized HLO of a forward + backward step of `_ConvNormNet` over 2 devices."""
+  return _compiled(spec, norm, parallelism).as_text()
+
+
+@functools.cache
+def _compiled(spec: str, norm: str, parallelism: str) -> jax.stages.Compiled:
+  """A forward + backward step of `_ConvNormNet` over 2 devices, compiled for `spec`."""
   devices = _devices_or_skip(spec)
   mesh = jax.make_mesh((2,), ("data",), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -95,7 +101,7 @@ def _compiled_step(spec: str, norm: str, parallelism: str) -> str:
   abstract = jax.tree.map(
       lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), variables)
   x = jax.ShapeDtypeStruct((16, 16, 16, 32), jnp.bfloat16, sharding=sharded)
-  return jax.jit(step).lower(abstract, x).compile().as_text()
+  return jax.jit(step).lower(abstract, x).compile()
 
 
 def _all_reduces(text: str) -> list[hlo.Collective]:
@@ -130,6 +136,52 @@ def test_kernels_and_bytes_at_most_flax(spec):
   assert 0 < jaxbn_share <= flax_share
 
 
+
+def _bytes_accessed_as_the_tpu_cost_model_counts(text: str) -> int:
+  """Every launched op's operands and result in any memory space, each copy-start 4x."""
+  body = hlo.computations(text)[hlo.entry_name(text)]
+  shapes = {inst.name: re.match(r"\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s[a-z][\w\-]*\(",
+                                inst.text).group(1) for inst in hlo.instructions(body)}
+
+  def stored(name):
+    return sum(hlo.stored_bytes(array) for array in re.findall(
+        r"\b[a-z]\w*\[[\d,]*\](?:\{[^}]*\})?", shapes.get(name, "")))
+
+  total = 0
+  for inst in hlo.instructions(body):
+    if inst.op == "copy-start":  # its operand, the (source, destination) result, copy-done
+      total += 4 * stored(inst.operands[0])
+    elif inst.op == "slice-done":
+      total += stored(inst.name)
+    elif inst.op not in ("slice-start", "parameter", "constant", "get-tuple-element", "tuple",
+                         "bitcast") and not inst.op.endswith("-done"):
+      total += stored(inst.name) + sum(stored(operand) for operand in inst.operands)
+  return total
+
+
+@pytest.mark.parametrize("norm", ["jaxbn", "flax"])
+def test_tpu_bytes_accessed_counts_on_chip_memory_and_each_copy_four_times(norm):
+  """What the TPU compiler's "bytes accessed" is, and why `hlo.hbm_traffic_bytes` reports beside it.
+
+  The account below reproduces the compiler's figure: all kernels' operands and
+  results, on-chip (VMEM) ones included, and each async copy four times; HBM
+  traffic, where each array is kept, is much less.
+  """
+  compiled = _compiled("tpu-v5e:2x2", norm, "gspmd")
+  text = compiled.as_text()
+  reported = compiled.cost_analysis()["bytes accessed"]
+  assert " copy-start(" in text and "S(1)" in text  # the memory-space assignment ran
+  assert _bytes_accessed_as_the_tpu_cost_model_counts(text) == pytest.approx(reported, rel=0.01)
+  assert hlo.async_copy_bytes(text) > 0
+  assert 0 < hlo.hbm_traffic_bytes(text) < 0.5 * reported
+
+
+def test_gpu_hbm_traffic_is_the_kernels_operand_and_result_bytes():
+  text = _compiled_step("h100:2", "jaxbn", "gspmd")
+  assert "S(1)" not in text and hlo.async_copy_bytes(text) == 0
+  assert hlo.hbm_traffic_bytes(text) == hlo.entry_bytes(text)
+
+
 def _mnist_config(parallelism: str, half_precision: bool, batch: int = 16):
   from configs import mnist_bn
   config = mnist_bn.get_config()
@@ -160,12 +212,24 @@ def test_compile_for_reports_memory_against_the_target(tmp_path):
   assert 0 < train.peak_bytes < train.hbm_bytes == targets.TARGETS["h100"].hbm_bytes
   assert train.temp_bytes > 0 and train.flops > 0 and train.nbytes > 0
   assert "h100:2 train_step (2 devices, 8 per device): fits: peak" in result.summary
+  # One memory space on GPUs: the HBM traffic is the kernels' bytes, said once.
+  assert train.hbm_traffic_bytes == train.nbytes and "HBM traffic" not in result.summary
   assert (tmp_path / "compiled" / "h100_2" / "train_step.hlo.txt").read_text().startswith(
       "HloModule")
   # 2**24 MNIST images per device: far more than 80 GB of activations.
   too_big = compiling.compile_for_targets(
       _mnist_config("gspmd", True, batch=2 * 2**24), None, "h100:2")
   assert not too_big.fits and "DOES NOT FIT" in too_big.summary
+
+
+def test_compile_for_reports_tpu_hbm_traffic_beside_the_compilers_bytes():
+  _devices_or_skip("tpu-v5e:2x2")
+  result = compiling.compile_for_targets(_mnist_config("gspmd", True), None, "tpu-v5e:2x2")
+  train = result.programs[0]
+  assert train.bytes_method == "compiler bytes accessed"
+  assert 0 < train.hbm_traffic_bytes < train.nbytes
+  assert f"HBM traffic by memory space {hlo.fmt_bytes(train.hbm_traffic_bytes)}" in (
+      result.summary)
 
 
 def test_target_parsing_errors_name_the_flag():
