@@ -355,9 +355,11 @@ def write_json(path: str, rows: list[dict], *, append: bool = False) -> None:
       old = json.load(f)
     new_keys = {tuple(r.get(k) for k in _ROW_KEY) for r in rows}
     kept = [r for r in old["rows"] if tuple(r.get(k) for k in _ROW_KEY) not in new_keys]
-    commands = [c for c in old.get("commands", [old.get("command")]) if c] + commands
+    # A rerun command moves to the end: the list stays in the order the rows were written.
+    commands = [c for c in old.get("commands", [old.get("command")])
+                if c and c != command] + commands
   with open(path, "w") as f:
-    json.dump({"commands": list(dict.fromkeys(commands)), "rows": kept + rows}, f, indent=1)
+    json.dump({"commands": commands, "rows": kept + rows}, f, indent=1)
 
 
 def main(argv=None) -> list[dict]:

@@ -129,8 +129,15 @@ def test_compiled_json_append_replaces_rows_of_the_same_variant(tmp_path, monkey
   assert merged["commands"] == ["first", "second"]
   assert [(r["target"], r["norm"], r["bytes"]) for r in merged["rows"]] == [
       ("h100:2", "flax", 2), ("h100:2", "jaxbn", 3), ("a100:2", "jaxbn", 4)]
+  # A rerun command moves to the end, where its rows now come from.
+  monkeypatch.setattr(compiled._harness, "command_line", lambda: "first")
+  compiled.write_json(path, [dict(row, norm="flax", bytes=6)], append=True)
+  merged = json.loads(open(path).read())
+  assert merged["commands"] == ["second", "first"]
+  assert [(r["target"], r["norm"], r["bytes"]) for r in merged["rows"]] == [
+      ("h100:2", "jaxbn", 3), ("a100:2", "jaxbn", 4), ("h100:2", "flax", 6)]
   compiled.write_json(path, [dict(row, norm="none", bytes=5)])  # no append: a new file
-  assert json.loads(open(path).read())["commands"] == ["second"]
+  assert json.loads(open(path).read())["commands"] == ["first"]
 
 
 def test_accelerator_tiny(capsys):
