@@ -249,7 +249,8 @@ def estimated_cycles(hlo_text: str) -> int:
              for m in [_ESTIMATED_CYCLES.search(k.text)] if m)
 
 
-_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+# A layout's memory space other than device memory (0), e.g. `S(1)`: TPU VMEM.
+_MEMORY_SPACE = re.compile(r"S\(([1-9]\d*)\)")
 # One array of a shape with its layout, e.g. `bf16[8,128]{1,0:T(8,128)(2,1)S(1)}`.
 _LAID_OUT_ARRAY = re.compile(r"\b[a-z]\w*\[[\d,]*\](?:\{[^}]*\})?")
 

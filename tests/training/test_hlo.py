@@ -99,6 +99,8 @@ def test_stored_bytes_pads_to_the_layout_tile():
   assert hlo.stored_bytes("f32[64]{0:T(256)}") == 256 * 4
   # No tiles (GPU, CPU layouts), scalars: the logical bytes.
   assert hlo.stored_bytes("f32[64]{0}") == 256 and hlo.stored_bytes("s32[]{:S(2)}") == 4
+  # Memory spaces: S(1) (TPU VMEM) and other nonzero ones are not device memory.
+  assert hlo.device_memory_bytes("(f32[64]{0:S(1)}, f32[64]{0:S(0)}, f32[64]{0})") == 2 * 256
 
 
 def test_hbm_traffic_leaves_out_on_chip_arrays_and_counts_each_copy_once():
