@@ -78,12 +78,14 @@ class Instruction(NamedTuple):
     result_bytes: bytes of its result shape.
     operands: names of its operands.
     text: the whole line.
+    shape: its result shape with layouts, e.g. `bf16[8,128]{1,0:T(8,128)(2,1)S(1)}`.
   """
   name: str
   op: str
   result_bytes: int
   operands: tuple[str, ...]
   text: str
+  shape: str
 
 
 def instructions(body: str) -> list[Instruction]:
@@ -102,7 +104,7 @@ def instructions(body: str) -> list[Instruction]:
         end = i
         break
     operands = tuple(re.findall(r"%([\w.\-]+)", rest[:end]))
-    found.append(Instruction(name, op, shape_bytes(shape), operands, line))
+    found.append(Instruction(name, op, shape_bytes(shape), operands, line, shape))
   return found
 
 
@@ -203,10 +205,15 @@ def kernels(hlo_text: str) -> list[Instruction]:
   of async pairs and control flow (`conditional`, `while`, whose bodies run
   their own kernels) are left out.
   """
-  bodies = computations(hlo_text)
-  entry = entry_name(hlo_text)
-  return [inst for inst in instructions(bodies.get(entry, ""))
-          if inst.op not in _BOOKKEEPING and not inst.op.endswith("-done")]
+  return [inst for inst in _entry_instructions(hlo_text) if _is_kernel(inst)]
+
+
+def _entry_instructions(hlo_text: str) -> list[Instruction]:
+  return instructions(computations(hlo_text).get(entry_name(hlo_text), ""))
+
+
+def _is_kernel(inst: Instruction) -> bool:
+  return inst.op not in _BOOKKEEPING and not inst.op.endswith("-done")
 
 
 def entry_bytes(hlo_text: str) -> int:
@@ -217,11 +224,10 @@ def entry_bytes(hlo_text: str) -> int:
   (a re-read from L2 counts in full) and what a library call (cuDNN, cuBLAS)
   reads more than once internally.
   """
-  bodies = computations(hlo_text)
-  entry = entry_name(hlo_text)
-  sizes = {inst.name: inst.result_bytes for inst in instructions(bodies.get(entry, ""))}
+  entry = _entry_instructions(hlo_text)
+  sizes = {inst.name: inst.result_bytes for inst in entry}
   total = 0
-  for inst in kernels(hlo_text):
+  for inst in filter(_is_kernel, entry):
     result = inst.result_bytes
     if inst.op.endswith("-start"):
       # An async op's result holds its operands too; count the data once.
@@ -264,23 +270,23 @@ def async_copy_bytes(hlo_text: str) -> int:
   (a `slice-start` moves one slice of its operand, not the whole array), in
   `stored_bytes`.
   """
-  body = computations(hlo_text).get(entry_name(hlo_text), "")
-  total = 0
-  for match in map(_INSTRUCTION.match, body.splitlines()):
-    if match and match.group(3) in ("copy-start", "slice-start"):
-      arrays = _LAID_OUT_ARRAY.findall(match.group(2))
-      total += stored_bytes(arrays[1]) if len(arrays) > 1 else 0
-  return total
+  return sum(stored_bytes(_LAID_OUT_ARRAY.findall(inst.shape)[1])
+             for inst in _entry_instructions(hlo_text)
+             if inst.op in ("copy-start", "slice-start"))
 
 
-def stored_bytes(array_text: str) -> int:
-  """Bytes one array occupies in memory, its layout's tiling included.
+def stored_bytes(shape_text: str) -> int:
+  """Bytes the arrays of an HLO shape occupy in memory, their layouts' tiling included.
 
   A TPU layout's first tile, e.g. `T(8,128)` in `bf16[8,16,16,32]{3,2,1,0:T(8,128)(2,1)}`,
   pads the array's minor dimensions (in layout order) to multiples of the tile:
   the 32 channels above take 128 lanes, four times `shape_bytes`. Without
   tiles (GPU and CPU layouts) this is `shape_bytes`.
   """
+  return sum(_stored_array_bytes(array) for array in _LAID_OUT_ARRAY.findall(shape_text))
+
+
+def _stored_array_bytes(array_text: str) -> int:
   match = re.fullmatch(r"([a-z]\w*)\[([\d,]*)\](?:\{([\d,]*)(?::([^}]*))?\})?", array_text)
   if not match or match.group(1) not in _BYTES_PER_ELEMENT:
     return shape_bytes(array_text)
@@ -302,7 +308,7 @@ def device_memory_bytes(shape_text: str) -> int:
   A layout's `S(n)` with n > 0 names another memory space (on TPUs `S(1)` is
   the on-chip VMEM); arrays without one are in device memory.
   """
-  return sum(stored_bytes(array) for array in _LAID_OUT_ARRAY.findall(shape_text)
+  return sum(_stored_array_bytes(array) for array in _LAID_OUT_ARRAY.findall(shape_text)
              if not _MEMORY_SPACE.search(array))
 
 
@@ -328,14 +334,13 @@ def hbm_traffic_bytes(hlo_text: str) -> int:
   the `copy-done`); `tests/training/test_compiled.py` checks that account
   against the compiler's.
   """
-  body = computations(hlo_text).get(entry_name(hlo_text), "")
-  shapes = {match.group(1): match.group(2) for match in map(_INSTRUCTION.match, body.splitlines())
-            if match}
+  entry = _entry_instructions(hlo_text)
+  shapes = {inst.name: inst.shape for inst in entry}
   total = async_copy_bytes(hlo_text)
-  for inst in kernels(hlo_text):
+  for inst in filter(_is_kernel, entry):
     if _NO_TRAFFIC_CALLS.search(inst.text):
       continue
-    result = 0 if inst.op.endswith("-start") else device_memory_bytes(shapes[inst.name])
+    result = 0 if inst.op.endswith("-start") else device_memory_bytes(inst.shape)
     total += result + sum(device_memory_bytes(shapes.get(operand, ""))
                           for operand in inst.operands)
   return total

@@ -9,7 +9,6 @@ convolutions reach the convolution units (no im2col), and that
 """
 
 import functools
-import re
 
 import flax.linen as nn
 import jax
@@ -136,26 +135,20 @@ def test_kernels_and_bytes_at_most_flax(spec):
   assert 0 < jaxbn_share <= flax_share
 
 
-
 def _bytes_accessed_as_the_tpu_cost_model_counts(text: str) -> int:
-  """Every launched op's operands and result in any memory space, each copy-start 4x."""
-  body = hlo.computations(text)[hlo.entry_name(text)]
-  shapes = {inst.name: re.match(r"\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s[a-z][\w\-]*\(",
-                                inst.text).group(1) for inst in hlo.instructions(body)}
-
-  def stored(name):
-    return sum(hlo.stored_bytes(array) for array in re.findall(
-        r"\b[a-z]\w*\[[\d,]*\](?:\{[^}]*\})?", shapes.get(name, "")))
-
+  """Every kernel's operands and result in any memory space, each copy-start 4x, slices once."""
+  entry = hlo.instructions(hlo.computations(text)[hlo.entry_name(text)])
+  shapes = {inst.name: inst.shape for inst in entry}
+  kernels = {inst.name for inst in hlo.kernels(text)}
   total = 0
-  for inst in hlo.instructions(body):
+  for inst in entry:
     if inst.op == "copy-start":  # its operand, the (source, destination) result, copy-done
-      total += 4 * stored(inst.operands[0])
+      total += 4 * hlo.stored_bytes(shapes[inst.operands[0]])
     elif inst.op == "slice-done":
-      total += stored(inst.name)
-    elif inst.op not in ("slice-start", "parameter", "constant", "get-tuple-element", "tuple",
-                         "bitcast") and not inst.op.endswith("-done"):
-      total += stored(inst.name) + sum(stored(operand) for operand in inst.operands)
+      total += hlo.stored_bytes(inst.shape)
+    elif inst.name in kernels:
+      total += hlo.stored_bytes(inst.shape) + sum(hlo.stored_bytes(shapes.get(operand, ""))
+                                                  for operand in inst.operands)
   return total
 
 
